@@ -1,0 +1,92 @@
+"""Bookkeeping for bad input: every reader reports here instead of raising.
+
+A malformed file never aborts a run. Readers call :meth:`Problems.add`, which records a one-line
+description naming the file (and the line or latent when known); the runner counts them per stage,
+prints them in the run report and stores them in the sidecars. Under ``--strict`` the first problem
+raises :class:`StrictModeError` instead.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+# Sidecars keep this many problems verbatim; the counts always cover all of them.
+MAX_LISTED = 200
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One bad input: the file, where in it, and what is wrong, in one line."""
+
+    file: str
+    message: str
+    line: int | None = None
+    latent: int | None = None
+    kind: str = "malformed"
+
+    def __str__(self) -> str:
+        where = self.file
+        if self.line is not None:
+            where += f":{self.line}"
+        if self.latent is not None:
+            where += f" (latent {self.latent})"
+        return f"{where}: {self.message}"
+
+    def to_dict(self) -> dict:
+        return {key: value for key, value in asdict(self).items() if value is not None}
+
+
+class StrictModeError(RuntimeError):
+    """Raised by :meth:`Problems.add` when the run is strict."""
+
+    def __init__(self, problem: Problem):
+        super().__init__(str(problem))
+        self.problem = problem
+
+
+class Problems:
+    """Collects the problems of one stage; raises on the first one when ``strict``."""
+
+    def __init__(self, *, strict: bool = False):
+        self.strict = strict
+        self.items: list[Problem] = []
+
+    def add(
+        self,
+        file: str | Path,
+        message: str,
+        *,
+        line: int | None = None,
+        latent: int | None = None,
+        kind: str = "malformed",
+    ) -> None:
+        """Record a problem with ``file``; under strict mode, raise it instead."""
+        problem = Problem(str(file), " ".join(message.split()), line=line, latent=latent, kind=kind)
+        if self.strict:
+            raise StrictModeError(problem)
+        self.items.append(problem)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __iter__(self):
+        return iter(self.items)
+
+    def counts(self) -> dict[str, int]:
+        """Number of problems per kind."""
+        return dict(Counter(problem.kind for problem in self.items))
+
+    def files(self) -> int:
+        """Number of distinct files with at least one problem."""
+        return len({problem.file for problem in self.items})
+
+    def summary(self) -> dict:
+        """What a sidecar stores: counts, and the first problems verbatim."""
+        return {
+            "count": len(self.items),
+            "files": self.files(),
+            "by_kind": self.counts(),
+            "listed": [problem.to_dict() for problem in self.items[:MAX_LISTED]],
+        }

@@ -1,0 +1,134 @@
+"""The schemas of every file sae-atlas writes.
+
+The five master files keep the schema the study's downstream consumers already read (DESIGN.md §2):
+their contract columns come first, in this order, and may never be renamed, retyped or dropped.
+Columns sae-atlas adds go after them (``ADDED_COLUMNS``).
+"""
+
+from __future__ import annotations
+
+import polars as pl
+
+DECODER_NEIGHBOUR = pl.Struct({"feature_id": pl.UInt32, "cosine_similarity": pl.Float32})
+SEMANTIC_NEIGHBOUR = pl.Struct({"explainer": pl.Categorical(), "cosine_similarity": pl.Float32})
+SCORE_METHODS = ("fuzz", "simulation", "detection", "embedding")
+SCORER_SCORES = pl.Struct({"scorer": pl.String, **{method: pl.Float64 for method in SCORE_METHODS}})
+ACTIVATION_PAIR = pl.Struct({"token_position": pl.UInt32, "activation_value": pl.Float32})
+
+FEATURES = pl.Schema(
+    {
+        "feature_id": pl.Int64,
+        "sae_id": pl.Categorical(),
+        "explanation_method": pl.Categorical(),
+        "llm_explainer": pl.Categorical(),
+        "explanation_text": pl.String,
+        "decoder_similarity": pl.List(DECODER_NEIGHBOUR),
+        "semantic_similarity": pl.List(SEMANTIC_NEIGHBOUR),
+        "scores": pl.List(SCORER_SCORES),
+        # added: false for delphi's sentinel texts ("Explanation could not be parsed.", ...)
+        "explanation_ok": pl.Boolean,
+    }
+)
+
+EXPLANATION_EMBEDDINGS = pl.Schema(
+    {
+        "feature_id": pl.UInt32,
+        "sae_id": pl.Categorical(),
+        "data_source": pl.Categorical(),
+        "llm_explainer": pl.Categorical(),
+        "explanation_text": pl.String,
+        "embedding": pl.List(pl.Float32),
+        "explanation_ok": pl.Boolean,
+    }
+)
+
+ACTIVATION_EXAMPLES = pl.Schema(
+    {
+        "feature_id": pl.UInt32,
+        "sae_id": pl.Categorical(),
+        "prompt_id": pl.UInt32,
+        "prompt_tokens": pl.List(pl.String),
+        "num_activations": pl.UInt32,
+        "max_activation": pl.Float32,
+        "activation_pairs": pl.List(ACTIVATION_PAIR),
+    }
+)
+
+ACTIVATION_EMBEDDINGS = pl.Schema(
+    {
+        "feature_id": pl.UInt32,
+        "sae_id": pl.Categorical(),
+        "prompt_ids": pl.List(pl.UInt32),
+        "embeddings": pl.List(pl.List(pl.Float32)),
+    }
+)
+
+ACTIVATION_EXAMPLE_SIMILARITY = pl.Schema(
+    {
+        "feature_id": pl.UInt32,
+        "sae_id": pl.Categorical(),
+        "num_examples_sampled": pl.UInt32,
+        "mean_pairwise_similarity": pl.Float32,
+        "std_pairwise_similarity": pl.Float32,
+        "min_pairwise_similarity": pl.Float32,
+        "max_pairwise_similarity": pl.Float32,
+    }
+)
+
+MASTER_SCHEMAS: dict[str, pl.Schema] = {
+    "features.parquet": FEATURES,
+    "explanation_embeddings.parquet": EXPLANATION_EMBEDDINGS,
+    "activation_examples.parquet": ACTIVATION_EXAMPLES,
+    "activation_embeddings.parquet": ACTIVATION_EMBEDDINGS,
+    "activation_example_similarity.parquet": ACTIVATION_EXAMPLE_SIMILARITY,
+}
+
+# Columns sae-atlas appends after the contract ones; everything before them is the contract.
+ADDED_COLUMNS: dict[str, tuple[str, ...]] = {
+    "features.parquet": ("explanation_ok",),
+    "explanation_embeddings.parquet": ("explanation_ok",),
+}
+
+# Intermediate stage outputs (stages/…): internal, but validated the same way.
+STAGE_SCORES = pl.Schema(
+    {
+        "feature_id": pl.UInt32,
+        "data_source": pl.Categorical(),
+        "llm_explainer": pl.Categorical(),
+        "llm_scorer": pl.Categorical(),
+        "method": pl.Categorical(),
+        "score": pl.Float64,
+        "n_examples": pl.UInt32,
+        "n_failed": pl.UInt32,
+        "variance": pl.Float64,
+    }
+)
+
+STAGE_DECODER_SIMILARITY = pl.Schema({"feature_id": pl.UInt32, "decoder_similarity": pl.List(DECODER_NEIGHBOUR)})
+
+STAGE_PROMPTS = pl.Schema({"prompt_id": pl.UInt32, "prompt_tokens": pl.List(pl.String)})
+
+
+def contract_columns(name: str) -> pl.Schema:
+    """The columns of master file ``name`` that downstream consumers rely on."""
+    schema = MASTER_SCHEMAS[name]
+    added = ADDED_COLUMNS.get(name, ())
+    return pl.Schema({column: dtype for column, dtype in schema.items() if column not in added})
+
+
+def schema_differences(actual: pl.Schema, expected: pl.Schema) -> list[str]:
+    """How ``actual`` breaks ``expected``: missing, retyped or reordered leading columns.
+
+    Extra columns after the expected ones are allowed (the contract lets files grow at the end).
+    """
+    problems = []
+    actual_names = list(actual.names())
+    for position, (name, dtype) in enumerate(expected.items()):
+        if name not in actual:
+            problems.append(f"column {name!r} is missing")
+            continue
+        if actual[name] != dtype:
+            problems.append(f"column {name!r} is {actual[name]}, expected {dtype}")
+        if actual_names.index(name) != position:
+            problems.append(f"column {name!r} is at position {actual_names.index(name)}, expected {position}")
+    return problems
