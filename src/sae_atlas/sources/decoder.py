@@ -1,0 +1,187 @@
+"""Reader for SAE decoder weights: Gemma Scope ``params.npz`` (or ``params.safetensors``), SAELens
+directories (``cfg.json`` + ``sae_weights.safetensors``) and sparsify directories (``cfg.json`` +
+``sae.safetensors``).
+
+All three store ``W_dec`` as [d_sae, d_model]; the shape is still checked against what the SAE's
+own config (or the Gemma Scope ``width_*`` path component) says d_sae is, and a transposed matrix
+is turned back (SAELens' sparsify loader is known to transpose). Only the decoder tensor is
+loaded, never the encoder, so memory stays at one d_sae × d_model matrix.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import orjson
+
+GEMMA_SCOPE_WIDTHS = {
+    "4k": 4096,
+    "16k": 16384,
+    "32k": 32768,
+    "65k": 65536,
+    "131k": 131072,
+    "262k": 262144,
+    "524k": 524288,
+    "1m": 1048576,
+}
+DECODER_KEYS = ("W_dec", "w_dec")
+
+
+@dataclass
+class DecoderWeights:
+    """The decoder matrix, rows = latents, and where it came from."""
+
+    weights: np.ndarray
+    format: str
+    files: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def d_sae(self) -> int:
+        return self.weights.shape[0]
+
+
+class DecoderError(ValueError):
+    """The decoder input cannot be used: ``path`` and a one-line ``reason``."""
+
+    def __init__(self, path: Path | str, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = str(path), reason
+
+
+def width_from_text(text: str) -> int | None:
+    """d_sae from a Gemma Scope ``width_16k`` path or sae_id component."""
+    match = re.search(r"width_(\d+[km]?)\b", text)
+    return GEMMA_SCOPE_WIDTHS.get(match.group(1)) if match else None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = orjson.loads(path.read_bytes())
+    except orjson.JSONDecodeError as error:
+        raise DecoderError(path, f"not valid JSON ({error})") from None
+    if not isinstance(data, dict):
+        raise DecoderError(path, "expected a JSON object")
+    return data
+
+
+def _safetensors_decoder(path: Path) -> np.ndarray:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as handle:
+            names = set(handle.keys())  # safe_open handles are not containers
+            key = next((key for key in DECODER_KEYS if key in names), None)
+            if key is None:
+                raise DecoderError(path, f"no W_dec tensor (keys: {', '.join(sorted(handle.keys()))})")
+            try:
+                return handle.get_tensor(key)
+            except (TypeError, SafetensorError):
+                pass  # bfloat16 has no NumPy dtype: read it through torch below
+        import torch
+
+        with safe_open(str(path), framework="pt") as handle:
+            return handle.get_tensor(key).to(torch.float32).numpy()
+    except SafetensorError as error:
+        raise DecoderError(path, f"unreadable safetensors file ({error})") from None
+    except OSError as error:
+        raise DecoderError(path, f"{error.strerror or error}") from None
+
+
+def _npz_decoder(path: Path) -> tuple[np.ndarray, int | None]:
+    try:
+        with np.load(path) as archive:
+            key = next((key for key in DECODER_KEYS if key in archive.files), None)
+            if key is None:
+                raise DecoderError(path, f"no W_dec array (keys: {', '.join(sorted(archive.files))})")
+            weights = archive[key]
+            # b_enc / threshold are [d_sae]: a second opinion on the orientation.
+            for companion in ("threshold", "b_enc"):
+                if companion in archive.files:
+                    return weights, int(archive[companion].shape[0])
+            return weights, None
+    except (OSError, ValueError, EOFError) as error:
+        if isinstance(error, DecoderError):
+            raise
+        raise DecoderError(path, f"not a readable .npz archive ({error})") from None
+
+
+def _orient(weights: np.ndarray, d_sae: int | None, d_model: int | None, path: Path, notes: list[str]) -> np.ndarray:
+    if weights.ndim == 3:  # Gemma Scope 2 cross-layer transcoders: sum the per-layer decoders
+        weights = weights.sum(axis=1)
+        notes.append(f"{path}: 3-D decoder summed over its layer axis")
+    if weights.ndim != 2:
+        raise DecoderError(path, f"W_dec has shape {list(weights.shape)}, expected [d_sae, d_model]")
+    rows, columns = weights.shape
+    expected = f"[{d_sae if d_sae else 'd_sae'}, {d_model if d_model else 'd_model'}]"
+    if d_sae is not None:
+        if rows == d_sae and (d_model is None or columns == d_model):
+            return weights
+        if columns == d_sae and (d_model is None or rows == d_model):
+            notes.append(f"{path}: W_dec stored as [d_model, d_sae]; transposed")
+            return weights.T
+        raise DecoderError(path, f"W_dec has shape [{rows}, {columns}], expected {expected}")
+    if d_model is not None and columns != d_model:
+        if rows == d_model:
+            notes.append(f"{path}: W_dec stored as [d_model, d_sae]; transposed")
+            return weights.T
+        raise DecoderError(path, f"W_dec has shape [{rows}, {columns}], expected {expected}")
+    return weights
+
+
+def read_decoder(path: Path, *, sae_id: str | None = None) -> DecoderWeights:
+    """Load the decoder matrix [d_sae, d_model] as float32 from any supported layout.
+
+    Raises :class:`DecoderError` (one line, naming the file) when the input is unusable.
+    """
+    path = Path(path)
+    notes: list[str] = []
+    if path.is_dir():
+        config_path = path / "cfg.json"
+        for name, layout in (("sae_weights.safetensors", "saelens"), ("sae.safetensors", "sparsify")):
+            weights_path = path / name
+            if weights_path.exists():
+                if not config_path.exists():
+                    raise DecoderError(config_path, f"missing ({layout} directories need cfg.json)")
+                config = _read_json(config_path)
+                d_model = config.get("d_in")
+                if layout == "saelens":
+                    d_sae = config.get("d_sae")
+                else:
+                    d_sae = config.get("num_latents") or (
+                        d_model * config["expansion_factor"]
+                        if isinstance(d_model, int) and isinstance(config.get("expansion_factor"), int)
+                        else None
+                    )
+                weights = _safetensors_decoder(weights_path)
+                weights = _orient(
+                    weights,
+                    d_sae if isinstance(d_sae, int) else None,
+                    d_model if isinstance(d_model, int) else None,
+                    weights_path,
+                    notes,
+                )
+                return DecoderWeights(np.asarray(weights, np.float32), layout, [config_path, weights_path], notes)
+        for name in ("params.npz", "params.safetensors"):
+            if (path / name).exists():
+                return read_decoder(path / name, sae_id=sae_id)
+        raise DecoderError(
+            path,
+            "no decoder weights found (expected params.npz, sae_weights.safetensors "
+            "+ cfg.json, or sae.safetensors + cfg.json)",
+        )
+    if not path.exists():
+        raise DecoderError(path, "no such file or directory")
+    width = width_from_text(path.as_posix()) or (width_from_text(sae_id) if sae_id else None)
+    if path.suffix == ".npz":
+        weights, companion_width = _npz_decoder(path)
+        layout = "gemma-scope"
+    elif path.suffix == ".safetensors":
+        weights, companion_width, layout = _safetensors_decoder(path), None, "safetensors"
+    else:
+        raise DecoderError(path, "unknown decoder format (expected .npz, .safetensors or a directory)")
+    weights = _orient(weights, width or companion_width, None, path, notes)
+    return DecoderWeights(np.asarray(weights, np.float32), layout, [path], notes)

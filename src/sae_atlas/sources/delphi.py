@@ -1,0 +1,438 @@
+"""Reader for delphi run directories: ``run_config.json``, explanations and per-example score files.
+
+Handles the quirks of every delphi generation (raw-formats.md §0, §1): ``<hook>_latent<N>.txt`` and
+legacy ``<module>_feature<N>.txt`` names, ``--`` for ``/`` in score file names, unpadded latent ids,
+score directories at any depth, sentinel explanations, null batches, ``"nan"`` strings, Gen 1/2
+records with ``-1`` predictions, and surprisal / intruder / example-embedding directories.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import orjson
+import polars as pl
+
+from sae_atlas.config import SourceConfig
+from sae_atlas.problems import Problems
+
+LATENT_FILE = re.compile(r"^(?P<hook>.+)_(?:latent|feature)(?P<latent>\d+)\.txt$")
+SENTINEL_EXPLANATIONS = frozenset({"Explanation could not be parsed.", "No explanation found"})
+MISSING_EXPLANATION = "No explanation found"
+# delphi's CLI writes simulation scores to "simulation" although the scorer class is "simulator";
+# pre-2025 code called detection "recall".
+METHOD_ALIASES = {"simulator": "simulation", "recall": "detection"}
+CLASSIFIER_METHODS = ("fuzz", "detection")
+READ_METHODS = (*CLASSIFIER_METHODS, "simulation", "embedding", "intruder")
+# Directories delphi (or custom pipelines) write that have no per-latent score sae-atlas can agree on.
+SKIPPED_METHODS = {
+    "surprisal": "no agreed per-latent aggregation for surprisal losses",
+    "example_embedding": "example-embedding scores do not involve the explanation",
+}
+DEFAULT_EXPLANATION_METHOD = "quantiles"  # delphi's SamplerConfig.train_type default
+
+
+@dataclass(frozen=True)
+class LatentFile:
+    """One per-latent file of a run."""
+
+    latent: int
+    hook: str
+    path: Path
+
+
+@dataclass
+class DelphiRun:
+    """What :func:`discover_run` found in one run directory."""
+
+    name: str
+    path: Path
+    explainer: str
+    scorer: str
+    explanation_method: str
+    sae_id: str | None
+    hookpoint: str | None
+    explanations: list[LatentFile] = field(default_factory=list)
+    scores: dict[str, list[LatentFile]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def files(self) -> list[Path]:
+        """Every input file of the run, for fingerprinting."""
+        paths = [entry.path for entry in self.explanations]
+        for entries in self.scores.values():
+            paths.extend(entry.path for entry in entries)
+        config = self.path / "run_config.json"
+        if config.exists():
+            paths.append(config)
+        return paths
+
+
+def _walk_files(root: Path) -> list[Path]:
+    """All regular files under ``root`` (hidden ones too: legacy names can start with a dot)."""
+    found = []
+    for directory, _, names in os.walk(root):
+        found.extend(Path(directory, name) for name in names)
+    found.sort()
+    return found
+
+
+def _layer_number(hook: str) -> int | None:
+    match = re.search(r"(\d+)", hook)
+    return int(match.group(1)) if match else None
+
+
+def _hooks_match(file_hook: str, config_hook: str) -> bool:
+    """Loose join of a resolved file hook to a configured hookpoint (raw-formats.md §1.9)."""
+    if file_hook == config_hook or file_hook.endswith("." + config_hook):
+        return True
+    file_layer, config_layer = _layer_number(file_hook), _layer_number(config_hook)
+    return file_layer is not None and file_layer == config_layer
+
+
+def read_run_config(path: Path, problems: Problems) -> dict | None:
+    """``run_config.json`` of any delphi generation, or None when absent or unreadable."""
+    if not path.exists():
+        return None
+    try:
+        data = orjson.loads(path.read_bytes())
+    except orjson.JSONDecodeError as error:
+        problems.add(path, f"not valid JSON ({error})")
+        return None
+    if not isinstance(data, dict):
+        problems.add(path, f"expected a JSON object, got {type(data).__name__}")
+        return None
+    return data
+
+
+def _config_string(data: dict, key: str, path: Path, problems: Problems) -> str | None:
+    value = data.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        problems.add(path, f"{key} should be a string, got {type(value).__name__}; ignored")
+        return None
+    return value
+
+
+def _hookpoints(data: dict, path: Path, problems: Problems) -> list[str]:
+    value = data.get("hookpoints")
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(hook, str) for hook in value):
+        problems.add(path, "hookpoints should be a list of strings; ignored")
+        return []
+    return value
+
+
+def _latent_files(root: Path, files: list[Path], problems: Problems) -> list[tuple[str, int, Path]]:
+    found = []
+    for path in files:
+        relative = path.relative_to(root).as_posix()
+        match = LATENT_FILE.match(relative)
+        if match is None:
+            problems.add(path, "not a per-latent file (<hook>_latent<N>.txt); skipped", kind="foreign")
+            continue
+        found.append((match.group("hook"), int(match.group("latent")), path))
+    return found
+
+
+def discover_run(source: SourceConfig, problems: Problems) -> DelphiRun:
+    """Find the run config, explanation files and score files of one delphi run directory."""
+    root = Path(source.path)
+    config_path = root / "run_config.json"
+    run_config = read_run_config(config_path, problems) if root.is_dir() else None
+    run_config = run_config or {}
+
+    explainer_model = _config_string(run_config, "explainer_model", config_path, problems)
+    explainer = source.explainer or explainer_model
+    scorer = source.scorer or explainer_model
+    if explainer is None or scorer is None:
+        what = "no run_config.json" if not config_path.exists() else "run_config.json has no explainer_model"
+        if root.is_dir():
+            problems.add(
+                config_path,
+                f"{what} and the config names no explainer/scorer; using the source name {source.name!r}",
+                kind="missing",
+            )
+        explainer = explainer or source.name
+        scorer = scorer or source.name
+
+    sampler = run_config.get("sampler_cfg")
+    train_type = sampler.get("train_type") if isinstance(sampler, dict) else None
+    hookpoints = _hookpoints(run_config, config_path, problems)
+    sparse_model = _config_string(run_config, "sparse_model", config_path, problems)
+    sae_id = f"{sparse_model}/{hookpoints[0]}" if sparse_model and hookpoints else None
+
+    run = DelphiRun(
+        name=source.name,
+        path=root,
+        explainer=explainer,
+        scorer=scorer,
+        explanation_method=train_type if isinstance(train_type, str) else DEFAULT_EXPLANATION_METHOD,
+        sae_id=sae_id,
+        hookpoint=hookpoints[0] if hookpoints else None,
+    )
+    if not root.is_dir():
+        problems.add(root, "source directory does not exist", kind="missing")
+        return run
+
+    explanation_dir, score_dir = root / "explanations", root / "scores"
+    explanations = _latent_files(explanation_dir, _walk_files(explanation_dir), problems)
+    scores: dict[str, list[tuple[str, int, Path]]] = {}
+    score_files = _walk_files(score_dir)
+    for path in score_files:
+        if path.parent == score_dir:
+            problems.add(path, "score file outside a <method>/ directory; skipped", kind="foreign")
+    for method_dir in sorted({path.parent for path in score_files if path.parent != score_dir}):
+        files = [path for path in score_files if path.parent == method_dir]
+        method = METHOD_ALIASES.get(method_dir.name, method_dir.name)
+        if method in SKIPPED_METHODS:
+            run.notes.append(f"{method_dir}: {len(files)} files skipped ({SKIPPED_METHODS[method]})")
+            continue
+        if method not in READ_METHODS:
+            run.notes.append(f"{method_dir}: {len(files)} files skipped (unknown scorer directory)")
+            continue
+        found = _latent_files(method_dir, files, problems)
+        # Score files write "/" in the hookpoint as "--" (raw-formats.md §1.5).
+        found = [(hook.replace("--", "/"), latent, path) for hook, latent, path in found]
+        scores.setdefault(method, []).extend(found)
+
+    if not explanations and not any(scores.values()):
+        problems.add(root, "no explanation or score files found (empty run directory?)", kind="missing")
+
+    # One config describes one SAE: keep the files of the hook that matches the run's hookpoint.
+    hooks = Counter(hook for hook, _, _ in explanations)
+    for found in scores.values():
+        hooks.update(hook for hook, _, _ in found)
+    primary = None
+    if hooks:
+        matching = [hook for hook in hooks if run.hookpoint and _hooks_match(hook, run.hookpoint)]
+        primary = max(matching or hooks, key=lambda hook: (hooks[hook], hook))
+        others = sorted(set(hooks) - {primary})
+        if others:
+            run.notes.append(f"{root}: files of other hookpoints skipped ({', '.join(others)}); using {primary!r}")
+
+    def keep(found: list[tuple[str, int, Path]]) -> list[LatentFile]:
+        entries: dict[int, LatentFile] = {}
+        for hook, latent, path in found:
+            if hook != primary:
+                continue
+            if latent in entries:
+                problems.add(
+                    path,
+                    f"second file for latent {latent} (first: {entries[latent].path.name})",
+                    latent=latent,
+                    kind="duplicate",
+                )
+                continue
+            entries[latent] = LatentFile(latent, hook, path)
+        return [entries[latent] for latent in sorted(entries)]
+
+    run.explanations = keep(explanations)
+    run.scores = {method: keep(found) for method, found in sorted(scores.items())}
+    return run
+
+
+def resolve_sae_id(configured: str | None, runs: list[DelphiRun], problems: Problems) -> str:
+    """The one canonical ``sae_id``: the config's, else the first run's ``sparse_model/hookpoint``."""
+    derived = [(run, run.sae_id) for run in runs if run.sae_id]
+    if configured:
+        return configured
+    if not derived:
+        problems.add(
+            runs[0].path / "run_config.json" if runs else "sae-atlas.toml",
+            "no sae_id in the config and none derivable from run_config.json; using 'unknown'",
+            kind="missing",
+        )
+        return "unknown"
+    first = derived[0][1]
+    for run, sae_id in derived[1:]:
+        if sae_id != first:
+            problems.add(
+                run.path / "run_config.json",
+                f"sae_id {sae_id!r} differs from {first!r} of the first source; using the first",
+                kind="inconsistent",
+            )
+    return first
+
+
+def parse_explanation(raw: bytes) -> str:
+    """Decode one explanation file: a JSON string literal, or plain text for hand-written files.
+
+    Raises ValueError with a one-line reason for truncated JSON or a JSON value that is not a string.
+    """
+    text = raw.decode("utf-8-sig").strip()
+    if not text:
+        raise ValueError("empty explanation file")
+    if text[0] in '"[{' or text in ("null", "true", "false") or re.fullmatch(r"-?\d+(\.\d+)?", text):
+        try:
+            value = orjson.loads(text)
+        except orjson.JSONDecodeError as error:
+            raise ValueError(f"truncated or invalid JSON string ({error})") from None
+        if not isinstance(value, str):
+            raise ValueError(f"expected a JSON string, got {type(value).__name__}")
+        return value.strip()
+    return text
+
+
+def read_explanations(run: DelphiRun, problems: Problems) -> pl.DataFrame:
+    """One row per explained latent: ``feature_id``, ``explanation_text``, ``explanation_ok``.
+
+    Latents that have score files but no explanation file were scored by delphi with the sentinel
+    ``"No explanation found"``; they get a row with that text so their scores are kept.
+    """
+    latents, texts = [], []
+    for entry in run.explanations:
+        try:
+            text = parse_explanation(entry.path.read_bytes())
+        except (ValueError, UnicodeDecodeError) as error:
+            problems.add(entry.path, str(error), latent=entry.latent)
+            continue
+        latents.append(entry.latent)
+        texts.append(text)
+    explained = set(latents)
+    scored = sorted({entry.latent for files in run.scores.values() for entry in files} - explained)
+    latents.extend(scored)
+    texts.extend([MISSING_EXPLANATION] * len(scored))
+    frame = pl.DataFrame(
+        {"feature_id": latents, "explanation_text": texts},
+        schema={"feature_id": pl.UInt32, "explanation_text": pl.String},
+    )
+    return frame.with_columns(explanation_ok=~pl.col("explanation_text").is_in(list(SENTINEL_EXPLANATIONS))).sort(
+        "feature_id"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Score files
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _finite(value) -> float | None:
+    """A finite float, or None for delphi's "nan" strings, nulls and anything else."""
+    if _is_number(value) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+def _classifier_correct(record: dict) -> bool | None:
+    """``correct`` of a fuzz/detection record, or None when the example failed."""
+    prediction = record.get("prediction")
+    if _is_number(prediction) and prediction == -1:  # Gen 1/2 failure marker
+        return None
+    correct = record.get("correct")
+    if isinstance(correct, bool):
+        return correct
+    # Gen 1 files may lack the dynamic ``correct`` attribute: derive it from the prediction.
+    truth = record.get("activating", record.get("ground_truth"))
+    if "correct" not in record and isinstance(truth, bool) and prediction in (0, 1):
+        return bool(prediction) == truth
+    return None
+
+
+def _activating(record: dict) -> bool | None:
+    """Ground truth of an embedding record: ``activating`` when present, else ``distance >= 0``.
+
+    A neighbour negative with Jaccard 0 is written as ``-0.0``: counted as non-activating.
+    """
+    activating = record.get("activating", record.get("ground_truth"))
+    if isinstance(activating, bool):
+        return activating
+    distance = record.get("distance")
+    if not _is_number(distance):
+        return None
+    return distance > 0 or (distance == 0 and math.copysign(1.0, distance) > 0)
+
+
+@dataclass
+class ScoreRecords:
+    """Per-example values of every score file of one run, one table per record family.
+
+    ``files`` has one row per readable score file (``method``, ``feature_id``, ``n_records``), so that
+    an empty ``[]`` file still yields a row with no score.
+    """
+
+    files: pl.DataFrame
+    classifier: pl.DataFrame  # method, feature_id, correct (null = failed)
+    embedding: pl.DataFrame  # feature_id, similarity (null = failed), activating
+    simulation: pl.DataFrame  # feature_id, correlation (null = failed or "nan")
+    intruder: pl.DataFrame  # feature_id, correct (null = failed)
+
+
+def _load_records(entry: LatentFile, problems: Problems) -> list[dict] | None:
+    try:
+        records = orjson.loads(entry.path.read_bytes())
+    except orjson.JSONDecodeError as error:
+        problems.add(entry.path, f"truncated or invalid JSON ({error})", latent=entry.latent)
+        return None
+    if not isinstance(records, list):
+        problems.add(entry.path, f"expected a JSON array of records, got {type(records).__name__}", latent=entry.latent)
+        return None
+    for position, record in enumerate(records):
+        if not isinstance(record, dict):
+            problems.add(
+                entry.path, f"record {position} is a {type(record).__name__}, not an object", latent=entry.latent
+            )
+            return None
+    return records
+
+
+def read_score_records(run: DelphiRun, problems: Problems) -> ScoreRecords:
+    """Parse every score file of ``run`` into flat per-example columns."""
+    files = {"method": [], "feature_id": [], "n_records": []}
+    classifier = {"method": [], "feature_id": [], "correct": []}
+    embedding = {"feature_id": [], "similarity": [], "activating": []}
+    simulation = {"feature_id": [], "correlation": []}
+    intruder = {"feature_id": [], "correct": []}
+
+    for method, entries in run.scores.items():
+        for entry in entries:
+            records = _load_records(entry, problems)
+            if records is None:
+                continue
+            n = len(records)
+            files["method"].append(method)
+            files["feature_id"].append(entry.latent)
+            files["n_records"].append(n)
+            if method in CLASSIFIER_METHODS:
+                classifier["method"].extend([method] * n)
+                classifier["feature_id"].extend([entry.latent] * n)
+                classifier["correct"].extend([_classifier_correct(record) for record in records])
+            elif method == "embedding":
+                embedding["feature_id"].extend([entry.latent] * n)
+                embedding["similarity"].extend([_finite(record.get("similarity")) for record in records])
+                embedding["activating"].extend([_activating(record) for record in records])
+            elif method == "simulation":
+                simulation["feature_id"].extend([entry.latent] * n)
+                simulation["correlation"].extend([_finite(record.get("ev_correlation_score")) for record in records])
+            elif method == "intruder":
+                intruder["feature_id"].extend([entry.latent] * n)
+                intruder["correct"].extend(
+                    [
+                        record.get("correct")
+                        if record.get("sample") is not None and isinstance(record.get("correct"), bool)
+                        else None
+                        for record in records
+                    ]
+                )
+
+    return ScoreRecords(
+        files=pl.DataFrame(files, schema={"method": pl.String, "feature_id": pl.UInt32, "n_records": pl.UInt32}),
+        classifier=pl.DataFrame(
+            classifier, schema={"method": pl.String, "feature_id": pl.UInt32, "correct": pl.Boolean}
+        ),
+        embedding=pl.DataFrame(
+            embedding,
+            schema={"feature_id": pl.UInt32, "similarity": pl.Float64, "activating": pl.Boolean},
+        ),
+        simulation=pl.DataFrame(simulation, schema={"feature_id": pl.UInt32, "correlation": pl.Float64}),
+        intruder=pl.DataFrame(intruder, schema={"feature_id": pl.UInt32, "correct": pl.Boolean}),
+    )
