@@ -1,0 +1,61 @@
+"""Stage 2, ``explanation_embeddings``: one row per (feature, explainer) with its embedded text.
+
+An explainer's explanation of a latent is the same in every run it explains (one run per scorer),
+so the first source in config order gives the row (``data_source``) and each distinct text is
+embedded once. Sentinel explanations ("Explanation could not be parsed.", "No explanation found")
+keep their row with a null embedding, so they never look similar to anything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import polars as pl
+
+from sae_atlas.schema import EXPLANATION_EMBEDDINGS
+
+EmbedFunction = Callable[[Sequence[str]], np.ndarray]
+
+
+def vectors_to_series(name: str, vectors: np.ndarray) -> pl.Series:
+    """A (n, d) float32 matrix as a ``List(Float32)`` column."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    return pl.Series(name, vectors).cast(pl.List(pl.Float32))
+
+
+def build_explanation_embeddings(
+    explanations: pl.DataFrame, *, sae_id: str, embed: EmbedFunction
+) -> tuple[pl.DataFrame, dict]:
+    """Embed the explanations of every (feature, explainer).
+
+    ``explanations`` has ``data_source``, ``llm_explainer``, ``feature_id``, ``explanation_text`` and
+    ``explanation_ok``, with sources in config order. Returns the table and its statistics.
+    """
+    ranked = explanations.with_row_index("_row").with_columns(
+        _explainer_rank=pl.col("_row").min().over("llm_explainer")
+    )
+    keys = ["feature_id", "llm_explainer"]
+    first = ranked.unique(keys, keep="first", maintain_order=True)
+    differing = (
+        ranked.group_by(keys).agg(pl.col("explanation_text").n_unique() > 1).get_column("explanation_text").sum()
+    )
+    usable = first.filter(pl.col("explanation_ok"))
+    vectors = embed(usable["explanation_text"].to_list())
+    with_vectors = usable.with_columns(vectors_to_series("embedding", vectors))
+    sentinels = first.filter(~pl.col("explanation_ok")).with_columns(embedding=pl.lit(None, dtype=pl.List(pl.Float32)))
+    table = (
+        pl.concat([with_vectors, sentinels])
+        .sort(["feature_id", "_explainer_rank"])
+        .with_columns(sae_id=pl.lit(sae_id))
+        .select([pl.col(name).cast(dtype) for name, dtype in EXPLANATION_EMBEDDINGS.items()])
+    )
+    statistics = {
+        "rows": table.height,
+        "features": table["feature_id"].n_unique(),
+        "explainers": table["llm_explainer"].n_unique(),
+        "sentinel_explanations": int((~table["explanation_ok"]).sum()),
+        "texts_differing_between_sources": int(differing),
+        "texts_embedded": len(usable),
+    }
+    return table, statistics
