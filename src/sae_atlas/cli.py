@@ -1,0 +1,248 @@
+"""The ``sae-atlas`` command line (Typer). Each command is a thin layer over the package API; any
+failure ends with exit code 1 and a one-line cause on stderr."""
+
+from __future__ import annotations
+
+import functools
+import time
+from pathlib import Path
+from typing import Annotated
+
+import polars as pl
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from sae_atlas import __version__
+
+app = typer.Typer(
+    name="sae-atlas",
+    help="Turn SAE interpretability results (delphi runs, activations, decoder weights) into Parquet files.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+errors = Console(stderr=True)
+MAX_PROBLEMS_SHOWN = 20
+
+
+class CommandError(Exception):
+    """A failure the user can act on; printed as one line."""
+
+
+def _fail_cleanly(command):
+    """Turn expected failures into ``error: …`` on stderr and exit code 1."""
+    from sae_atlas.config import ConfigError
+    from sae_atlas.pipeline import PipelineError
+    from sae_atlas.problems import StrictModeError
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except StrictModeError as error:
+            errors.print(f"[red]error[/red] (--strict): {escape(str(error))}", highlight=False, soft_wrap=True)
+        except (CommandError, ConfigError, PipelineError, ValueError, FileNotFoundError) as error:
+            errors.print(f"[red]error[/red]: {escape(str(error))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+
+    return wrapper
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"sae-atlas {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")
+    ] = False,
+) -> None:
+    """sae-atlas: analysis-ready Parquet files from SAE interpretability studies."""
+
+
+class _EmbeddingProgress:
+    """A rich progress bar (rate, ETA) per stage that embeds texts."""
+
+    def __init__(self):
+        self.progress = Progress(
+            TextColumn("  [bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("[cyan]{task.fields[rate]}"),
+            TimeRemainingColumn(),
+            console=console,
+            transient=True,
+        )
+        self.tasks: dict[str, int] = {}
+        self.started: dict[str, float] = {}
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if stage not in self.tasks:
+            self.progress.start()
+            self.tasks[stage] = self.progress.add_task(f"embedding ({stage})", total=total, rate="")
+            self.started[stage] = time.perf_counter()
+        elapsed = time.perf_counter() - self.started[stage]
+        rate = f"{done / elapsed:,.0f} texts/s" if elapsed > 0 else ""
+        self.progress.update(self.tasks[stage], completed=done, total=total, rate=rate)
+        if done >= total:
+            self.progress.remove_task(self.tasks.pop(stage))
+            if not self.tasks:
+                self.progress.stop()
+
+
+def _print_report(report) -> None:
+    from sae_atlas.pipeline import iter_problems
+
+    table = Table(title=f"sae-atlas run → {report.output_dir}", title_justify="left")
+    for column in ("stage", "status", "rows", "seconds", "problems", "note"):
+        table.add_column(column, justify="right" if column in ("rows", "seconds", "problems") else "left")
+    colours = {"ran": "green", "unchanged": "cyan", "skipped": "yellow", "failed": "red"}
+    for outcome in report.outcomes:
+        table.add_row(
+            outcome.name,
+            f"[{colours.get(outcome.status, 'white')}]{outcome.status}[/]",
+            f"{outcome.rows:,}" if outcome.rows is not None else "",
+            f"{outcome.seconds:.1f}" if outcome.status == "ran" else "",
+            str(len(outcome.problems)) if len(outcome.problems) else "",
+            escape(outcome.reason) if outcome.status != "ran" else "",
+        )
+    console.print(table)
+    problems = list(iter_problems(report))
+    if problems:
+        console.print(
+            f"[yellow]{len(problems)} input problem(s)[/yellow] (kept going; details in "
+            f"{report.output_dir / 'run_report.json'} and the sidecars):",
+            highlight=False,
+        )
+        for line in problems[:MAX_PROBLEMS_SHOWN]:
+            console.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
+        if len(problems) > MAX_PROBLEMS_SHOWN:
+            console.print(f"  … and {len(problems) - MAX_PROBLEMS_SHOWN} more")
+    console.print(f"done in {report.seconds:.1f} s")
+
+
+def run_pipeline(config_path: Path, *, only=None, force=False, strict=False, embedder=None):
+    """Load a config, run the pipeline with progress output, print and return the report."""
+    from sae_atlas.config import load_config
+    from sae_atlas.pipeline import Pipeline
+
+    config = load_config(config_path)
+    pipeline = Pipeline(
+        config,
+        strict=strict,
+        force=force,
+        embedder=embedder,
+        log=lambda message: console.print(message, style="dim", markup=False, highlight=False),
+        progress=_EmbeddingProgress(),
+    )
+    report = pipeline.run(only)
+    _print_report(report)
+    failed = [outcome for outcome in report.outcomes if outcome.status == "failed"]
+    if failed:
+        raise CommandError(f"stage {failed[0].name} failed: {failed[0].reason}")
+    return report
+
+
+@app.command()
+@_fail_cleanly
+def synth(
+    out: Annotated[Path, typer.Argument(help="Directory to write the corpus to.")],
+    features: Annotated[int, typer.Option(help="SAE width (number of latents).")] = 1024,
+    explained: Annotated[int, typer.Option(help="Latents explained and scored.")] = 64,
+    explainers: Annotated[int, typer.Option(help="Explainer LLMs (1–6).")] = 3,
+    scorers: Annotated[int, typer.Option(help="Scorer LLMs (1–6).")] = 2,
+    prompts: Annotated[int, typer.Option(help="Prompts in the activation dataset.")] = 1000,
+    ctx: Annotated[int, typer.Option(help="Tokens per prompt.")] = 127,
+    d_model: Annotated[int, typer.Option("--d-model", help="Decoder dimension.")] = 256,
+    seed: Annotated[int, typer.Option(help="Random seed; the corpus is a function of it.")] = 0,
+    activation_format: Annotated[str, typer.Option(help="jsonl or delphi.")] = "jsonl",
+    decoder_format: Annotated[str, typer.Option(help="npz, saelens or sparsify.")] = "npz",
+) -> None:
+    """Write a synthetic corpus in the real raw formats, with a ground truth and a ready config."""
+    from sae_atlas.synth import SynthOptions, synthesize
+
+    options = SynthOptions(
+        features, explained, explainers, scorers, prompts, ctx, d_model, seed, activation_format, decoder_format
+    )
+    started = time.perf_counter()
+    result = synthesize(out, options, progress=lambda message: console.print(message, style="dim", markup=False))
+    console.print(
+        f"synthetic corpus in [bold]{result.root}[/bold] ({len(result.sources)} delphi runs, "
+        f"{result.activation_records:,} activation records) in {time.perf_counter() - started:.1f} s\n"
+        f"next: [bold]sae-atlas run {result.config}[/bold]",
+        highlight=False,
+    )
+
+
+@app.command()
+@_fail_cleanly
+def run(
+    config: Annotated[Path, typer.Argument(help="Path to sae-atlas.toml.")],
+    only: Annotated[list[str] | None, typer.Option("--only", help="Run only this stage (repeatable).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Re-run stages even when unchanged.")] = False,
+    strict: Annotated[bool, typer.Option("--strict", help="Fail on the first malformed input.")] = False,
+) -> None:
+    """Run the pipeline described by CONFIG; unchanged stages are skipped."""
+    run_pipeline(config, only=only, force=force, strict=strict)
+
+
+@app.command()
+@_fail_cleanly
+def validate(output_dir: Annotated[Path, typer.Argument(help="A sae-atlas output directory.")]) -> None:
+    """Check the Parquet files in OUTPUT_DIR against the schemas and invariants."""
+    from sae_atlas.validate import validate as check
+
+    result = check(output_dir)
+    for name in result.checked:
+        console.print(f"checked {name}", highlight=False)
+    if not result.ok:
+        for violation in result.violations:
+            errors.print(f"[red]✗[/red] {escape(violation)}", highlight=False, soft_wrap=True)
+        raise CommandError(f"{len(result.violations)} violation(s) in {output_dir}")
+    console.print(f"[green]✓[/green] {output_dir} is valid", highlight=False)
+
+
+def _frame_table(frame: pl.DataFrame, title: str) -> Table:
+    table = Table(title=title, title_justify="left")
+    for column in frame.columns:
+        table.add_column(column, justify="right" if frame[column].dtype.is_numeric() else "left")
+    for row in frame.iter_rows():
+        table.add_row(
+            *[f"{value:.3f}" if isinstance(value, float) else ("" if value is None else str(value)) for value in row]
+        )
+    return table
+
+
+def print_summary(output_dir: Path) -> None:
+    """Rows per file, mean scores per explainer × scorer × method, mean cross-explainer similarity."""
+    from sae_atlas.summary import mean_scores, mean_semantic_similarity, rows_per_file
+
+    console.print(_frame_table(rows_per_file(output_dir), "rows per file"))
+    features = pl.read_parquet(output_dir / "features.parquet")
+    console.print(_frame_table(mean_scores(features), "mean score per explainer × scorer × method"))
+    console.print(_frame_table(mean_semantic_similarity(features), "mean cross-explainer semantic similarity"))
+
+
+@app.command()
+@_fail_cleanly
+def demo(
+    directory: Annotated[Path, typer.Argument(help="Where to put the demo corpus and outputs.")] = Path("demo"),
+) -> None:
+    """Synthesise a small corpus, run the pipeline on it and print a summary."""
+    from sae_atlas.synth import SynthOptions, synthesize
+
+    started = time.perf_counter()
+    options = SynthOptions(features=1024, explained=96, explainers=3, scorers=2, prompts=800, ctx=127, d_model=256)
+    result = synthesize(
+        directory, options, progress=lambda message: console.print(f"synth: {message}", style="dim", markup=False)
+    )
+    report = run_pipeline(result.config)
+    print_summary(report.output_dir)
+    console.print(f"demo finished in {time.perf_counter() - started:.1f} s", highlight=False)

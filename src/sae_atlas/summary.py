@@ -1,0 +1,65 @@
+"""Headline numbers of an output directory: rows per file, mean score per explainer × scorer ×
+method, and how much explainers agree. Used by ``sae-atlas demo`` and the run summary."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+import pyarrow.parquet as pq
+
+from sae_atlas.schema import MASTER_SCHEMAS, SCORE_METHODS
+
+
+def rows_per_file(output_dir: Path) -> pl.DataFrame:
+    """``file`` and ``rows`` of every master file present (read from Parquet metadata only)."""
+    names, rows = [], []
+    for name in MASTER_SCHEMAS:
+        path = Path(output_dir) / name
+        if path.exists():
+            names.append(name)
+            rows.append(pq.ParquetFile(path).metadata.num_rows)
+    return pl.DataFrame({"file": names, "rows": rows}, schema={"file": pl.String, "rows": pl.Int64})
+
+
+def mean_scores(features: pl.DataFrame) -> pl.DataFrame:
+    """Mean of every score method per (explainer, scorer), over features with a score."""
+    exploded = (
+        features.select(pl.col("llm_explainer").cast(pl.String).alias("explainer"), "scores")
+        .explode("scores")
+        .drop_nulls("scores")
+        .unnest("scores")
+    )
+    if exploded.is_empty():
+        return pl.DataFrame(
+            schema={
+                "explainer": pl.String,
+                "scorer": pl.String,
+                **{method: pl.Float64 for method in SCORE_METHODS},
+                "features": pl.UInt32,
+            }
+        )
+    return (
+        exploded.group_by(["explainer", "scorer"], maintain_order=True)
+        .agg(*[pl.col(method).mean() for method in SCORE_METHODS], features=pl.len())
+        .sort(["explainer", "scorer"])
+    )
+
+
+def mean_semantic_similarity(features: pl.DataFrame) -> pl.DataFrame:
+    """Mean cross-explainer cosine of each explainer's explanations to each other explainer's."""
+    pairs = (
+        features.select(pl.col("llm_explainer").cast(pl.String).alias("explainer"), "semantic_similarity")
+        .explode("semantic_similarity")
+        .drop_nulls("semantic_similarity")
+        .select(
+            "explainer",
+            pl.col("semantic_similarity").struct.field("explainer").cast(pl.String).alias("other"),
+            pl.col("semantic_similarity").struct.field("cosine_similarity").alias("cosine"),
+        )
+    )
+    return (
+        pairs.group_by(["explainer", "other"])
+        .agg(mean_cosine=pl.col("cosine").mean(), pairs=pl.col("cosine").count())
+        .sort(["explainer", "other"])
+    )
