@@ -1,0 +1,275 @@
+"""``sae-atlas synth``: a realistic raw corpus in the real formats, with a known ground truth.
+
+Deterministic from the seed. Writes, under the output directory::
+
+    raw/<explainer>_e-<scorer>_s/      one delphi run per (explainer, scorer) pair
+    raw/activation_examples/           activations.jsonl + prompts.json      (--activation-format jsonl)
+    raw/latents/layers.<L>/ + raw/tokenizer.json   delphi latent cache       (--activation-format delphi)
+    raw/sae/…                          decoder weights (npz | saelens | sparsify)
+    sae-atlas.toml                     a ready config
+    ground_truth.parquet               concepts per latent, hit/miss per explanation
+
+The reference scale of the study is ``--features 16384 --explained 824 --explainers 3 --scorers 3
+--prompts 24571 --ctx 127 --d-model 3584``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import orjson
+import polars as pl
+
+from sae_atlas.synth import delphi_runs, formats
+from sae_atlas.synth.latents import activations, assign_latents, concept_count, decoder_weights
+from sae_atlas.synth.text import build_prompts
+
+LAYER = 30
+SPARSE_MODEL = "google/gemma-scope-9b-pt-res"
+FILE_HOOK = f"layers.{LAYER}"  # delphi names files by the resolved module, not the Gemma Scope id
+EXPLAINED_SHARE = 0.85  # delphi skips latents below min_examples: ~15 % of the range is missing
+MISSING_SIMULATION_RATE = 0.03
+EMPTY_SCORE_FILE_RATE = 0.002
+UNEXPLAINED_RATE = 0.005
+UNSCORED_RATE = 0.005
+
+
+@dataclass(frozen=True)
+class SynthOptions:
+    """Size and formats of a synthetic corpus."""
+
+    features: int = 1024
+    explained: int = 64
+    explainers: int = 3
+    scorers: int = 2
+    prompts: int = 1000
+    ctx: int = 127
+    d_model: int = 256
+    seed: int = 0
+    activation_format: str = "jsonl"
+    decoder_format: str = "npz"
+
+    def check(self) -> None:
+        if self.features < 8:
+            raise ValueError("--features must be at least 8")
+        if not 1 <= self.explained <= self.features:
+            raise ValueError("--explained must be between 1 and --features")
+        if self.ctx < delphi_runs.EXAMPLE_TOKENS:
+            raise ValueError(f"--ctx must be at least {delphi_runs.EXAMPLE_TOKENS}")
+        if self.prompts < 10 or self.d_model < 8:
+            raise ValueError("--prompts must be at least 10 and --d-model at least 8")
+        if self.activation_format not in ("jsonl", "delphi"):
+            raise ValueError("--activation-format must be jsonl or delphi")
+        if self.decoder_format not in ("npz", "saelens", "sparsify"):
+            raise ValueError("--decoder-format must be npz, saelens or sparsify")
+
+
+@dataclass
+class SynthResult:
+    """Where the corpus went and what it holds."""
+
+    root: Path
+    config: Path
+    ground_truth: Path
+    sources: list[str]
+    activation_records: int
+    activation_pairs: int
+
+
+def width_label(n_features: int) -> str:
+    """Gemma Scope's width label: 16384 → "16k", 1048576 → "1m"."""
+    if n_features % (1 << 20) == 0:
+        return f"{n_features >> 20}m"
+    if n_features % 1024 == 0:
+        return {65536: "65k", 131072: "131k", 262144: "262k", 524288: "524k"}.get(n_features, f"{n_features // 1024}k")
+    return str(n_features)
+
+
+def _toml_string(value: str) -> str:
+    return orjson.dumps(value).decode()  # a JSON string is a valid TOML basic string
+
+
+def _write_config(
+    root: Path, sources: list[tuple[str, str, str]], activation_format: str, decoder_path: Path, sae_id: str
+) -> Path:
+    lines = [
+        "# Written by `sae-atlas synth`; paths are relative to this file.",
+        f"sae_id = {_toml_string(sae_id)}",
+        'output_dir = "master"',
+        "",
+    ]
+    for name, explainer, scorer in sources:
+        lines += [
+            "[[sources]]",
+            f"name = {_toml_string(name)}",
+            f"path = {_toml_string('raw/' + name)}",
+            f"explainer = {_toml_string(explainer)}",
+            f"scorer = {_toml_string(scorer)}",
+            "",
+        ]
+    lines.append("[activations]")
+    if activation_format == "jsonl":
+        lines += ['format = "jsonl"', 'path = "raw/activation_examples"']
+    else:
+        lines += ['format = "delphi"', f'path = "raw/latents/{FILE_HOOK}"', 'tokenizer = "raw/tokenizer.json"']
+    lines += [
+        "",
+        "[decoder]",
+        f"path = {_toml_string(decoder_path.relative_to(root).as_posix())}",
+        "top_k = 10",
+        "",
+        "[embedding]",
+        'model = "builtin:all-MiniLM-L6-v2"',
+        "",
+    ]
+    path = root / "sae-atlas.toml"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
+
+
+Progress = Callable[[str], None]
+
+
+def synthesize(
+    root: str | Path, options: SynthOptions = SynthOptions(), progress: Progress | None = None
+) -> SynthResult:
+    """Write a synthetic corpus under ``root`` (created if needed)."""
+    options.check()
+    say = progress or (lambda message: None)
+    root = Path(root)
+    raw = root / "raw"
+    rng = np.random.default_rng(options.seed)
+    n_concepts = concept_count(options.features)
+
+    say(f"prompts: {options.prompts:,} × {options.ctx} tokens")
+    corpus = build_prompts(options.prompts, options.ctx, n_concepts, rng, bos=options.activation_format == "jsonl")
+    latents = assign_latents(options.features, corpus, n_concepts, rng)
+
+    say(f"activations of {options.features:,} latents")
+    table = activations(corpus, latents, rng, skip_first=options.activation_format == "jsonl")
+    if options.activation_format == "jsonl":
+        formats.write_jsonl_activations(raw / "activation_examples", corpus, table)
+    else:
+        formats.write_delphi_cache(raw / "latents" / FILE_HOOK, corpus, table, options.features)
+        formats.write_tokenizer(raw / "tokenizer.json", corpus.vocabulary)
+
+    say(f"decoder weights: {options.features:,} × {options.d_model} ({options.decoder_format})")
+    label = width_label(options.features)
+    decoder_path = formats.write_decoder(
+        raw / "sae",
+        options.decoder_format,
+        decoder_weights(latents, options.d_model, rng),
+        layer=LAYER,
+        width_label=label,
+        rng=rng,
+    )
+
+    explainers = delphi_runs.models(options.explainers)
+    scorers = delphi_runs.models(options.scorers)
+    candidates = min(options.features, math.ceil(options.explained / EXPLAINED_SHARE))
+    explained = np.sort(rng.choice(candidates, size=options.explained, replace=False))
+    say(
+        f"explanations and scores: {options.explained:,} latents × {len(explainers)} explainers "
+        f"× {len(scorers)} scorers"
+    )
+    explanations = delphi_runs.explain(latents, explained, explainers, n_concepts, rng)
+    by_latent = {(item.feature_id, item.explainer.short): item for item in explanations}
+    unexplained = {key for key in by_latent if rng.random() < UNEXPLAINED_RATE}
+    hookpoint = f"layer_{LAYER}/width_{label}/average_l0_120"
+    sources = []
+    runs = [(explainer, scorer) for explainer in explainers for scorer in scorers]
+    for explainer, scorer in runs:
+        name = f"{explainer.short}_e-{scorer.short}_s"
+        sources.append((name, explainer.name, scorer.name))
+        run_root = raw / name
+        formats.write_json(
+            run_root / "run_config.json",
+            formats.run_config(
+                name=name,
+                explainer=explainer.name,
+                sparse_model=SPARSE_MODEL,
+                hookpoint=hookpoint,
+                max_latents=candidates,
+            ),
+            indent=True,
+        )
+        for latent in explained.tolist():
+            if (latent, explainer.short) not in unexplained:
+                formats.write_json(
+                    run_root / "explanations" / f"{FILE_HOOK}_latent{latent}.txt",
+                    by_latent[latent, explainer.short].text,
+                )
+    # Examples are drawn once per latent and shared by every run, as delphi's seeded sampler does.
+    for latent in explained.tolist():
+        examples = delphi_runs.draw_examples(corpus, latents, latent, rng)
+        for explainer, scorer in runs:
+            explanation = by_latent[latent, explainer.short]
+            good = explanation.hit and (latent, explainer.short) not in unexplained
+            if rng.random() < UNSCORED_RATE:
+                continue  # explanation without score files
+            bias = delphi_runs.SCORER_BIAS[scorer.index]
+            records = {
+                "fuzz": delphi_runs.classifier_records(examples, good=good, method="fuzz", bias=bias, rng=rng),
+                "detection": delphi_runs.classifier_records(
+                    examples, good=good, method="detection", bias=bias, rng=rng
+                ),
+                "embedding": delphi_runs.embedding_records(examples, good=good, rng=rng),
+                "simulation": delphi_runs.simulation_records(good=good, rng=rng),
+            }
+            if rng.random() < MISSING_SIMULATION_RATE:
+                del records["simulation"]
+            directory = raw / f"{explainer.short}_e-{scorer.short}_s" / "scores"
+            for method, method_records in records.items():
+                if rng.random() < EMPTY_SCORE_FILE_RATE:
+                    method_records = []
+                formats.write_json(directory / method / f"{FILE_HOOK}_latent{latent}.txt", method_records)
+
+    sae_id = f"{SPARSE_MODEL}/{hookpoint}"
+    config = _write_config(root, sources, options.activation_format, decoder_path, sae_id)
+    ground_truth = root / "ground_truth.parquet"
+    _write_ground_truth(ground_truth, latents, explained, explanations, unexplained)
+    say(f"wrote {root}")
+    return SynthResult(
+        root, config, ground_truth, [name for name, _, _ in sources], len(table.feature), int(table.offsets[-1])
+    )
+
+
+def _write_ground_truth(path: Path, latents, explained: np.ndarray, explanations, unexplained: set) -> None:
+    rows: dict[int, list[dict]] = {}
+    for item in explanations:
+        missing = (item.feature_id, item.explainer.short) in unexplained
+        rows.setdefault(item.feature_id, []).append(
+            {
+                "explainer": item.explainer.name,
+                "hit": bool(item.hit and not missing),
+                "sentinel": bool(item.sentinel or missing),
+                "described": list(item.described) if not missing else [],
+            }
+        )
+    n_features = len(latents.concepts)
+    explained_set = set(explained.tolist())
+    frame = pl.DataFrame(
+        {
+            "feature_id": np.arange(n_features, dtype=np.uint32),
+            "concepts": [latents.concept_names(latent) for latent in range(n_features)],
+            "multi_concept": latents.multi_concept,
+            "explained": [latent in explained_set for latent in range(n_features)],
+            "explanations": [rows.get(latent, []) for latent in range(n_features)],
+        },
+        schema={
+            "feature_id": pl.UInt32,
+            "concepts": pl.List(pl.String),
+            "multi_concept": pl.Boolean,
+            "explained": pl.Boolean,
+            "explanations": pl.List(
+                pl.Struct(
+                    {"explainer": pl.String, "hit": pl.Boolean, "sentinel": pl.Boolean, "described": pl.List(pl.String)}
+                )
+            ),
+        },
+    )
+    frame.write_parquet(path)

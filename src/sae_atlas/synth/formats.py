@@ -1,0 +1,216 @@
+"""Writers for the real raw formats (raw-formats.md): delphi run directories, activation records
+(``activations.jsonl`` + ``prompts.json``, or a delphi latent cache with a ``tokenizer.json``) and
+decoder weights (Gemma Scope ``params.npz``, SAELens, sparsify)."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import orjson
+
+from sae_atlas.synth.latents import ActivationTable
+from sae_atlas.synth.text import BYTE_PIECES, SPECIAL_TOKENS, WORD_MARK, PromptCorpus
+
+
+def write_json(path: Path, value, *, indent: bool = False) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(orjson.dumps(value, option=orjson.OPT_INDENT_2 if indent else 0))
+
+
+def run_config(*, name: str, explainer: str, sparse_model: str, hookpoint: str, max_latents: int) -> dict:
+    """A delphi 0.1.3 ``run_config.json``; ``explainer_model`` names the explainer, as in the study."""
+    return {
+        "cache_cfg": {
+            "dataset_repo": "EleutherAI/SmolLM2-135M-10B",
+            "dataset_split": "train[:1%]",
+            "dataset_name": "",
+            "dataset_column": "text",
+            "batch_size": 32,
+            "cache_ctx_len": 256,
+            "n_tokens": 10_000_000,
+            "n_splits": 5,
+        },
+        "constructor_cfg": {
+            "faiss_embedding_model": "sentence-transformers/all-MiniLM-L6-v2",
+            "faiss_embedding_cache_dir": ".embedding_cache",
+            "faiss_embedding_cache_enabled": True,
+            "example_ctx_len": 32,
+            "min_examples": 200,
+            "n_non_activating": 50,
+            "center_examples": True,
+            "non_activating_source": "random",
+            "neighbours_type": "co-occurrence",
+        },
+        "sampler_cfg": {
+            "n_examples_train": 40,
+            "n_examples_test": 50,
+            "n_quantiles": 10,
+            "train_type": "quantiles",
+            "test_type": "quantiles",
+            "ratio_top": 0.2,
+        },
+        "model": "google/gemma-2-9b",
+        "sparse_model": sparse_model,
+        "hookpoints": [hookpoint],
+        "explainer_model": explainer,
+        "explainer_model_max_len": 5120,
+        "explainer_provider": "offline",
+        "explainer": "default",
+        "scorers": ["fuzz", "detection", "simulation"],
+        "name": name,
+        "max_latents": max_latents,
+        "filter_bos": True,
+        "log_probs": False,
+        "hf_token": None,
+        "seed": 22,
+        "verbose": True,
+        "num_examples_per_scorer_prompt": 5,
+    }
+
+
+def write_jsonl_activations(directory: Path, corpus: PromptCorpus, table: ActivationTable) -> None:
+    """``activations.jsonl`` (one record per line, values rounded to 3 decimals) + ``prompts.json``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    vocabulary = np.array(corpus.vocabulary, dtype=object)
+    write_json(directory / "prompts.json", vocabulary[corpus.tokens].tolist())
+    positions = table.positions.tolist()
+    values = np.round(table.values.astype(np.float64), 3).tolist()
+    offsets = table.offsets.tolist()
+    with (directory / "activations.jsonl").open("wb") as handle:
+        for record, (feature, prompt) in enumerate(zip(table.feature.tolist(), table.prompt.tolist(), strict=True)):
+            start, stop = offsets[record], offsets[record + 1]
+            pairs = [
+                [position, value] for position, value in zip(positions[start:stop], values[start:stop], strict=True)
+            ]
+            handle.write(orjson.dumps({"index": str(feature), "dataSetPromptId": prompt, "sparseValues": pairs}))
+            handle.write(b"\n")
+
+
+def write_tokenizer(path: Path, vocabulary: list[str]) -> None:
+    """A SentencePiece-style Unigram ``tokenizer.json`` (byte fallback, ``▁`` word marks)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+
+    scores = [(piece, -10.0 if piece in BYTE_PIECES or piece in SPECIAL_TOKENS else -1.0) for piece in vocabulary]
+    tokenizer = Tokenizer(models.Unigram(scores, unk_id=vocabulary.index("<unk>"), byte_fallback=True))
+    tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend(WORD_MARK), normalizers.Replace(" ", WORD_MARK)])
+    tokenizer.decoder = decoders.Sequence(
+        [decoders.Replace(WORD_MARK, " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    tokenizer.add_special_tokens(list(SPECIAL_TOKENS))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(path))
+
+
+def write_delphi_cache(
+    directory: Path, corpus: PromptCorpus, table: ActivationTable, n_features: int, n_splits: int = 5
+) -> None:
+    """``{start}_{end}.safetensors`` shards as ``LatentCache.save_splits`` writes them."""
+    from safetensors.numpy import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    n_prompts, ctx = corpus.tokens.shape
+    counts = np.diff(table.offsets)
+    latent = np.repeat(table.feature, counts)
+    sequence = np.repeat(table.prompt, counts)
+    boundaries = np.linspace(0, n_features, n_splits + 1).astype(np.int64)
+    tokens = corpus.tokens.astype(np.int64)
+    for start, stop in itertools.pairwise(boundaries):
+        keep = (latent >= start) & (latent < stop)
+        # torch.nonzero order: (sequence, position, latent)
+        order = np.lexsort((latent[keep], table.positions[keep], sequence[keep]))
+        locations = np.stack([sequence[keep][order], table.positions[keep][order], latent[keep][order] - start], axis=1)
+        small = locations[:, 0].max(initial=0) < 2**16 and locations[:, 2].max(initial=0) < 2**16
+        save_file(
+            {
+                "locations": locations.astype(np.uint16 if small else np.uint32),
+                "activations": table.values[keep][order].astype(np.float16),
+                "tokens": tokens,
+            },
+            str(directory / f"{start}_{stop - 1}.safetensors"),
+        )
+    write_json(
+        directory / "config.json",
+        {
+            "dataset_repo": "EleutherAI/SmolLM2-135M-10B",
+            "dataset_split": "train[:1%]",
+            "dataset_name": "",
+            "dataset_column": "text",
+            "batch_size": 32,
+            "cache_ctx_len": ctx,
+            "n_tokens": n_prompts * ctx,
+            "n_splits": n_splits,
+            "model_name": "google/gemma-2-9b",
+        },
+        indent=True,
+    )
+
+
+def write_decoder(
+    directory: Path, decoder_format: str, weights: np.ndarray, *, layer: int, width_label: str, rng: np.random.Generator
+) -> Path:
+    """Decoder weights in ``decoder_format``; returns the path the config should name."""
+    n_features, d_model = weights.shape
+    encoder = np.ascontiguousarray(weights.T)
+    b_enc = rng.normal(0, 0.01, n_features).astype(np.float32)
+    b_dec = rng.normal(0, 0.01, d_model).astype(np.float32)
+    threshold = np.abs(rng.normal(0.5, 0.1, n_features)).astype(np.float32)
+    if decoder_format == "npz":
+        path = directory / f"layer_{layer}" / f"width_{width_label}" / "average_l0_120" / "params.npz"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(path, W_enc=encoder, W_dec=weights, b_enc=b_enc, b_dec=b_dec, threshold=threshold)
+        return path
+    from safetensors.numpy import save_file
+
+    if decoder_format == "saelens":
+        path = directory / f"blocks.{layer}.hook_resid_post"
+        path.mkdir(parents=True, exist_ok=True)
+        save_file(
+            {"W_enc": encoder, "W_dec": weights, "b_enc": b_enc, "b_dec": b_dec, "threshold": threshold},
+            str(path / "sae_weights.safetensors"),
+        )
+        write_json(
+            path / "cfg.json",
+            {
+                "d_in": d_model,
+                "d_sae": n_features,
+                "dtype": "float32",
+                "device": "cpu",
+                "apply_b_dec_to_input": False,
+                "normalize_activations": "none",
+                "reshape_activations": "none",
+                "metadata": {
+                    "sae_lens_version": "6.54.12",
+                    "model_name": "gemma-2-9b",
+                    "hook_name": f"blocks.{layer}.hook_resid_post",
+                    "context_size": 1024,
+                    "prepend_bos": True,
+                },
+                "architecture": "jumprelu",
+            },
+        )
+        return path
+    if decoder_format == "sparsify":
+        path = directory / f"layers.{layer}"
+        path.mkdir(parents=True, exist_ok=True)
+        save_file(
+            {"encoder.weight": weights.copy(), "encoder.bias": b_enc, "W_dec": weights, "b_dec": b_dec},
+            str(path / "sae.safetensors"),
+        )
+        write_json(
+            path / "cfg.json",
+            {
+                "activation": "topk",
+                "expansion_factor": max(1, n_features // d_model),
+                "normalize_decoder": True,
+                "num_latents": n_features,
+                "k": 32,
+                "multi_topk": False,
+                "skip_connection": False,
+                "transcode": False,
+                "d_in": d_model,
+            },
+        )
+        return path
+    raise ValueError(f"unknown decoder format {decoder_format!r} (npz, saelens, sparsify)")

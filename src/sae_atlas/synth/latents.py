@@ -1,0 +1,178 @@
+"""The synthetic SAE: which concepts each latent is about, its decoder row and its activations.
+
+- A latent has one concept, or two (``MULTI_CONCEPT_RATE``); it responds to a subset of its
+  concepts' words.
+- Its decoder row is the sum of its concepts' directions plus noise, normalised, so latents that
+  share a concept point in similar directions.
+- It fires on the prompts that contain its words (preferring prompts where they recur, i.e. the
+  prompt is about its concept): high on its words, a little on the tokens right after, and faintly
+  on a few background tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from sae_atlas.synth.concepts import CONCEPTS
+from sae_atlas.synth.text import WORD_MARK, PromptCorpus
+
+MULTI_CONCEPT_RATE = 0.2
+DECODER_NOISE = 1.0  # same-concept decoder cosine ≈ 1 / (1 + noise²)
+# Reference scale (DESIGN.md §6): 544,188 records over 16,384 latents and 24,571 prompts, ~14.3
+# activation pairs per record.
+REFERENCE_RECORDS_PER_LATENT = 33.2
+REFERENCE_PROMPTS = 24_571
+BACKGROUND_PER_PROMPT = 5.0
+
+
+@dataclass
+class Latents:
+    """Ground truth of every latent."""
+
+    concepts: list[tuple[int, ...]]
+    trigger_pieces: list[np.ndarray]  # piece ids each latent fires on
+    strength: np.ndarray  # typical peak activation
+
+    @property
+    def multi_concept(self) -> np.ndarray:
+        return np.array([len(concepts) > 1 for concepts in self.concepts])
+
+    def concept_names(self, latent: int) -> list[str]:
+        return [CONCEPTS[concept].name for concept in self.concepts[latent]]
+
+
+def concept_count(n_features: int) -> int:
+    """How many concepts a corpus of ``n_features`` latents uses: every concept gets ≥ 4 latents."""
+    return int(max(2, min(len(CONCEPTS), n_features // 4)))
+
+
+def assign_latents(n_features: int, corpus: PromptCorpus, n_concepts: int, rng: np.random.Generator) -> Latents:
+    """Concepts, trigger words and strength of each latent."""
+    primary = rng.permutation(np.arange(n_features) % n_concepts)
+    multi = rng.random(n_features) < MULTI_CONCEPT_RATE
+    secondary = (primary + rng.integers(1, n_concepts, n_features)) % n_concepts
+    words_of_piece = [piece.removeprefix(WORD_MARK) for piece in corpus.vocabulary]
+    pieces_of_word: dict[str, list[int]] = {}
+    for piece_id, word in enumerate(words_of_piece):
+        if corpus.concept_of_piece[piece_id] >= 0:
+            pieces_of_word.setdefault(word, []).append(piece_id)
+
+    concepts, triggers = [], []
+    for latent in range(n_features):
+        chosen = (int(primary[latent]), int(secondary[latent])) if multi[latent] else (int(primary[latent]),)
+        pieces = []
+        for concept in chosen:
+            words = CONCEPTS[concept].words
+            subset = rng.choice(len(words), size=max(3, round(0.7 * len(words))), replace=False)
+            for word_index in subset:
+                pieces.extend(pieces_of_word.get(words[word_index], []))
+        concepts.append(chosen)
+        triggers.append(np.array(sorted(pieces), dtype=np.int32))
+    strength = np.exp(rng.normal(np.log(20.0), 0.5, n_features)).astype(np.float32)
+    return Latents(concepts, triggers, strength)
+
+
+def decoder_weights(latents: Latents, d_model: int, rng: np.random.Generator) -> np.ndarray:
+    """W_dec [n_features, d_model], unit rows along the sum of each latent's concept directions."""
+    directions = rng.normal(size=(len(CONCEPTS), d_model))
+    directions /= np.linalg.norm(directions, axis=1, keepdims=True)
+    n_features = len(latents.concepts)
+    weights = rng.normal(size=(n_features, d_model)) * (DECODER_NOISE / np.sqrt(d_model))
+    for latent, concepts in enumerate(latents.concepts):
+        weights[latent] += directions[list(concepts)].sum(axis=0)
+    weights /= np.linalg.norm(weights, axis=1, keepdims=True)
+    return weights.astype(np.float32)
+
+
+@dataclass
+class ActivationTable:
+    """Sparse activations: record i is (feature[i], prompt[i]) with pairs offsets[i]:offsets[i+1]."""
+
+    feature: np.ndarray
+    prompt: np.ndarray
+    offsets: np.ndarray
+    positions: np.ndarray
+    values: np.ndarray
+
+
+def _occurrence_index(corpus: PromptCorpus) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """For every concept piece: the prompts it occurs in and how often (CSR-style by piece id)."""
+    n_prompts, ctx = corpus.tokens.shape
+    flat = corpus.tokens.ravel().astype(np.int64)
+    prompt_of = np.repeat(np.arange(n_prompts, dtype=np.int64), ctx)
+    concept = corpus.concept_of_piece[flat] >= 0
+    keys, counts = np.unique(flat[concept] * n_prompts + prompt_of[concept], return_counts=True)
+    pieces, prompts = keys // n_prompts, keys % n_prompts
+    starts = np.searchsorted(pieces, np.arange(len(corpus.vocabulary) + 1))
+    return starts, prompts, counts, pieces
+
+
+def records_per_latent(n_prompts: int) -> float:
+    """Mean prompts per latent: the reference density, but never so few that sampling is trivial."""
+    return float(np.clip(REFERENCE_RECORDS_PER_LATENT * n_prompts / REFERENCE_PROMPTS, 12.0, 40.0))
+
+
+def activations(
+    corpus: PromptCorpus, latents: Latents, rng: np.random.Generator, *, skip_first: bool
+) -> ActivationTable:
+    """Every latent's activations over the corpus (``skip_first``: position 0 is ``<bos>``)."""
+    n_prompts, ctx = corpus.tokens.shape
+    starts, occurrence_prompts, occurrence_counts, _ = _occurrence_index(corpus)
+    target = records_per_latent(n_prompts)
+    first_position = 1 if skip_first else 0
+    features, prompts, counts, positions, values = [], [], [], [], []
+    for latent, pieces in enumerate(latents.trigger_pieces):
+        candidate_prompts = (
+            np.concatenate([occurrence_prompts[starts[p] : starts[p + 1]] for p in pieces])
+            if len(pieces)
+            else np.zeros(0, dtype=np.int64)
+        )
+        candidate_counts = (
+            np.concatenate([occurrence_counts[starts[p] : starts[p + 1]] for p in pieces])
+            if len(pieces)
+            else np.zeros(0, dtype=np.int64)
+        )
+        if not len(candidate_prompts):
+            continue
+        unique, inverse = np.unique(candidate_prompts, return_inverse=True)
+        weight = np.bincount(inverse, weights=candidate_counts).astype(np.float64) ** 2
+        wanted = max(4, round(target * float(np.exp(rng.normal(0.0, 0.35)))))
+        chosen = np.sort(rng.choice(unique, size=min(wanted, len(unique)), replace=False, p=weight / weight.sum()))
+        window = corpus.tokens[chosen]
+        dense = np.zeros(window.shape, dtype=np.float32)
+        rows, columns = np.nonzero(np.isin(window, pieces))
+        keep = columns >= first_position
+        rows, columns = rows[keep], columns[keep]
+        peaks = latents.strength[latent] * rng.uniform(0.25, 1.0, len(rows)).astype(np.float32)
+        for offset, chance, scale in ((1, 0.7, 0.3), (2, 0.4, 0.12)):
+            spill = (columns + offset < ctx) & (rng.random(len(rows)) < chance)
+            target_rows, target_columns = rows[spill], columns[spill] + offset
+            spill_values = peaks[spill] * rng.uniform(0.03, scale, int(spill.sum())).astype(np.float32)
+            np.maximum.at(dense, (target_rows, target_columns), spill_values)
+        background = rng.poisson(BACKGROUND_PER_PROMPT, len(chosen))
+        background_rows = np.repeat(np.arange(len(chosen)), background)
+        background_columns = rng.integers(first_position, ctx, len(background_rows))
+        background_values = latents.strength[latent] * rng.uniform(0.005, 0.05, len(background_rows))
+        np.maximum.at(dense, (background_rows, background_columns), background_values.astype(np.float32))
+        dense[rows, columns] = np.maximum(dense[rows, columns], peaks)
+        record_rows, record_columns = np.nonzero(dense)
+        per_row = np.bincount(record_rows, minlength=len(chosen))
+        present = per_row > 0
+        features.append(np.full(int(present.sum()), latent, dtype=np.int64))
+        prompts.append(chosen[present])
+        counts.append(per_row[present])
+        positions.append(record_columns)
+        values.append(dense[record_rows, record_columns])
+    if not features:
+        empty = np.zeros(0, dtype=np.int64)
+        return ActivationTable(empty, empty, np.zeros(1, dtype=np.int64), empty, np.zeros(0, dtype=np.float32))
+    count = np.concatenate(counts)
+    return ActivationTable(
+        feature=np.concatenate(features),
+        prompt=np.concatenate(prompts),
+        offsets=np.concatenate(([0], np.cumsum(count))).astype(np.int64),
+        positions=np.concatenate(positions).astype(np.int64),
+        values=np.concatenate(values).astype(np.float32),
+    )
