@@ -230,14 +230,17 @@ class Embedder:
         device: str = "auto",
         quantize: str = "none",
         cache_dir: str | Path | None = None,
+        backend=None,
     ):
+        """``backend``: an already loaded backend of the same model, to share it instead of loading
+        the model again (e.g. ``Embedder(spec, cache_dir=other, backend=embedder.backend)``)."""
         self.model_spec = model
         self.batch_size = batch_size
         self.device = device
         self.quantize = quantize
         self.cache_root = Path(cache_dir) if cache_dir else None
         self.stats = EmbeddingStats()
-        self._backend = None
+        self._backend = backend
 
     @property
     def backend(self):

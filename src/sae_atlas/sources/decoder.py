@@ -11,6 +11,7 @@ loaded, never the encoder, so memory stays at one d_sae × d_model matrix.
 from __future__ import annotations
 
 import re
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,9 +54,14 @@ class DecoderError(ValueError):
 
 
 def width_from_text(text: str) -> int | None:
-    """d_sae from a Gemma Scope ``width_16k`` path or sae_id component."""
-    match = re.search(r"width_(\d+[km]?)\b", text)
-    return GEMMA_SCOPE_WIDTHS.get(match.group(1)) if match else None
+    """d_sae from a Gemma Scope ``width_16k`` path or sae_id component (``2k`` → 2048)."""
+    match = re.search(r"width_(\d+)([km]?)(?!\w)", text)
+    if not match:
+        return None
+    label = match.group(1) + match.group(2)
+    if label in GEMMA_SCOPE_WIDTHS:
+        return GEMMA_SCOPE_WIDTHS[label]
+    return int(match.group(1)) * {"": 1, "k": 1024, "m": 1 << 20}[match.group(2)]
 
 
 def _read_json(path: Path) -> dict:
@@ -103,9 +109,9 @@ def _npz_decoder(path: Path) -> tuple[np.ndarray, int | None]:
                 if companion in archive.files:
                     return weights, int(archive[companion].shape[0])
             return weights, None
-    except (OSError, ValueError, EOFError) as error:
-        if isinstance(error, DecoderError):
-            raise
+    except DecoderError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
         raise DecoderError(path, f"not a readable .npz archive ({error})") from None
 
 
@@ -175,13 +181,16 @@ def read_decoder(path: Path, *, sae_id: str | None = None) -> DecoderWeights:
         )
     if not path.exists():
         raise DecoderError(path, "no such file or directory")
-    width = width_from_text(path.as_posix()) or (width_from_text(sae_id) if sae_id else None)
+    named_width = width_from_text(path.as_posix()) or (width_from_text(sae_id) if sae_id else None)
     if path.suffix == ".npz":
-        weights, companion_width = _npz_decoder(path)
+        weights, own_width = _npz_decoder(path)
         layout = "gemma-scope"
     elif path.suffix == ".safetensors":
-        weights, companion_width, layout = _safetensors_decoder(path), None, "safetensors"
+        weights, own_width, layout = _safetensors_decoder(path), None, "safetensors"
     else:
         raise DecoderError(path, "unknown decoder format (expected .npz, .safetensors or a directory)")
-    weights = _orient(weights, width or companion_width, None, path, notes)
+    # The file's own [d_sae] arrays outrank the width its path or sae_id names.
+    if own_width and named_width and own_width != named_width:
+        notes.append(f"{path}: the file holds {own_width} latents, its name says {named_width}")
+    weights = _orient(weights, own_width or named_width, None, path, notes)
     return DecoderWeights(np.asarray(weights, np.float32), layout, [path], notes)

@@ -1,8 +1,8 @@
 """Stage 2, ``explanation_embeddings``: one row per (feature, explainer) with its embedded text.
 
 An explainer's explanation of a latent is the same in every run it explains (one run per scorer),
-so the first source in config order gives the row (``data_source``) and each distinct text is
-embedded once. Sentinel explanations ("Explanation could not be parsed.", "No explanation found")
+so the first source in config order that has it gives the row (``data_source``) and each distinct
+text is embedded once. Sentinel explanations ("Explanation could not be parsed.", "No explanation found")
 keep their row with a null embedding, so they never look similar to anything.
 """
 
@@ -36,7 +36,8 @@ def build_explanation_embeddings(
         _explainer_rank=pl.col("_row").min().over("llm_explainer")
     )
     keys = ["feature_id", "llm_explainer"]
-    first = ranked.unique(keys, keep="first", maintain_order=True)
+    # The first source that gives a real explanation; a sentinel only when no source has one.
+    first = ranked.sort([pl.col("explanation_ok").not_(), "_row"]).unique(keys, keep="first", maintain_order=True)
     differing = (
         ranked.group_by(keys).agg(pl.col("explanation_text").n_unique() > 1).get_column("explanation_text").sum()
     )

@@ -1,0 +1,222 @@
+"""Activation record readers: activations.jsonl + prompts.json, and delphi latent-cache shards."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from sae_atlas.problems import Problems, StrictModeError
+from sae_atlas.sources.activations import read_delphi_cache, read_jsonl, token_strings
+from tests.conftest import PYTHIA_RUN
+
+PROMPTS = [["<bos>", "▁The", "▁end", "▁of", "▁the", "▁road"], ["<bos>", "▁A", "▁piece", "▁of", "▁cake"]]
+
+
+def write_jsonl(directory: Path, lines: list, prompts=PROMPTS) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "prompts.json").write_bytes(orjson.dumps(prompts))
+    with (directory / "activations.jsonl").open("wb") as handle:
+        for line in lines:
+            handle.write(line if isinstance(line, bytes) else orjson.dumps(line))
+            handle.write(b"\n")
+    return directory
+
+
+def record(index, prompt, pairs):
+    return {"index": index, "dataSetPromptId": prompt, "sparseValues": pairs}
+
+
+def as_rows(records):
+    rows = []
+    for i in range(len(records)):
+        start, stop = records.offsets[i], records.offsets[i + 1]
+        rows.append(
+            (
+                int(records.feature_id[i]),
+                int(records.prompt_id[i]),
+                list(
+                    zip(
+                        records.positions[start:stop].tolist(),
+                        np.round(records.values[start:stop].astype(np.float64), 3).tolist(),
+                        strict=True,
+                    )
+                ),
+            )
+        )
+    return rows
+
+
+def test_jsonl_records_are_sorted_and_accept_string_or_int_ids(tmp_path):
+    directory = write_jsonl(
+        tmp_path,
+        [
+            record("877", 1, [[3, 4.125], [1, 0.5]]),
+            record(12, 0, [[3, 9.5]]),
+            record("12", 1, [[2, 1.0]]),
+        ],
+    )
+    problems = Problems()
+    records = read_jsonl(directory, problems)
+    assert not problems.items
+    assert as_rows(records) == [(12, 0, [(3, 9.5)]), (12, 1, [(2, 1.0)]), (877, 1, [(1, 0.5), (3, 4.125)])]
+    assert records.prompts.to_pylist() == PROMPTS
+
+
+@pytest.mark.parametrize(
+    ("bad_line", "fragment"),
+    [
+        (b'{"index": "5", "dataSetPromptId": 0, "sparseVal', "invalid JSON"),
+        (record("abc", 0, [[1, 1.0]]), "is not a latent id"),
+        (record("5", "0", [[1, 1.0]]), "dataSetPromptId '0' is not an integer"),
+        (record("5", 0, [[1, "x"]]), "non-numeric position or value"),
+        (record("5", 0, [1, 2]), "not a list of [position, value] pairs"),
+        ({"index": "5", "dataSetPromptId": 0}, "missing key 'sparseValues'"),
+        (record("5", 7, [[1, 1.0]]), "prompt id 7 is out of range"),
+        (record("5", -1, [[1, 1.0]]), "negative prompt id -1"),
+        (record("5", 1, [[5, 1.0]]), "token position 5 is outside prompt 1 (length 5)"),
+        (record("5", 1, [[1.5, 1.0]]), "token position 1.5 is outside prompt 1"),
+        (b"[1, 2, 3]", "expected a JSON object, got list"),
+    ],
+)
+def test_a_bad_jsonl_line_is_reported_with_file_and_line_and_nothing_else_is_lost(tmp_path, bad_line, fragment):
+    directory = write_jsonl(tmp_path, [record("1", 0, [[1, 1.0]]), bad_line, record("2", 1, [[2, 2.0]])])
+    problems = Problems()
+    records = read_jsonl(directory, problems)
+    assert [int(feature) for feature in records.feature_id] == [1, 2]
+    [problem] = problems.items
+    assert problem.file == str(directory / "activations.jsonl")
+    assert problem.line == 2
+    assert fragment in problem.message
+    assert "\n" not in str(problem)
+
+
+def test_duplicate_records_keep_the_first(tmp_path):
+    directory = write_jsonl(tmp_path, [record("1", 0, [[1, 1.0]]), record("1", 0, [[2, 7.0]])])
+    problems = Problems()
+    records = read_jsonl(directory, problems)
+    assert as_rows(records) == [(1, 0, [(1, 1.0)])]
+    assert problems.items[0].kind == "duplicate" and problems.items[0].line == 2
+
+
+def test_strict_mode_fails_on_the_first_bad_line(tmp_path):
+    directory = write_jsonl(tmp_path, [record("1", -3, [[1, 1.0]])])
+    with pytest.raises(StrictModeError, match=r"activations.jsonl:1.*negative prompt id"):
+        read_jsonl(directory, Problems(strict=True))
+
+
+def test_unusable_prompts_json_is_one_problem_not_one_per_record(tmp_path):
+    directory = write_jsonl(tmp_path, [record("1", 0, [[1, 1.0]])] * 3)
+    (directory / "prompts.json").write_text('[["▁a", "▁b"], ["▁c"')
+    problems = Problems()
+    records = read_jsonl(directory, problems)
+    assert len(records) == 0
+    assert [Path(problem.file).name for problem in problems] == ["prompts.json", "activations.jsonl"]
+
+
+def test_a_prompt_of_the_wrong_type_drops_only_its_records(tmp_path):
+    directory = write_jsonl(
+        tmp_path, [record("1", 0, [[1, 1.0]]), record("2", 1, [[1, 1.0]])], prompts=[["▁a", "▁b"], ["▁c", 3]]
+    )
+    problems = Problems()
+    records = read_jsonl(directory, problems)
+    assert [int(feature) for feature in records.feature_id] == [1]
+    messages = [str(problem) for problem in problems]
+    assert any(
+        "prompts.json" in message and "prompt 1 is not a list of token strings" in message for message in messages
+    )
+    assert any("activations.jsonl:2" in message for message in messages)
+
+
+# -- delphi latent cache ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def wordlevel_tokenizer(tmp_path) -> Path:
+    """A SentencePiece-like vocabulary large enough for the pythia example ids."""
+    from tokenizers import Tokenizer, models
+
+    vocabulary = {f"▁w{index}": index for index in range(50_304)}
+    vocabulary["<0x0A>"] = 50_304
+    path = tmp_path / "tokenizer.json"
+    Tokenizer(models.WordLevel(vocabulary, unk_token="▁w0")).save(str(path))
+    return path
+
+
+def test_delphi_shards_match_a_direct_decoding(wordlevel_tokenizer):
+    directory = PYTHIA_RUN / "latents" / "layers.3.mlp"
+    problems = Problems()
+    records = read_delphi_cache(directory, wordlevel_tokenizer, problems)
+    assert not problems.items
+    expected = {}
+    for path in sorted(directory.glob("*.safetensors")):
+        start = int(path.stem.split("_")[0])
+        data = load_file(str(path))
+        for (sequence, position, latent), value in zip(data["locations"].astype(int), data["activations"], strict=True):
+            expected.setdefault((latent + start, sequence), []).append((position, float(value)))
+        tokens = data["tokens"]
+    assert len(records) == len(expected)
+    assert records.offsets[-1] == sum(len(pairs) for pairs in expected.values())
+    for row, (feature, prompt, pairs) in enumerate(as_rows(records)):
+        assert pairs == sorted((p, round(v, 3)) for p, v in expected[feature, prompt])
+        if row == 0:
+            assert records.prompts[prompt].as_py() == [f"▁w{token}" for token in tokens[prompt]]
+
+
+def test_malformed_shards_are_reported_and_the_others_read(tmp_path, wordlevel_tokenizer):
+    directory = shutil.copytree(PYTHIA_RUN / "latents" / "layers.3.mlp", tmp_path / "cache")
+    (directory / "shard-a.safetensors").write_bytes(b"junk")  # name does not parse
+    (directory / "64_95.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}garbage")  # corrupt
+    good = load_file(str(directory / "0_31.safetensors"))
+    save_file(
+        {"locations": good["locations"][:, :2].copy(), "activations": good["activations"], "tokens": good["tokens"]},
+        str(directory / "96_127.safetensors"),
+    )  # wrong shape
+    problems = Problems()
+    records = read_delphi_cache(directory, wordlevel_tokenizer, problems)
+    assert set(np.unique(records.feature_id // 32)) == {0, 1}  # both good shards fully read
+    by_file = {Path(problem.file).name: problem for problem in problems}
+    assert by_file["shard-a.safetensors"].kind == "foreign"
+    assert "does not parse" in by_file["shard-a.safetensors"].message
+    assert "unreadable safetensors" in by_file["64_95.safetensors"].message
+    assert "do not match activations" in by_file["96_127.safetensors"].message
+
+
+def test_legacy_cache_without_tokens_is_reported(tmp_path, wordlevel_tokenizer):
+    directory = tmp_path / "cache"
+    directory.mkdir()
+    data = load_file(str(PYTHIA_RUN / "latents" / "layers.3.mlp" / "0_31.safetensors"))
+    save_file({"locations": data["locations"], "activations": data["activations"]}, str(directory / "0_31.safetensors"))
+    problems = Problems()
+    assert len(read_delphi_cache(directory, wordlevel_tokenizer, problems)) == 0
+    assert "no shard has a 'tokens' matrix" in problems.items[0].message
+
+
+def test_byte_level_tokens_are_decoded_like_delphi_str_tokens(tmp_path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator(
+        ["the end of the road\nand the cake"] * 20,
+        trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()),
+    )
+    path = tmp_path / "bpe.json"
+    tokenizer.save(str(path))
+    ids = tokenizer.encode("the end\nof").ids
+    strings = token_strings(path, np.array(ids), Problems()).to_pylist()
+    assert "".join(strings) == "the end\nof"
+    assert " end" in strings
+
+
+def test_unreadable_tokenizer_is_one_problem(tmp_path):
+    path = tmp_path / "tokenizer.json"
+    path.write_text("{not json")
+    problems = Problems()
+    assert token_strings(path, np.array([1, 2]), problems) is None
+    assert problems.items[0].file == str(path)

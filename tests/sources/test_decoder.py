@@ -1,0 +1,109 @@
+"""Decoder weight reader: Gemma Scope npz, SAELens and sparsify directories, and their failures."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import orjson
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from sae_atlas.sources.decoder import DecoderError, read_decoder
+from tests.conftest import FIXTURES
+
+GEMMA = FIXTURES / "gemma-scope" / "layer_3" / "width_16k" / "average_l0_82" / "params.npz"
+SAELENS = FIXTURES / "saelens" / "blocks.3.hook_resid_post"
+SPARSIFY = FIXTURES / "sparsify" / "layers.3.mlp"
+
+
+@pytest.mark.parametrize(("path", "layout"), [(GEMMA, "gemma-scope"), (SAELENS, "saelens"), (SPARSIFY, "sparsify")])
+def test_every_layout_gives_rows_per_latent(path, layout):
+    decoder = read_decoder(path)
+    assert decoder.format == layout
+    assert decoder.weights.shape == (16, 8) and decoder.weights.dtype == np.float32
+
+
+def test_gemma_scope_decoder_matches_the_npz():
+    expected = np.load(GEMMA)["W_dec"]
+    np.testing.assert_array_equal(read_decoder(GEMMA).weights, expected)
+    # The example's path says width_16k but the file holds 16 latents: its own arrays win, with a note.
+    assert any("holds 16 latents" in note for note in read_decoder(GEMMA).notes)
+
+
+def test_transposed_decoder_is_turned_back_with_a_note(tmp_path):
+    directory = shutil.copytree(SPARSIFY, tmp_path / "sparsify")
+    tensors = load_file(str(directory / "sae.safetensors"))
+    save_file({**tensors, "W_dec": np.ascontiguousarray(tensors["W_dec"].T)}, str(directory / "sae.safetensors"))
+    decoder = read_decoder(directory)
+    np.testing.assert_array_equal(decoder.weights, tensors["W_dec"])
+    assert any("transposed" in note for note in decoder.notes)
+
+
+def test_bfloat16_weights_are_read_as_float32(tmp_path):
+    import torch
+    from safetensors.torch import save_file as save_torch
+
+    directory = shutil.copytree(SPARSIFY, tmp_path / "sparsify")
+    tensors = load_file(str(directory / "sae.safetensors"))
+    save_torch(
+        {key: torch.from_numpy(value).to(torch.bfloat16) for key, value in tensors.items()},
+        str(directory / "sae.safetensors"),
+    )
+    decoder = read_decoder(directory)
+    assert decoder.weights.dtype == np.float32
+    np.testing.assert_allclose(decoder.weights, tensors["W_dec"], rtol=1e-2, atol=1e-2)
+
+
+def test_gemma_scope_2_safetensors_with_lowercase_keys(tmp_path):
+    weights = np.random.default_rng(0).normal(size=(32, 8)).astype(np.float32)
+    path = tmp_path / "width_32" / "params.safetensors"
+    path.parent.mkdir()
+    save_file({"w_dec": weights, "w_enc": weights.T.copy()}, str(path))
+    np.testing.assert_array_equal(read_decoder(path).weights, weights)
+
+
+def test_decoder_of_the_wrong_shape_names_the_file(tmp_path):
+    directory = shutil.copytree(SAELENS, tmp_path / "saelens")
+    config = orjson.loads((directory / "cfg.json").read_bytes())
+    (directory / "cfg.json").write_bytes(orjson.dumps({**config, "d_sae": 32}))
+    with pytest.raises(DecoderError) as error:
+        read_decoder(directory)
+    assert error.value.path.endswith("sae_weights.safetensors")
+    assert "W_dec has shape [16, 8], expected [32, 8]" in error.value.reason
+
+    archive = tmp_path / "params.npz"
+    np.savez(archive, W_dec=np.zeros((15, 8), np.float32), threshold=np.zeros(16, np.float32))
+    with pytest.raises(DecoderError, match=r"params.npz: W_dec has shape \[15, 8\], expected \[16, d_model\]"):
+        read_decoder(archive)
+
+
+@pytest.mark.parametrize(
+    ("make", "fragment"),
+    [
+        (lambda d: (d / "sae.safetensors").write_bytes(b"not a safetensors file"), "unreadable safetensors"),
+        (lambda d: (d / "cfg.json").unlink(), "cfg.json: missing"),
+        (lambda d: (d / "cfg.json").write_text("{"), "not valid JSON"),
+    ],
+)
+def test_broken_sparsify_directory(tmp_path, make, fragment):
+    directory = shutil.copytree(SPARSIFY, tmp_path / "sparsify")
+    make(directory)
+    with pytest.raises(DecoderError, match=fragment):
+        read_decoder(directory)
+
+
+def test_unusable_paths(tmp_path):
+    with pytest.raises(DecoderError, match="no such file"):
+        read_decoder(tmp_path / "absent.npz")
+    (tmp_path / "weights.pt").write_bytes(b"")
+    with pytest.raises(DecoderError, match="unknown decoder format"):
+        read_decoder(tmp_path / "weights.pt")
+    with pytest.raises(DecoderError, match="no decoder weights found"):
+        read_decoder(tmp_path)
+    np.savez(tmp_path / "params.npz", W_enc=np.zeros((8, 16), np.float32))
+    with pytest.raises(DecoderError, match="no W_dec array"):
+        read_decoder(tmp_path / "params.npz")
+    (tmp_path / "truncated.npz").write_bytes(b"PK\x03\x04junk")
+    with pytest.raises(DecoderError, match=r"not a readable \.npz"):
+        read_decoder(tmp_path / "truncated.npz")

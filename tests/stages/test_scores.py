@@ -1,0 +1,162 @@
+"""Stage 1: score aggregation against values computed by hand."""
+
+from __future__ import annotations
+
+import math
+
+import polars as pl
+import pytest
+
+from sae_atlas.config import SourceConfig
+from sae_atlas.problems import Problems
+from sae_atlas.sources import delphi
+from sae_atlas.stages.scores import build_scores
+from tests.conftest import PYTHIA_RUN
+from tests.sources.test_delphi import make_run
+
+
+def gen3(correct, *, distance=0, activating=True):
+    return {
+        "str_tokens": [" x"],
+        "activations": [1.0],
+        "distance": distance,
+        "activating": activating,
+        "prediction": None if correct is None else (activating if correct else not activating),
+        "probability": None,
+        "correct": correct,
+    }
+
+
+def group(distance, value):
+    return {
+        "distance": distance,
+        "scored_sequence_simulations": [],
+        "ev_correlation_score": value,
+        "rsquared_score": 0,
+        "absolute_dev_explained_score": 0,
+    }
+
+
+HOOK = "layers.30_latent"
+FILES = {
+    # fuzz: a good batch (4 of 5 right) and a failed batch of 5 nulls -> 4/5
+    f"fuzz/{HOOK}1.txt": [gen3(True), gen3(True), gen3(False), gen3(True, distance=-1.0, activating=False), gen3(True)]
+    + [gen3(None)] * 5,
+    # detection, Gen 1 (sae-auto-interp): 1-based distance, -1 predictions mark failures, one record
+    # without the dynamic `correct` attribute -> 3 right of 4 valid
+    f"detection/{HOOK}1.txt": [
+        {"text": "a", "distance": 1, "ground_truth": True, "prediction": 1, "highlighted": False, "correct": True},
+        {"text": "b", "distance": 10, "ground_truth": True, "prediction": 0, "highlighted": False, "correct": False},
+        {"text": "c", "distance": -1, "ground_truth": False, "prediction": -1, "highlighted": False, "correct": False},
+        {"text": "d", "distance": -1, "ground_truth": False, "prediction": 0, "highlighted": False, "correct": True},
+        {"text": "e", "distance": 2, "ground_truth": True, "prediction": 1, "highlighted": False},
+    ],
+    # simulation: "nan" strings and nulls are failures; mean 0.3, sample variance 0.04
+    f"simulation/{HOOK}1.txt": [group(1, 0.5), group(2, "nan"), group(3, 0.1), group(4, None), group(0, 0.3)],
+    f"simulation/{HOOK}2.txt": [group(distance, "nan") for distance in [*range(1, 11), 0]],
+    f"simulation/{HOOK}3.txt": [group(1, 0.2), group(0, "nan")],
+    # embedding, 0-based: distance 0 is activating, -0.0 (Jaccard-0 neighbour) is not; one tie
+    # between classes counts half: (0.5 vs 0.5) 0.5 + (0.5 vs 0.2) 1 + (0.7 vs 0.5) 1 + (0.7 vs 0.2) 1
+    f"embedding/{HOOK}1.txt": [
+        {"text": "a", "distance": 0, "similarity": 0.5},
+        {"text": "b", "distance": -0.0, "similarity": 0.5},
+        {"text": "c", "distance": 3, "similarity": 0.7},
+        {"text": "d", "distance": -1.0, "similarity": 0.2},
+        {"text": "e", "distance": 2, "similarity": None},
+    ],
+    # single class: no AUC
+    f"embedding/{HOOK}2.txt": [
+        {"text": "a", "distance": 0, "similarity": 0.4},
+        {"text": "b", "distance": 5, "similarity": 0.1},
+    ],
+    # 1-based (Gen 2) distances: 1..10 activating, -1 not -> 3 of 4 pairs ordered
+    f"embedding/{HOOK}3.txt": [
+        {"text": "a", "distance": 1, "similarity": 0.9},
+        {"text": "b", "distance": 10, "similarity": 0.4},
+        {"text": "c", "distance": -1, "similarity": 0.6},
+        {"text": "d", "distance": -1, "similarity": 0.1},
+    ],
+    # an explicit `activating` field wins over the distance
+    f"embedding/{HOOK}4.txt": [
+        {"text": "a", "distance": -1, "similarity": 0.3, "activating": True},
+        {"text": "b", "distance": 0, "similarity": 0.1, "activating": False},
+    ],
+    f"intruder/{HOOK}1.txt": [
+        {"interpretation": "x", "sample": {"examples": []}, "prediction": 1, "correct_index": 1, "correct": True},
+        {"interpretation": "", "sample": None, "prediction": 0, "correct_index": -1, "correct": False},
+        {"interpretation": "y", "sample": {"examples": []}, "prediction": 0, "correct_index": 2, "correct": False},
+    ],
+    f"fuzz/{HOOK}5.txt": [],
+}
+
+
+def score_table(root) -> pl.DataFrame:
+    problems = Problems()
+    run = delphi.discover_run(SourceConfig(path=root, explainer="E", scorer="S"), problems)
+    records = delphi.read_score_records(run, problems)
+    assert not problems.items
+
+    def tag(frame):
+        return frame.with_columns(data_source=pl.lit(run.name))
+
+    return build_scores(
+        files=tag(records.files),
+        classifier=tag(records.classifier),
+        embedding=tag(records.embedding),
+        simulation=tag(records.simulation),
+        intruder=tag(records.intruder),
+        runs=pl.DataFrame({"data_source": [run.name], "llm_explainer": ["E"], "llm_scorer": ["S"]}),
+    )
+
+
+@pytest.fixture(scope="module")
+def table(tmp_path_factory):
+    root = make_run(tmp_path_factory.mktemp("scores") / "run", run_config={}, scores=FILES)
+    return score_table(root)
+
+
+EXPECTED = [
+    # feature, method, score, n_examples, n_failed, variance
+    (1, "detection", 0.75, 5, 1, None),
+    (1, "embedding", 0.875, 5, 1, None),
+    (1, "fuzz", 0.8, 10, 5, None),
+    (1, "intruder", 0.5, 3, 1, None),
+    (1, "simulation", 0.3, 5, 2, 0.04),
+    (2, "embedding", None, 2, 0, None),
+    (2, "simulation", None, 11, 11, None),
+    (3, "embedding", 0.75, 4, 0, None),
+    (3, "simulation", 0.2, 2, 1, None),
+    (4, "embedding", 1.0, 2, 0, None),
+    (5, "fuzz", None, 0, 0, None),
+]
+
+
+def test_scores_match_hand_computed_values(table):
+    rows = table.select(
+        "feature_id", pl.col("method").cast(pl.String), "score", "n_examples", "n_failed", "variance"
+    ).rows()
+    assert len(rows) == len(EXPECTED)
+    for actual, expected in zip(rows, EXPECTED, strict=True):
+        assert actual[:2] == expected[:2]
+        for got, want in zip(actual[2:], expected[2:], strict=True):
+            assert (got is None and want is None) or math.isclose(got, want, rel_tol=1e-12), (actual, expected)
+
+
+def test_score_table_carries_explainer_and_scorer(table):
+    assert table["llm_explainer"].cast(pl.String).unique().to_list() == ["E"]
+    assert table["llm_scorer"].cast(pl.String).unique().to_list() == ["S"]
+    assert table.schema["method"] == pl.Categorical()
+
+
+def test_example_run_scores():
+    table = score_table(PYTHIA_RUN)
+    scores = {
+        row["method"]: (row["score"], row["n_examples"], row["n_failed"])
+        for row in table.with_columns(pl.col("method").cast(pl.String)).iter_rows(named=True)
+    }
+    # fuzz/detection: 2 valid records, both correct; 2 nulls
+    assert scores["fuzz"] == (1.0, 4, 2) and scores["detection"] == (1.0, 4, 2)
+    assert scores["embedding"] == (1.0, 2, 0)
+    assert scores["intruder"] == (1.0, 2, 1)
+    assert scores["simulation"][1:] == (2, 0)
+    assert math.isclose(scores["simulation"][0], (0.987 + 0.842) / 2)

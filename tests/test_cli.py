@@ -1,0 +1,82 @@
+"""The command line, driven through Typer's runner as a user would type it."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from sae_atlas.cli import app
+
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    return runner.invoke(app, [str(arg) for arg in args])
+
+
+@pytest.mark.parametrize("command", ["synth", "run", "validate", "demo"])
+def test_every_command_has_help(command):
+    result = invoke(command, "--help")
+    assert result.exit_code == 0 and "Usage" in result.output
+
+
+def test_synth_run_validate(tmp_path):
+    corpus = tmp_path / "corpus"
+    result = invoke(
+        "synth",
+        corpus,
+        "--features",
+        64,
+        "--explained",
+        8,
+        "--explainers",
+        2,
+        "--scorers",
+        1,
+        "--prompts",
+        40,
+        "--ctx",
+        32,
+        "--d-model",
+        16,
+        "--seed",
+        1,
+    )
+    assert result.exit_code == 0, result.output
+    assert "sae-atlas run" in result.output
+    result = invoke("run", corpus / "sae-atlas.toml")
+    assert result.exit_code == 0, result.output
+    assert "features" in result.output and "ran" in result.output
+    result = invoke("run", corpus / "sae-atlas.toml")
+    assert result.exit_code == 0 and "unchanged" in result.output
+    result = invoke("validate", corpus / "master")
+    assert result.exit_code == 0 and "is valid" in result.output
+
+    (next((corpus / "raw").glob("*/scores/fuzz/*.txt"))).write_text("[{")
+    result = invoke("run", corpus / "sae-atlas.toml", "--strict")
+    assert result.exit_code == 1
+    assert "error" in result.output and "(--strict)" in result.output and "truncated or invalid JSON" in result.output
+    result = invoke("run", corpus / "sae-atlas.toml", "--only", "scores")
+    assert result.exit_code == 0 and "1 input problem(s)" in result.output
+
+
+def test_failures_are_one_line_with_exit_code_1(tmp_path):
+    result = invoke("run", tmp_path / "missing.toml")
+    assert result.exit_code == 1
+    assert result.output.strip().startswith("error:") and "no such config file" in result.output
+    result = invoke("validate", tmp_path)
+    assert result.exit_code == 1 and "features.parquet: missing" in result.output
+    result = invoke("synth", tmp_path / "x", "--explained", 0)
+    assert result.exit_code == 1 and "--explained" in result.output
+
+
+def test_demo_prints_the_summary(tmp_path):
+    result = invoke("demo", tmp_path / "demo")
+    assert result.exit_code == 0, result.output
+    for title in (
+        "rows per file",
+        "mean score per explainer × scorer × method",
+        "mean cross-explainer semantic similarity",
+    ):
+        assert title in result.output
+    assert (tmp_path / "demo" / "master" / "features.parquet").exists()

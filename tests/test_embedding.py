@@ -1,0 +1,60 @@
+"""The Embedder: unit vectors, each distinct text once, and a cache that makes re-runs incremental."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from sae_atlas.embedding import Embedder, EmbeddingCache, model_location, text_key
+
+TEXTS = [
+    "Names of calendar months",
+    "Verbs of physical movement",
+    "Names of calendar months",
+    "Colour words",
+    "A much longer explanation about programming keywords such as class, import and return",
+]
+
+
+def test_vectors_are_unit_float32_and_duplicates_share_one(fresh_embedder):
+    vectors = fresh_embedder.embed(TEXTS)
+    assert vectors.shape == (5, 384) and vectors.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_array_equal(vectors[0], vectors[2])
+    assert fresh_embedder.stats.distinct == 4 and fresh_embedder.stats.embedded == 4
+
+
+def test_length_sorted_batches_give_the_same_vectors_as_sentence_transformers(fresh_embedder):
+    fresh_embedder.batch_size = 2
+    ours = fresh_embedder.embed(TEXTS)
+    theirs = fresh_embedder.backend.model.encode(TEXTS, normalize_embeddings=True)
+    np.testing.assert_allclose(ours, theirs, atol=1e-5)
+
+
+def test_cache_makes_a_rerun_embed_only_new_texts(fresh_embedder, tmp_path):
+    first = fresh_embedder.embed(TEXTS)
+    again = Embedder(cache_dir=tmp_path / "cache", backend=fresh_embedder.backend)
+    np.testing.assert_array_equal(again.embed(TEXTS), first)
+    assert again.stats.embedded == 0 and again.stats.from_cache == 4
+    changed = [*TEXTS[:4], "Something new"]
+    third = Embedder(cache_dir=tmp_path / "cache", backend=fresh_embedder.backend)
+    vectors = third.embed(changed)
+    assert third.stats.embedded == 1 and third.stats.from_cache == 3  # TEXTS[:4] holds 3 distinct texts
+    np.testing.assert_array_equal(vectors[:4], first[:4])
+
+
+def test_cache_survives_an_unreadable_segment_and_compacts(tmp_path):
+    cache = EmbeddingCache(tmp_path)
+    for index in range(20):
+        cache.store([text_key(f"text {index}")], np.full((1, 3), index, np.float32))
+    (tmp_path / "segment-9-broken.parquet").write_bytes(b"garbage")
+    assert len(list(tmp_path.glob("segment-*.parquet"))) <= 17
+    found, vectors = cache.lookup([text_key("text 3"), text_key("absent"), text_key("text 19")])
+    assert found.tolist() == [True, False, True]
+    np.testing.assert_array_equal(vectors[:, 0], [3, 19])
+
+
+def test_unknown_builtin_model():
+    with pytest.raises(ValueError, match="unknown builtin model"):
+        model_location("builtin:nope")
+    assert model_location("sentence-transformers/all-mpnet-base-v2") == "sentence-transformers/all-mpnet-base-v2"
