@@ -235,6 +235,7 @@ class Pipeline:
         self._embedder = embedder
         self._discovery: Problems | None = None
         self._runs: list[delphi.DelphiRun] | None = None
+        self._listed = False
         self._sae_id: str | None = None
 
     # -- shared inputs --------------------------------------------------------------------------
@@ -252,21 +253,30 @@ class Pipeline:
             )
         return self._embedder
 
-    def _discover(self) -> None:
+    def _describe(self) -> None:
         if self._runs is not None:
             return
         self._discovery = Problems(strict=self.strict)
-        self._runs = [delphi.discover_run(source, self._discovery) for source in self.config.sources]
+        self._runs = [delphi.describe_run(source, self._discovery) for source in self.config.sources]
         self._sae_id = delphi.resolve_sae_id(self.config.sae_id, self._runs, self._discovery)
 
     @property
     def runs(self) -> list[delphi.DelphiRun]:
-        self._discover()
+        """Every source's run, described from its config (no directory walk)."""
+        self._describe()
+        return self._runs
+
+    def listed_runs(self) -> list[delphi.DelphiRun]:
+        """The runs with their per-latent files listed (walked once, on first use)."""
+        if not self._listed:
+            for run in self.runs:
+                delphi.list_run_files(run, self._discovery)
+            self._listed = True
         return self._runs
 
     @property
     def sae_id(self) -> str:
-        self._discover()
+        self._describe()
         return self._sae_id
 
     def runs_table(self) -> pl.DataFrame:
@@ -283,7 +293,7 @@ class Pipeline:
 
     def _discovery_problems(self, under: str) -> list:
         """Discovery problems about one part of the run directories ("scores", "explanations")."""
-        self._discover()
+        self.listed_runs()
         picked = []
         for problem in self._discovery:
             parts = Path(problem.file).parts
@@ -359,16 +369,15 @@ class Pipeline:
         return key, execute
 
     def _plan_scores(self):
-        files = [
-            path for run in self.runs for entries in run.scores.values() for path in (entry.path for entry in entries)
-        ]
-        files += [run.path / "run_config.json" for run in self.runs]
+        runs_with_files = self.listed_runs()
+        files = [entry.path for run in runs_with_files for entries in run.scores.values() for entry in entries]
+        files += [run.path / "run_config.json" for run in runs_with_files]
         runs = self.runs_table()
         key = {"inputs": fingerprint_files(files), "runs": runs.to_dicts()}
 
         def execute(problems: Problems) -> _Product:
             parts: dict[str, list[pl.DataFrame]] = {}
-            for run in self.runs:
+            for run in runs_with_files:
                 records = delphi.read_score_records(run, problems)
                 for name in ("files", "classifier", "embedding", "simulation", "intruder"):
                     parts.setdefault(name, []).append(
@@ -382,17 +391,23 @@ class Pipeline:
                 "rows_by_method": dict(table.group_by(pl.col("method").cast(pl.String)).len().iter_rows()),
                 "rows_without_score": int(table["score"].is_null().sum()),
             }
-            notes = [note for run in self.runs for note in run.notes]
+            notes = [note for run in runs_with_files for note in run.notes]
             return _Product(data=table, rows=table.height, statistics=statistics, notes=notes)
 
         return key, execute
 
     def _plan_explanation_embeddings(self):
-        files = [entry.path for run in self.runs for entry in run.explanations]
-        files += [run.path / "run_config.json" for run in self.runs]
+        runs_with_files = self.listed_runs()
+        files = [entry.path for run in runs_with_files for entry in run.explanations]
+        files += [run.path / "run_config.json" for run in runs_with_files]
         # Latents scored without an explanation file get a sentinel row: the score listing matters.
         scored = sorted(
-            {(run.name, entry.latent) for run in self.runs for entries in run.scores.values() for entry in entries}
+            {
+                (run.name, entry.latent)
+                for run in runs_with_files
+                for entries in run.scores.values()
+                for entry in entries
+            }
         )
         settings = self.config.embedding
         key = {
@@ -406,7 +421,7 @@ class Pipeline:
 
         def execute(problems: Problems) -> _Product:
             frames = []
-            for run in self.runs:
+            for run in runs_with_files:
                 frames.append(
                     delphi.read_explanations(run, problems).with_columns(
                         data_source=pl.lit(run.name, pl.String), llm_explainer=pl.lit(run.explainer, pl.String)

@@ -36,6 +36,17 @@ def test_matches_brute_force_with_ties_at_the_boundary(weights, block_rows):
     assert ids.dtype == np.uint32 and cosines.dtype == np.float32
 
 
+def test_more_ties_than_spare_candidates_are_settled_exactly():
+    rng = np.random.default_rng(1)
+    matrix = rng.normal(size=(120, 8)).astype(np.float32)
+    matrix[60:100] = matrix[50]  # 41 identical rows: 40 ties at cosine 1 for each of them
+    ids, _cosines = top_k_neighbours(matrix, 3, block_rows=32)
+    assert ids[50].tolist() == [60, 61, 62]
+    assert ids[99].tolist() == [50, 60, 61]
+    expected_ids, _ = brute_force(matrix.astype(np.float64), 3)
+    np.testing.assert_array_equal(ids, expected_ids)
+
+
 def test_never_self_and_cosines_within_bounds(weights):
     ids, cosines = top_k_neighbours(weights, 10, block_rows=32)
     assert not (ids == np.arange(len(weights))[:, None]).any()
@@ -43,10 +54,10 @@ def test_never_self_and_cosines_within_bounds(weights):
     assert (np.diff(cosines, axis=1) <= 0).all()
 
 
-def test_torch_path_gives_the_same_neighbours(weights):
-    pytest.importorskip("torch")
+def test_torch_device_path_gives_the_same_neighbours(weights):
     numpy_ids, numpy_cosines = top_k_neighbours(weights, 5, block_rows=50)
-    torch_ids, torch_cosines = top_k_neighbours(weights, 5, block_rows=50, device="torch-cpu")
+    # "cpu:0" is a torch device string: the code path CUDA takes, run on the CPU.
+    torch_ids, torch_cosines = top_k_neighbours(weights, 5, block_rows=50, device="cpu:0")
     np.testing.assert_array_equal(numpy_ids, torch_ids)
     np.testing.assert_allclose(numpy_cosines, torch_cosines, atol=1e-6)
 

@@ -143,6 +143,16 @@ def _latent_files(root: Path, files: list[Path], problems: Problems) -> list[tup
 
 def discover_run(source: SourceConfig, problems: Problems) -> DelphiRun:
     """Find the run config, explanation files and score files of one delphi run directory."""
+    run = describe_run(source, problems)
+    list_run_files(run, problems)
+    return run
+
+
+def describe_run(source: SourceConfig, problems: Problems) -> DelphiRun:
+    """Who explained and scored a run, and for which SAE: the config and ``run_config.json`` only.
+
+    Cheap (no directory walk); :func:`list_run_files` finds the per-latent files.
+    """
     root = Path(source.path)
     config_path = root / "run_config.json"
     run_config = read_run_config(config_path, problems) if root.is_dir() else None
@@ -179,8 +189,14 @@ def discover_run(source: SourceConfig, problems: Problems) -> DelphiRun:
     )
     if not root.is_dir():
         problems.add(root, "source directory does not exist", kind="missing")
-        return run
+    return run
 
+
+def list_run_files(run: DelphiRun, problems: Problems) -> None:
+    """Fill ``run.explanations`` and ``run.scores`` from the run directory."""
+    root = run.path
+    if not root.is_dir():
+        return
     explanation_dir, score_dir = root / "explanations", root / "scores"
     explanations = _latent_files(explanation_dir, _walk_files(explanation_dir), problems)
     scores: dict[str, list[tuple[str, int, Path]]] = {}
@@ -235,7 +251,6 @@ def discover_run(source: SourceConfig, problems: Problems) -> DelphiRun:
 
     run.explanations = keep(explanations)
     run.scores = {method: keep(found) for method, found in sorted(scores.items())}
-    return run
 
 
 def resolve_sae_id(configured: str | None, runs: list[DelphiRun], problems: Problems) -> str:

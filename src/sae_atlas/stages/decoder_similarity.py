@@ -14,67 +14,44 @@ import polars as pl
 from sae_atlas.schema import STAGE_DECODER_SIMILARITY
 
 BLOCK_ROWS = 512
+# Candidates taken per row beyond k, so that ties at the k-th place can be settled exactly.
+SPARE_CANDIDATES = 16
 
 
 def normalise_rows(weights: np.ndarray) -> np.ndarray:
     """Unit-length rows as float32; all-zero (dead) rows stay zero, so their cosines are 0."""
     weights = np.array(weights, dtype=np.float32, copy=True)
-    norms = np.linalg.norm(weights, axis=1, keepdims=True)
+    norms = np.sqrt(np.einsum("ij,ij->i", weights, weights))
     norms[norms == 0] = 1.0
-    weights /= norms
+    weights /= norms[:, None]
     return weights
 
 
-def _select_top_k(similarities: np.ndarray, row_ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k of each row of ``similarities`` (self already at -inf), ties by lower id."""
-    candidates = np.argpartition(-similarities, k - 1, axis=1)[:, :k]
-    values = np.take_along_axis(similarities, candidates, axis=1)
-    order = np.lexsort((candidates, -values), axis=1)
-    ids = np.take_along_axis(candidates, order, axis=1)
-    values = np.take_along_axis(values, order, axis=1)
-    # argpartition picks arbitrarily among values equal to the k-th: find rows where that matters.
-    kth = values[:, -1:]
-    tied = np.flatnonzero((similarities >= kth).sum(axis=1) > k)
-    for row in tied:
-        eligible = np.flatnonzero(similarities[row] >= kth[row, 0])
-        ranked = eligible[np.lexsort((eligible, -similarities[row, eligible]))][:k]
-        ids[row], values[row] = ranked, similarities[row, ranked]
-    return ids, values
+def _exact_row(similarities: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k of one row by descending value, then ascending id (the slow path for heavy ties)."""
+    order = np.lexsort((np.arange(len(similarities)), -similarities))[:k]
+    return order, similarities[order]
 
 
-def _blocks_numpy(normalised: np.ndarray, k: int, block_rows: int):
-    n = normalised.shape[0]
-    for start in range(0, n, block_rows):
-        stop = min(start + block_rows, n)
-        similarities = normalised[start:stop] @ normalised.T
-        similarities[np.arange(stop - start), np.arange(start, stop)] = -np.inf
-        yield start, stop, *_select_top_k(similarities, np.arange(start, stop), k)
+def _select(similarities, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k (ids, values) of every row of a torch tensor of similarities.
 
-
-def _blocks_torch(normalised: np.ndarray, k: int, block_rows: int, device: str):
+    ``torch.topk`` takes k + SPARE_CANDIDATES candidates (an order of magnitude faster than NumPy's
+    argpartition here). They hold every value ≥ the k-th one unless the last candidate still ties
+    with it: only those rows can have more tied values than candidates, and are redone exactly.
+    """
     import torch
 
-    matrix = torch.from_numpy(normalised).to(device)
-    n = matrix.shape[0]
-    # Take a few spare candidates on the device, then settle ties exactly on the CPU.
-    spare = min(k + 16, n - 1)
-    for start in range(0, n, block_rows):
-        stop = min(start + block_rows, n)
-        similarities = matrix[start:stop] @ matrix.T
-        rows = torch.arange(stop - start, device=matrix.device)
-        similarities[rows, rows + start] = -torch.inf
-        values, candidates = torch.topk(similarities, spare, dim=1)
-        kth = values[:, k - 1 : k]
-        tied = ((similarities >= kth).sum(dim=1) > spare).nonzero().flatten().cpu().numpy()
-        values, candidates = values.cpu().numpy(), candidates.cpu().numpy()
-        order = np.lexsort((candidates, -values), axis=1)[:, :k]
-        ids = np.take_along_axis(candidates, order, axis=1)
-        top = np.take_along_axis(values, order, axis=1)
-        if len(tied):  # more ties than spare candidates: redo those rows in full
-            full = similarities[torch.from_numpy(tied).to(matrix.device)].cpu().numpy()
-            tied_ids, tied_values = _select_top_k(full, tied + start, k)
-            ids[tied], top[tied] = tied_ids, tied_values
-        yield start, stop, ids, top
+    spare = min(k + SPARE_CANDIDATES, similarities.shape[1])
+    values, candidates = torch.topk(similarities, spare, dim=1)
+    values, candidates = values.cpu().numpy(), candidates.cpu().numpy()
+    crowded = np.flatnonzero(values[:, -1] >= values[:, k - 1]) if spare < similarities.shape[1] else []
+    order = np.lexsort((candidates, -values), axis=1)[:, :k]
+    ids = np.take_along_axis(candidates, order, axis=1)
+    top = np.take_along_axis(values, order, axis=1)
+    for row in crowded:
+        ids[row], top[row] = _exact_row(similarities[int(row)].cpu().numpy(), k)
+    return ids, top
 
 
 def top_k_neighbours(
@@ -82,9 +59,11 @@ def top_k_neighbours(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(ids [d_sae, k] uint32, cosines [d_sae, k] float32) of each row's nearest other rows.
 
-    ``device`` "cpu" uses NumPy; any torch device ("cuda", "cuda:1", "torch-cpu" for testing the
-    torch path) runs the matrix products there.
+    On "cpu" the products are NumPy matmuls into one reused block buffer; on any other torch
+    device (e.g. "cuda") they run there. Selection is the same exact procedure on both.
     """
+    import torch
+
     normalised = normalise_rows(weights)
     n = normalised.shape[0]
     k = max(0, min(k, n - 1))
@@ -92,12 +71,22 @@ def top_k_neighbours(
     cosines = np.zeros((n, k), dtype=np.float32)
     if k == 0:
         return ids, cosines
-    blocks = (
-        _blocks_numpy(normalised, k, block_rows)
-        if device == "cpu"
-        else _blocks_torch(normalised, k, block_rows, "cpu" if device == "torch-cpu" else device)
-    )
-    for start, stop, block_ids, block_values in blocks:
+    on_cpu = device == "cpu"
+    matrix = None if on_cpu else torch.from_numpy(normalised).to(device)
+    buffer = np.empty((min(block_rows, n), n), dtype=np.float32) if on_cpu else None
+    for start in range(0, n, block_rows):
+        stop = min(start + block_rows, n)
+        rows = np.arange(stop - start)
+        if on_cpu:
+            block = buffer[: stop - start]
+            np.matmul(normalised[start:stop], normalised.T, out=block)
+            block[rows, rows + start] = -np.inf
+            similarities = torch.from_numpy(block)
+        else:
+            similarities = matrix[start:stop] @ matrix.T
+            index = torch.from_numpy(rows).to(matrix.device)
+            similarities[index, index + start] = -torch.inf
+        block_ids, block_values = _select(similarities, k)
         ids[start:stop] = block_ids
         cosines[start:stop] = np.clip(block_values, -1.0, 1.0)
     return ids, cosines
