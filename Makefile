@@ -24,7 +24,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 bench: $(STAMP)
-	$(BIN)/python bench/run_benchmarks.py
+	cd bench && for script in pipeline_stages.py; do ../$(BIN)/python $$script || exit 1; done
 
 clean:
 	rm -rf $(VENV) demo bench/out .pytest_cache

@@ -24,7 +24,8 @@ DECODER_NOISE = 1.0  # same-concept decoder cosine ≈ 1 / (1 + noise²)
 # activation pairs per record.
 REFERENCE_RECORDS_PER_LATENT = 33.2
 REFERENCE_PROMPTS = 24_571
-BACKGROUND_PER_PROMPT = 5.0
+BACKGROUND_PER_PROMPT = 2.6
+SPREAD = 0.35  # of the number of prompts a latent fires on (log scale)
 
 
 @dataclass
@@ -138,7 +139,8 @@ def activations(
             continue
         unique, inverse = np.unique(candidate_prompts, return_inverse=True)
         weight = np.bincount(inverse, weights=candidate_counts).astype(np.float64) ** 2
-        wanted = max(4, round(target * float(np.exp(rng.normal(0.0, 0.35)))))
+        # log-normal spread around the target, with the target as its mean
+        wanted = max(4, round(target * float(np.exp(rng.normal(-(SPREAD**2) / 2, SPREAD)))))
         chosen = np.sort(rng.choice(unique, size=min(wanted, len(unique)), replace=False, p=weight / weight.sum()))
         window = corpus.tokens[chosen]
         dense = np.zeros(window.shape, dtype=np.float32)
