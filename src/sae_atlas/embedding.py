@@ -243,11 +243,17 @@ class Embedder:
         self._backend = backend
 
     @property
+    def int8(self) -> bool:
+        """Whether vectors come from the int8 model: ``quantize = "int8"`` applies on the CPU only
+        (on CUDA the float model is faster anyway)."""
+        return self.quantize == "int8" and resolve_device(self.device) == "cpu"
+
+    @property
     def backend(self):
         """The loaded model backend (loaded on first use)."""
         if self._backend is None:
-            if self.quantize == "int8":
-                from sae_atlas.onnx_int8 import OnnxInt8Backend
+            if self.int8:
+                from sae_atlas.embedding_int8 import OnnxInt8Backend
 
                 self._backend = OnnxInt8Backend(self.model_spec, cache_dir=self.cache_root)
             else:
@@ -261,7 +267,8 @@ class Embedder:
     def _cache(self) -> EmbeddingCache | None:
         if self.cache_root is None:
             return None
-        namespace = hashlib.blake2b(f"{self.model_spec}|quantize={self.quantize}".encode(), digest_size=8).hexdigest()
+        precision = "int8" if self.int8 else "float32"
+        namespace = hashlib.blake2b(f"{self.model_spec}|{precision}".encode(), digest_size=8).hexdigest()
         slug = "".join(char if char.isalnum() else "-" for char in self.model_spec)[-48:]
         return EmbeddingCache(self.cache_root / f"{slug}-{namespace}")
 
