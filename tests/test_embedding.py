@@ -58,3 +58,20 @@ def test_unknown_builtin_model():
     with pytest.raises(ValueError, match="unknown builtin model"):
         model_location("builtin:nope")
     assert model_location("sentence-transformers/all-mpnet-base-v2") == "sentence-transformers/all-mpnet-base-v2"
+
+
+def test_int8_model_is_close_to_float32(embedder, tmp_path):
+    from sae_atlas.synth import SynthOptions, synthesize
+
+    corpus = synthesize(
+        tmp_path / "corpus",
+        SynthOptions(features=32, explained=4, explainers=1, scorers=1, prompts=80, ctx=48, d_model=16),
+    )
+    import orjson
+
+    prompts = orjson.loads((corpus.root / "raw" / "activation_examples" / "prompts.json").read_bytes())
+    texts = ["".join(prompt[1:33]).replace("▁", " ").strip() for prompt in prompts]
+    quantised = Embedder(quantize="int8", cache_dir=tmp_path / "cache")
+    cosines = np.sum(quantised.embed(texts) * embedder.encode_uncached(texts), axis=1)
+    assert cosines.mean() >= 0.99 and cosines.min() > 0.95
+    assert quantised.backend.session is not None  # the ONNX Runtime route, not the fallback

@@ -36,7 +36,7 @@ def test_full_run_writes_valid_outputs_with_sidecars(small_run):
     assert statuses(report) == dict.fromkeys(STAGES, "ran")
     result = validate(config.output_dir)
     assert result.ok, result.violations
-    assert set(result.checked) == {"features.parquet", "explanation_embeddings.parquet", "activation_examples.parquet"}
+    assert set(result.checked) == set(MASTER_SCHEMAS)
     for stage in STAGES:
         path = config.output_dir / OUTPUTS[stage]
         sidecar = read_sidecar(path)
@@ -86,9 +86,34 @@ def test_unchanged_stages_are_skipped_and_changes_rerun_what_depends_on_them(cor
         "scores": "unchanged",
         "explanation_embeddings": "ran",
         "features": "ran",
+        "activation_embeddings": "unchanged",
+        "activation_similarity": "unchanged",
     }
 
     assert set(statuses(Pipeline(config, force=True, embedder=embedder).run()).values()) == {"ran"}
+
+
+def test_changing_five_explanations_embeds_exactly_five_texts(corpus, fresh_embedder):
+    config = load_config(corpus.config)
+    Pipeline(config, embedder=fresh_embedder).run()
+    explainer_runs = sorted((corpus.root / "raw").glob("llama_e-*"))
+    files = sorted((explainer_runs[0] / "explanations").glob("*.txt"))[:5]
+    for index, path in enumerate(files):
+        for run in explainer_runs:  # an explainer's text is the same in every run it explains
+            (run / "explanations" / path.name).write_bytes(orjson.dumps(f"Edited explanation number {index}"))
+
+    def encoded(report) -> int:
+        outcome = next(outcome for outcome in report.outcomes if outcome.name == "explanation_embeddings")
+        return outcome.statistics.get("texts_encoded") if outcome.status == "ran" else 0
+
+    assert encoded(Pipeline(config, embedder=fresh_embedder).run()) == 5
+    unchanged = Pipeline(config, embedder=fresh_embedder).run()
+    assert set(statuses(unchanged).values()) == {"unchanged"}
+    forced = Pipeline(config, force=True, embedder=fresh_embedder).run()
+    assert encoded(forced) == 0
+    activation = next(outcome for outcome in forced.outcomes if outcome.name == "activation_embeddings")
+    assert activation.statistics["texts_encoded"] == 0
+    assert activation.statistics["texts_from_cache"] == activation.statistics["distinct_texts"]
 
 
 def test_only_runs_the_named_stages_and_needs_their_inputs(corpus, embedder):

@@ -169,3 +169,17 @@ def test_scores_are_higher_for_explanations_that_hit(features, truth):
         hit = scored.filter(pl.col("hit"))[method].mean()
         miss = scored.filter(~pl.col("hit"))[method].mean()
         assert hit > miss + 0.15, (method, hit, miss)
+
+
+def test_single_concept_latents_have_more_coherent_examples(small_run, truth):
+    config, _ = small_run
+    similarity = pl.read_parquet(config.output_dir / "activation_example_similarity.parquet")
+    labelled = similarity.join(truth.select("feature_id", "multi_concept"), on="feature_id").drop_nulls(
+        "mean_pairwise_similarity"
+    )
+    single = labelled.filter(~pl.col("multi_concept"))["mean_pairwise_similarity"].to_numpy()
+    multi = labelled.filter(pl.col("multi_concept"))["mean_pairwise_similarity"].to_numpy()
+    assert len(single) > 100 and len(multi) > 30
+    # AUC: the chance that a single-concept latent is more coherent than a multi-concept one
+    auc = (single[:, None] > multi[None, :]).mean() + 0.5 * (single[:, None] == multi[None, :]).mean()
+    assert auc >= 0.8

@@ -23,7 +23,7 @@ def rewrite(path, transform):
 
 def test_valid_output_passes(output):
     result = validate(output)
-    assert result.ok and len(result.checked) == 3
+    assert result.ok and len(result.checked) == 5
 
 
 def test_missing_required_file(output):
@@ -100,3 +100,37 @@ def test_activation_examples_invariants(output):
 def test_orphan_feature_rows(output):
     rewrite(output / "explanation_embeddings.parquet", lambda f: f.tail(-2))
     assert any("no explanation_embeddings.parquet row" in v for v in validate(output).violations)
+
+
+def test_activation_embedding_invariants(output):
+    rewrite(
+        output / "activation_embeddings.parquet",
+        lambda f: f.with_columns(
+            pl.col("prompt_ids").list.head(1), pl.col("embeddings").list.eval(pl.element().list.eval(pl.element() * 2))
+        ),
+    )
+    violations = " | ".join(validate(output).violations)
+    assert "do not align with their embeddings" in violations
+
+
+def test_activation_embeddings_must_be_unit_norm_and_sampled_from_examples(output):
+    rewrite(
+        output / "activation_embeddings.parquet",
+        lambda f: f.with_columns(
+            pl.col("embeddings").list.eval(pl.element().list.eval(pl.element() * 2)),
+            pl.col("prompt_ids").list.eval(pl.element() + 100_000),
+        ),
+    )
+    violations = " | ".join(validate(output).violations)
+    assert "not unit-norm" in violations
+    assert "have no activation_examples.parquet row" in violations
+
+
+def test_activation_similarity_invariants(output):
+    rewrite(
+        output / "activation_example_similarity.parquet",
+        lambda f: f.with_columns(pl.col("max_pairwise_similarity") * 3, pl.col("num_examples_sampled") + 1),
+    )
+    violations = " | ".join(validate(output).violations)
+    assert "statistics are outside [-1, 1]" in violations
+    assert "disagree with activation_embeddings.parquet" in violations

@@ -34,7 +34,16 @@ from sae_atlas.problems import Problems
 from sae_atlas.sources import activations as activation_source
 from sae_atlas.sources import decoder as decoder_source
 from sae_atlas.sources import delphi
-from sae_atlas.stages import activation_examples, decoder_similarity, explanation_embeddings, features, scores
+from sae_atlas.stages import (
+    activation_embeddings,
+    activation_examples,
+    activation_similarity,
+    decoder_similarity,
+    explanation_embeddings,
+    features,
+    scores,
+)
+from sae_atlas.vector_storage import activation_embeddings_from_frame
 
 STAGES = (
     "activation_examples",
@@ -42,6 +51,8 @@ STAGES = (
     "scores",
     "explanation_embeddings",
     "features",
+    "activation_embeddings",
+    "activation_similarity",
 )
 OUTPUTS = {
     "activation_examples": "activation_examples.parquet",
@@ -49,6 +60,8 @@ OUTPUTS = {
     "scores": "stages/scores.parquet",
     "explanation_embeddings": "explanation_embeddings.parquet",
     "features": "features.parquet",
+    "activation_embeddings": "activation_embeddings.parquet",
+    "activation_similarity": "activation_example_similarity.parquet",
 }
 # Bump a stage's version whenever its output for the same input changes.
 STAGE_VERSIONS = {
@@ -57,6 +70,8 @@ STAGE_VERSIONS = {
     "scores": 1,
     "explanation_embeddings": 1,
     "features": 1,
+    "activation_embeddings": 1,
+    "activation_similarity": 1,
 }
 PROMPTS_OUTPUT = "stages/prompts.parquet"
 SIDECAR_SUFFIX = ".metadata.json"
@@ -112,15 +127,23 @@ def write_atomic_bytes(path: Path, data: bytes) -> None:
         temporary.unlink(missing_ok=True)
 
 
+def _arrow(part: pl.DataFrame | pa.Table | pa.RecordBatch) -> pa.Table | pa.RecordBatch:
+    return part.to_arrow() if isinstance(part, pl.DataFrame) else part
+
+
 def write_parquet(
     path: Path,
-    data: pl.DataFrame | pa.Table | Iterable[pa.RecordBatch],
+    data: pl.DataFrame | pa.Table | Iterable[pa.RecordBatch | pa.Table | pl.DataFrame],
     *,
     compression: str,
     schema: pa.Schema | None = None,
     row_group_size: int | None = None,
 ) -> None:
-    """Write a table, or a stream of record batches, atomically: a crash never leaves a half file."""
+    """Write a table, or a stream of parts, atomically: a crash never leaves a half file.
+
+    A stream is written part by part (memory bounded by one part); its schema is ``schema`` or
+    that of its first part.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = _temporary(path)
     try:
@@ -129,9 +152,21 @@ def write_parquet(
         elif isinstance(data, pa.Table):
             pq.write_table(data, temporary, compression=compression, row_group_size=row_group_size)
         else:
-            with pq.ParquetWriter(temporary, schema, compression=compression) as writer:
-                for batch in data:
-                    writer.write_batch(batch, row_group_size=row_group_size)
+            writer = None
+            try:
+                for part in data:
+                    part = _arrow(part)
+                    if writer is None:
+                        writer = pq.ParquetWriter(temporary, schema or part.schema, compression=compression)
+                    if isinstance(part, pa.Table):
+                        writer.write_table(part.cast(writer.schema), row_group_size=row_group_size)
+                    else:
+                        writer.write_batch(part, row_group_size=row_group_size)
+            finally:
+                if writer is not None:
+                    writer.close()
+            if writer is None:
+                raise ValueError(f"{path}: nothing to write and no schema given")
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
@@ -462,6 +497,98 @@ class Pipeline:
 
         return key, execute
 
+    def _prompts(self) -> pl.Series:
+        """Each prompt's tokens by prompt id: from stages/prompts.parquet, else rebuilt from the
+        activation examples (an output directory written by another tool)."""
+        path = self.output_dir / PROMPTS_OUTPUT
+        if path.exists():
+            return pl.read_parquet(path).sort("prompt_id")["prompt_tokens"]
+        examples = pl.scan_parquet(self.output_path("activation_examples"))
+        unique = examples.select("prompt_id", "prompt_tokens").unique("prompt_id").collect()
+        size = int(unique["prompt_id"].max() or -1) + 1
+        return (
+            pl.DataFrame({"prompt_id": pl.arange(0, size, eager=True).cast(pl.UInt32)})
+            .join(unique, on="prompt_id", how="left")
+            .sort("prompt_id")["prompt_tokens"]
+        )
+
+    def _plan_activation_embeddings(self):
+        if self.config.activations is None and not self.output_path("activation_examples").exists():
+            raise _Skip("no [activations] in the config")
+        sampling, settings = self.config.sampling, self.config.embedding
+        dtype = self.config.output.embedding_dtype
+        key = {
+            "upstream": {"activation_examples": self._upstream_fingerprint("activation_examples")},
+            "sampling": sampling.model_dump(mode="json"),
+            "model": settings.model,
+            "quantize": settings.quantize,
+            "embedding_dtype": dtype,
+            "sae_id": self.sae_id,
+        }
+
+        def execute(problems: Problems) -> _Product:
+            examples = pl.read_parquet(
+                self.output_path("activation_examples"),
+                columns=["feature_id", "prompt_id", "max_activation", "activation_pairs"],
+            )
+            windows = activation_embeddings.select_windows(
+                examples,
+                self._prompts(),
+                quantiles=sampling.quantiles,
+                per_quantile=sampling.per_quantile,
+                window=sampling.window,
+            )
+            del examples
+            statistics = activation_embeddings.statistics(windows)
+            embed = self._embed_with_progress("activation_embeddings", total=windows.height)
+            before = self.embedder.stats.to_dict()
+
+            def parts():
+                dimension = None
+                for chunk in activation_embeddings.feature_chunks(windows):
+                    part = activation_embeddings.embed_windows(chunk, sae_id=self.sae_id, embed=embed, dtype=dtype)
+                    dimension = dimension or len(part["embeddings"][0][0])
+                    yield part
+                after = self.embedder.stats.to_dict()
+                statistics.update(
+                    model=settings.model,
+                    quantize=settings.quantize,
+                    dimension=dimension,
+                    embedding_dtype=dtype,
+                    texts_encoded=after["embedded"] - before["embedded"],
+                    texts_from_cache=after["from_cache"] - before["from_cache"],
+                    seconds_encoding=round(after["seconds_encoding"] - before["seconds_encoding"], 3),
+                )
+
+            empty = activation_embeddings.empty_table(dtype)
+            return _Product(
+                data=parts(), rows=statistics["features"], statistics=statistics, schema=empty.to_arrow().schema
+            )
+
+        return key, execute
+
+    def _plan_activation_similarity(self):
+        if self.config.activations is None and not self.output_path("activation_embeddings").exists():
+            raise _Skip("no [activations] in the config")
+        key = {
+            "upstream": {"activation_embeddings": self._upstream_fingerprint("activation_embeddings")},
+            "sae_id": self.sae_id,
+        }
+
+        def execute(problems: Problems) -> _Product:
+            embeddings = activation_embeddings_from_frame(pl.read_parquet(self.output_path("activation_embeddings")))
+            table = activation_similarity.pairwise_statistics(embeddings, sae_id=self.sae_id)
+            counts = table["num_examples_sampled"]
+            statistics = {
+                "features": table.height,
+                "features_with_fewer_than_2_examples": int((counts < 2).sum()),
+                "stored_dtype": embeddings.dtype,
+                "mean_of_mean_pairwise_similarity": table["mean_pairwise_similarity"].mean(),
+            }
+            return _Product(data=table, rows=table.height, statistics=statistics)
+
+        return key, execute
+
     # -- machinery ------------------------------------------------------------------------------
 
     def _upstream_fingerprint(self, stage: str) -> str:
@@ -470,10 +597,23 @@ class Pipeline:
             raise _Skip(f"needs {OUTPUTS[stage]}, which has not been produced (run stage {stage!r})", status="failed")
         return sidecar["fingerprint"]
 
-    def _embed_with_progress(self, stage: str):
+    def _embed_with_progress(self, stage: str, total: int | None = None):
+        """``embed`` for a stage, reporting progress over all its calls (``total`` texts)."""
+        finished = 0
+
         def embed(texts):
-            callback = (lambda done, total: self.progress(stage, done, total)) if self.progress else None
-            return self.embedder.embed(texts, progress=callback)
+            nonlocal finished
+            grand_total = total or len(texts)
+            before = finished
+
+            def callback(done: int, count: int) -> None:
+                self.progress(stage, before + round(done / max(count, 1) * len(texts)), grand_total)
+
+            vectors = self.embedder.embed(texts, progress=callback if self.progress else None)
+            finished += len(texts)
+            if self.progress:
+                self.progress(stage, finished, grand_total)
+            return vectors
 
         return embed
 

@@ -11,10 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 
 from sae_atlas.pipeline import read_sidecar
 from sae_atlas.schema import MASTER_SCHEMAS, contract_columns, schema_differences
+from sae_atlas.vector_storage import DTYPES, SCALES_COLUMN, activation_embeddings_from_frame, dtype_of
 
 REQUIRED = ("features.parquet", "explanation_embeddings.parquet")
 TOLERANCE = 1e-3
@@ -129,6 +131,76 @@ def _check_activation_examples(validation: Validation, path: Path) -> None:
         validation.fail(name, f"{outside} rows have a token position outside their prompt")
 
 
+def _expected_schema(name: str, actual: pl.Schema, validation: Validation) -> pl.Schema:
+    """The contract columns of ``name``; activation embeddings may be stored in float16 / int8."""
+    expected = contract_columns(name)
+    if name != "activation_embeddings.parquet" or "embeddings" not in actual:
+        return expected
+    try:
+        dtype = dtype_of(actual)
+    except (ValueError, AttributeError):
+        return expected  # reported as a type mismatch by the schema comparison
+    if dtype == "int8" and SCALES_COLUMN not in actual:
+        validation.fail(name, f"int8 embeddings need an {SCALES_COLUMN!r} column")
+    return pl.Schema({**expected, "embeddings": pl.List(pl.List(DTYPES[dtype]))})
+
+
+def _check_activation_embeddings(validation: Validation, frame: pl.DataFrame, examples: Path | None) -> None:
+    name = "activation_embeddings.parquet"
+    _unique_keys(validation, name, frame, ["feature_id"])
+    lengths = frame.select(
+        prompts=pl.col("prompt_ids").list.len(),
+        vectors=pl.col("embeddings").list.len(),
+        **({"scales": pl.col(SCALES_COLUMN).list.len()} if SCALES_COLUMN in frame.columns else {}),
+    )
+    misaligned = _count(lengths, pl.col("prompts") != pl.col("vectors"))
+    if "scales" in lengths.columns:
+        misaligned += _count(lengths, pl.col("scales") != pl.col("vectors"))
+    if misaligned:
+        validation.fail(name, f"{misaligned} rows have prompt_ids that do not align with their embeddings")
+        return
+    embeddings = activation_embeddings_from_frame(frame)
+    if len(embeddings.vectors):
+        norms = np.abs(np.linalg.norm(embeddings.vectors, axis=1) - 1.0)
+        off = int((norms > TOLERANCE).sum())
+        if off:
+            validation.fail(name, f"{off} vectors are not unit-norm within {TOLERANCE} after dequantising")
+    if examples is not None and len(embeddings.prompt_id):
+        sampled = pl.DataFrame(
+            {
+                "feature_id": np.repeat(embeddings.feature_id, embeddings.counts()),
+                "prompt_id": embeddings.prompt_id,
+            }
+        )
+        known = pl.scan_parquet(examples).select("feature_id", "prompt_id").collect()
+        strays = sampled.join(known, on=["feature_id", "prompt_id"], how="anti").height
+        if strays:
+            validation.fail(name, f"{strays} embedded prompts have no activation_examples.parquet row")
+
+
+def _check_activation_similarity(validation: Validation, frame: pl.DataFrame, embeddings: pl.DataFrame | None) -> None:
+    name = "activation_example_similarity.parquet"
+    _unique_keys(validation, name, frame, ["feature_id"])
+    statistics = ["mean_pairwise_similarity", "min_pairwise_similarity", "max_pairwise_similarity"]
+    outside = sum(_count(frame, ~pl.col(column).is_between(-1.0 - TOLERANCE, 1.0 + TOLERANCE)) for column in statistics)
+    outside += _count(frame, ~pl.col("std_pairwise_similarity").is_between(0.0, 1.0 + TOLERANCE))
+    if outside:
+        validation.fail(name, f"{outside} statistics are outside [-1, 1]")
+    few = pl.col("num_examples_sampled") < 2
+    columns = [*statistics, "std_pairwise_similarity"]
+    wrong_nulls = _count(frame, pl.any_horizontal([pl.col(c).is_null() != few for c in columns]))
+    if wrong_nulls:
+        validation.fail(name, f"{wrong_nulls} rows have null statistics with 2+ examples or values with fewer")
+    if embeddings is not None:
+        counted = embeddings.select("feature_id", sampled=pl.col("embeddings").list.len().cast(pl.UInt32))
+        joined = frame.join(counted, on="feature_id", how="left")
+        mismatched = _count(joined, pl.col("sampled").is_null() | (pl.col("sampled") != pl.col("num_examples_sampled")))
+        if mismatched:
+            validation.fail(
+                name, f"{mismatched} rows disagree with activation_embeddings.parquet on num_examples_sampled"
+            )
+
+
 def validate(output_dir: str | Path) -> Validation:
     """Check every master file in ``output_dir``; the result lists each violation in one line."""
     output_dir = Path(output_dir)
@@ -150,7 +222,7 @@ def validate(output_dir: str | Path) -> Validation:
         except Exception as error:  # any unreadable file is a violation, whatever the reader raised
             validation.fail(name, f"unreadable Parquet file ({error})")
             continue
-        differences = schema_differences(schema, contract_columns(name))
+        differences = schema_differences(schema, _expected_schema(name, schema, validation))
         for difference in differences:
             validation.fail(name, difference)
         if differences:
@@ -166,13 +238,24 @@ def validate(output_dir: str | Path) -> Validation:
             validation.fail(name, f"sidecar says {sidecar.get('rows')} rows, the file has {rows}")
         if name == "activation_examples.parquet":
             _check_activation_examples(validation, path)
-        elif name in ("features.parquet", "explanation_embeddings.parquet"):
+        else:
             frames[name] = pl.read_parquet(path)
 
     if "explanation_embeddings.parquet" in frames:
         _check_explanation_embeddings(validation, frames["explanation_embeddings.parquet"])
     if "features.parquet" in frames:
         _check_features(validation, frames["features.parquet"], frames.get("explanation_embeddings.parquet"))
+    if "activation_embeddings.parquet" in frames:
+        examples = output_dir / "activation_examples.parquet"
+        _check_activation_embeddings(
+            validation,
+            frames["activation_embeddings.parquet"],
+            examples if "activation_examples.parquet" in sae_ids else None,
+        )
+    if "activation_example_similarity.parquet" in frames:
+        _check_activation_similarity(
+            validation, frames["activation_example_similarity.parquet"], frames.get("activation_embeddings.parquet")
+        )
 
     distinct = set().union(*sae_ids.values()) if sae_ids else set()
     if len(distinct) > 1:

@@ -33,8 +33,13 @@ class Latents:
     """Ground truth of every latent."""
 
     concepts: list[tuple[int, ...]]
-    trigger_pieces: list[np.ndarray]  # piece ids each latent fires on
+    trigger_sets: list[list[np.ndarray]]  # per latent, per concept: the piece ids it fires on
     strength: np.ndarray  # typical peak activation
+
+    @property
+    def trigger_pieces(self) -> list[np.ndarray]:
+        """Per latent: every piece id it fires on."""
+        return [np.unique(np.concatenate(sets)) for sets in self.trigger_sets]
 
     @property
     def multi_concept(self) -> np.ndarray:
@@ -63,14 +68,14 @@ def assign_latents(n_features: int, corpus: PromptCorpus, n_concepts: int, rng: 
     concepts, triggers = [], []
     for latent in range(n_features):
         chosen = (int(primary[latent]), int(secondary[latent])) if multi[latent] else (int(primary[latent]),)
-        pieces = []
+        sets = []
         for concept in chosen:
             words = CONCEPTS[concept].words
             subset = rng.choice(len(words), size=max(3, round(0.7 * len(words))), replace=False)
-            for word_index in subset:
-                pieces.extend(pieces_of_word.get(words[word_index], []))
+            pieces = [piece for index in subset for piece in pieces_of_word.get(words[index], [])]
+            sets.append(np.array(sorted(pieces), dtype=np.int32))
         concepts.append(chosen)
-        triggers.append(np.array(sorted(pieces), dtype=np.int32))
+        triggers.append(sets)
     strength = np.exp(rng.normal(np.log(20.0), 0.5, n_features)).astype(np.float32)
     return Latents(concepts, triggers, strength)
 
@@ -110,6 +115,27 @@ def _occurrence_index(corpus: PromptCorpus) -> tuple[np.ndarray, np.ndarray, np.
     return starts, prompts, counts, pieces
 
 
+def _choose_prompts(
+    pieces: np.ndarray,
+    wanted: int,
+    starts: np.ndarray,
+    occurrence_prompts: np.ndarray,
+    occurrence_counts: np.ndarray,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """``wanted`` prompts containing ``pieces``, preferring prompts where they recur (the prompt is
+    about the concept)."""
+    if not len(pieces):
+        return np.zeros(0, dtype=np.int64)
+    candidate_prompts = np.concatenate([occurrence_prompts[starts[p] : starts[p + 1]] for p in pieces])
+    candidate_counts = np.concatenate([occurrence_counts[starts[p] : starts[p + 1]] for p in pieces])
+    if not len(candidate_prompts):
+        return np.zeros(0, dtype=np.int64)
+    unique, inverse = np.unique(candidate_prompts, return_inverse=True)
+    weight = np.bincount(inverse, weights=candidate_counts).astype(np.float64) ** 2
+    return rng.choice(unique, size=min(wanted, len(unique)), replace=False, p=weight / weight.sum())
+
+
 def records_per_latent(n_prompts: int) -> float:
     """Mean prompts per latent: the reference density, but never so few that sampling is trivial."""
     return float(np.clip(REFERENCE_RECORDS_PER_LATENT * n_prompts / REFERENCE_PROMPTS, 12.0, 40.0))
@@ -124,24 +150,22 @@ def activations(
     target = records_per_latent(n_prompts)
     first_position = 1 if skip_first else 0
     features, prompts, counts, positions, values = [], [], [], [], []
-    for latent, pieces in enumerate(latents.trigger_pieces):
-        candidate_prompts = (
-            np.concatenate([occurrence_prompts[starts[p] : starts[p + 1]] for p in pieces])
-            if len(pieces)
-            else np.zeros(0, dtype=np.int64)
-        )
-        candidate_counts = (
-            np.concatenate([occurrence_counts[starts[p] : starts[p + 1]] for p in pieces])
-            if len(pieces)
-            else np.zeros(0, dtype=np.int64)
-        )
-        if not len(candidate_prompts):
-            continue
-        unique, inverse = np.unique(candidate_prompts, return_inverse=True)
-        weight = np.bincount(inverse, weights=candidate_counts).astype(np.float64) ** 2
+    for latent, sets in enumerate(latents.trigger_sets):
         # log-normal spread around the target, with the target as its mean
         wanted = max(4, round(target * float(np.exp(rng.normal(-(SPREAD**2) / 2, SPREAD)))))
-        chosen = np.sort(rng.choice(unique, size=min(wanted, len(unique)), replace=False, p=weight / weight.sum()))
+        # A multi-concept latent fires about as often on each of its concepts.
+        shares = np.diff(np.linspace(0, wanted, len(sets) + 1).round().astype(int))
+        chosen = np.unique(
+            np.concatenate(
+                [
+                    _choose_prompts(pieces, share, starts, occurrence_prompts, occurrence_counts, rng)
+                    for pieces, share in zip(sets, shares, strict=True)
+                ]
+            )
+        )
+        if not len(chosen):
+            continue
+        pieces = np.unique(np.concatenate(sets))
         window = corpus.tokens[chosen]
         dense = np.zeros(window.shape, dtype=np.float32)
         rows, columns = np.nonzero(np.isin(window, pieces))

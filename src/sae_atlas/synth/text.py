@@ -97,7 +97,7 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
 
 # Share of a prompt's sentences about its first theme, its second theme, another concept; the rest
 # are filler.
-THEME_SHARES = (0.55, 0.2, 0.1)
+THEME_SHARES = (0.75, 0.1, 0.05)
 NEWLINE_RATE = 0.08
 
 
