@@ -14,6 +14,7 @@ its Linear layers, with a note in the statistics: slower and less faithful, but 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import tempfile
@@ -94,13 +95,19 @@ def build_int8_model(model, target: Path) -> None:
             shutil.copyfile(exported, optimised)
         temporary = target.with_suffix(".tmp")
         target.parent.mkdir(parents=True, exist_ok=True)
-        quantize_dynamic(
-            str(optimised),
-            str(temporary),
-            per_channel=True,
-            weight_type=QuantType.QInt8,
-            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
-        )
+        root = logging.getLogger()
+        level = root.level
+        root.setLevel(logging.ERROR)  # ORT's quantiser gives advice on the root logger; not the user's concern
+        try:
+            quantize_dynamic(
+                str(optimised),
+                str(temporary),
+                per_channel=True,
+                weight_type=QuantType.QInt8,
+                extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+            )
+        finally:
+            root.setLevel(level)
         os.replace(temporary, target)
 
 
