@@ -1,0 +1,493 @@
+"""``Atlas``: the query layer over an output directory. The CLI look-ups and the HTTP server are
+thin layers over it.
+
+    >>> from sae_atlas import Atlas
+    >>> atlas = Atlas("master")                                  # doctest: +SKIP
+    >>> atlas.feature(877)                                       # everything about one latent
+    >>> atlas.features(explainer="…", filters={"fuzz": (0.8, None)}, sort="detection")
+    >>> atlas.search("dates and months", k=10)
+
+Opening reads ``features.parquet`` and the small per-feature tables once and builds the flat
+(feature, explainer) table that filters and sorts run on; activation examples, the explanation
+embeddings and the embedding model are loaded on first use. Every optional file may be missing:
+the parts that depend on it are then empty.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from sae_atlas.pipeline import PROMPTS_OUTPUT, read_sidecar
+from sae_atlas.sampling import centre_positions, sample_examples, window_bounds
+from sae_atlas.schema import SCORE_METHODS
+from sae_atlas.summary import mean_scores, mean_semantic_similarity
+
+# Per-(feature, explainer) numbers that can be filtered, sorted and plotted.
+METRICS = (
+    "fuzz",
+    "detection",
+    "simulation",
+    "embedding",
+    "semantic_similarity",
+    "activation_similarity",
+    "decoder_similarity",
+)
+METRIC_DESCRIPTIONS = {
+    "fuzz": "fuzz score (accuracy), mean over the selected scorers",
+    "detection": "detection score (accuracy), mean over the selected scorers",
+    "simulation": "simulation score (mean correlation), mean over the selected scorers",
+    "embedding": "embedding score (ROC-AUC), mean over the selected scorers",
+    "semantic_similarity": "mean cosine of this explanation to the other explainers' explanations",
+    "activation_similarity": "mean pairwise cosine of the feature's sampled activation windows",
+    "decoder_similarity": "cosine of the feature's nearest decoder neighbour",
+}
+COLUMNS = ("feature_id", "explainer", "explanation_text", "explanation_ok", *METRICS)
+DEFAULT_EXAMPLES = 20  # shown per feature when no sampling config is known
+
+
+class FeatureNotFound(KeyError):
+    """No output file knows this feature id."""
+
+
+class QueryError(ValueError):
+    """A query names an unknown metric, column or explainer; the message says which."""
+
+
+@dataclass
+class _Examples:
+    """The sampled activation examples of every feature, flat, sorted by feature."""
+
+    feature_id: np.ndarray
+    prompt_id: np.ndarray
+    quantile: np.ndarray
+    max_activation: np.ndarray
+    centre: np.ndarray
+    pair_offsets: np.ndarray
+    positions: np.ndarray
+    values: np.ndarray
+    prompts: list[list[str]] | None
+    prompt_tokens: pl.Series | None  # when prompts could not be indexed, tokens per example row
+    window: int
+
+
+def _as_string(frame: pl.DataFrame, *columns: str) -> pl.DataFrame:
+    return frame.with_columns(pl.col(column).cast(pl.String) for column in columns if column in frame.columns)
+
+
+class Atlas:
+    """Read-only queries over one sae-atlas output directory."""
+
+    def __init__(self, output_dir: str | Path, *, embedder=None):
+        self.output_dir = Path(output_dir)
+        path = self.output_dir / "features.parquet"
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no features.parquet (is this a sae-atlas output directory?)")
+        features = _as_string(pl.read_parquet(path), "sae_id", "explanation_method", "llm_explainer")
+        self._rows = features.sort("feature_id", maintain_order=True)
+        self.sae_id = self._rows["sae_id"][0] if self._rows.height else None
+        self.explainers = list(dict.fromkeys(self._rows["llm_explainer"].to_list()))
+        self._row_ids = self._rows["feature_id"].to_numpy()
+        self._scores = (
+            self._rows.select(pl.col("feature_id"), pl.col("llm_explainer").alias("explainer"), "scores")
+            .explode("scores")
+            .drop_nulls("scores")
+            .unnest("scores")
+        )
+        self.scorers = list(dict.fromkeys(self._scores["scorer"].to_list()))
+        self._decoder = self._read_decoder()
+        self._similarity = self._read_optional("activation_example_similarity.parquet")
+        self._explanations_by_feature = self._index_explanations()
+        self._table = self._flat_table()
+        self._lock = threading.Lock()
+        self._examples: _Examples | None = None
+        self._vectors: tuple[pl.DataFrame, np.ndarray] | None = None
+        self._embedder = embedder
+        self._stats: dict | None = None
+
+    # -- opening ----------------------------------------------------------------------------------
+
+    def _read_optional(self, name: str) -> pl.DataFrame | None:
+        path = self.output_dir / name
+        return _as_string(pl.read_parquet(path), "sae_id") if path.exists() else None
+
+    def _read_decoder(self) -> pl.DataFrame:
+        """Neighbours of every latent (the stage table), else those of the explained ones."""
+        path = self.output_dir / "stages" / "decoder_similarity.parquet"
+        if path.exists():
+            table = pl.read_parquet(path)
+        else:
+            table = self._rows.select("feature_id", "decoder_similarity").unique("feature_id", keep="first")
+        return table.with_columns(pl.col("feature_id").cast(pl.Int64)).sort("feature_id")
+
+    def _index_explanations(self) -> dict[int, list[dict]]:
+        index: dict[int, list[dict]] = {}
+        for feature, explainer, text, ok in self._rows.select(
+            "feature_id", "llm_explainer", "explanation_text", "explanation_ok"
+        ).iter_rows():
+            index.setdefault(feature, []).append({"explainer": explainer, "text": text, "ok": ok})
+        return index
+
+    def _flat_table(self) -> pl.DataFrame:
+        keys = ["feature_id", "explainer"]
+        base = self._rows.select(
+            "feature_id",
+            pl.col("llm_explainer").alias("explainer"),
+            "explanation_text",
+            "explanation_ok",
+            semantic_similarity=pl.col("semantic_similarity")
+            .list.eval(pl.element().struct.field("cosine_similarity"))
+            .list.mean()
+            .cast(pl.Float64),
+            decoder_similarity=pl.col("decoder_similarity")
+            .list.first()
+            .struct.field("cosine_similarity")
+            .cast(pl.Float64),
+        )
+        means = self._scores.group_by(keys).agg(pl.col(method).mean() for method in SCORE_METHODS)
+        table = base.join(means, on=keys, how="left", maintain_order="left")
+        if self._similarity is not None:
+            coherence = self._similarity.select(
+                pl.col("feature_id").cast(pl.Int64),
+                activation_similarity=pl.col("mean_pairwise_similarity").cast(pl.Float64),
+            )
+            table = table.join(coherence, on="feature_id", how="left", maintain_order="left")
+        else:
+            table = table.with_columns(activation_similarity=pl.lit(None, pl.Float64))
+        return table.with_columns(_order=pl.int_range(pl.len())).select(*COLUMNS, "_order")
+
+    # -- look-ups ---------------------------------------------------------------------------------
+
+    def feature(self, feature_id: int) -> dict:
+        """Everything about one latent, as plain Python data (JSON-ready).
+
+        Per explainer: text, scores per scorer and method, similarity to the other explainers;
+        decoder neighbours with their explanations; activation-similarity statistics; the sampled
+        activation examples with tokens and per-token activation values.
+        """
+        feature_id = int(feature_id)
+        start, stop = np.searchsorted(self._row_ids, [feature_id, feature_id + 1])
+        explanations = [
+            {
+                "explainer": row["llm_explainer"],
+                "explanation_text": row["explanation_text"],
+                "explanation_ok": row["explanation_ok"],
+                "explanation_method": row["explanation_method"],
+                "scores": row["scores"],
+                "semantic_similarity": row["semantic_similarity"],
+            }
+            for row in self._rows.slice(start, stop - start)
+            .select(
+                "llm_explainer",
+                "explanation_text",
+                "explanation_ok",
+                "explanation_method",
+                "scores",
+                "semantic_similarity",
+            )
+            .iter_rows(named=True)
+        ]
+        neighbours = self._neighbours(feature_id)
+        similarity = self._activation_similarity(feature_id)
+        examples = self._feature_examples(feature_id)
+        if not explanations and neighbours is None and similarity is None and not examples:
+            raise FeatureNotFound(feature_id)
+        return {
+            "feature_id": feature_id,
+            "sae_id": self.sae_id,
+            "explanations": explanations,
+            "decoder_neighbours": neighbours or [],
+            "activation_similarity": similarity,
+            "activation_examples": examples,
+        }
+
+    def _neighbours(self, feature_id: int) -> list[dict] | None:
+        ids = self._decoder["feature_id"]
+        position = int(ids.search_sorted(feature_id))
+        if position >= len(ids) or ids[position] != feature_id:
+            return None
+        return [
+            {
+                "feature_id": entry["feature_id"],
+                "cosine_similarity": entry["cosine_similarity"],
+                "explanations": self._explanations_by_feature.get(entry["feature_id"], []),
+            }
+            for entry in self._decoder["decoder_similarity"][position]
+        ]
+
+    def _activation_similarity(self, feature_id: int) -> dict | None:
+        if self._similarity is None:
+            return None
+        ids = self._similarity["feature_id"]
+        position = int(ids.search_sorted(feature_id))
+        if position >= len(ids) or ids[position] != feature_id:
+            return None
+        return self._similarity.drop("feature_id", "sae_id").row(position, named=True)
+
+    # -- activation examples (loaded on first use) --------------------------------------------------
+
+    def _load_examples(self) -> _Examples | None:
+        path = self.output_dir / "activation_examples.parquet"
+        if not path.exists():
+            return None
+        sidecar = read_sidecar(self.output_dir / "activation_embeddings.parquet") or read_sidecar(path) or {}
+        sampling = (sidecar.get("config") or {}).get("sampling") or {}
+        quantiles, per_quantile = sampling.get("quantiles", 4), sampling.get("per_quantile", 5)
+        window = sampling.get("window", 32)
+        lazy = pl.scan_parquet(path).with_row_index("_row")
+        candidates = lazy.select("_row", "feature_id", "prompt_id", "max_activation").collect()
+        # The same rule, config and data as stage 4: the examples shown are the ones embedded.
+        sampled = sample_examples(candidates, quantiles=quantiles, per_quantile=per_quantile)
+        chosen = sampled["_row"]
+        pairs = lazy.select("_row", "activation_pairs").filter(pl.col("_row").is_in(chosen.implode())).collect()
+        order = sampled.select("_row").with_row_index("_order")
+        rows = pairs.join(order, on="_row").sort("_order")
+        rows = rows.with_columns(centre=centre_positions(pl.col("activation_pairs")))
+        flat = rows["activation_pairs"].explode().struct.unnest()
+        counts = rows["activation_pairs"].list.len().to_numpy().astype(np.int64)
+        prompts_path = self.output_dir / PROMPTS_OUTPUT
+        if prompts_path.exists():
+            prompts = pl.read_parquet(prompts_path).sort("prompt_id")["prompt_tokens"].to_list()
+            tokens = None
+        else:
+            prompts = None
+            tokens = (
+                lazy.select("_row", "prompt_tokens")
+                .filter(pl.col("_row").is_in(chosen.implode()))
+                .collect()
+                .join(order, on="_row")
+                .sort("_order")["prompt_tokens"]
+            )
+        return _Examples(
+            feature_id=sampled["feature_id"].to_numpy().astype(np.int64),
+            prompt_id=sampled["prompt_id"].to_numpy().astype(np.int64),
+            quantile=sampled["quantile"].to_numpy(),
+            max_activation=sampled["max_activation"].to_numpy().astype(np.float64),
+            centre=rows["centre"].to_numpy().astype(np.int64),
+            pair_offsets=np.concatenate(([0], np.cumsum(counts))),
+            positions=flat["token_position"].to_numpy().astype(np.int64),
+            values=flat["activation_value"].to_numpy().astype(np.float64),
+            prompts=prompts,
+            prompt_tokens=tokens,
+            window=window,
+        )
+
+    def _examples_index(self) -> _Examples | None:
+        if self._examples is None:
+            with self._lock:
+                if self._examples is None:
+                    self._examples = self._load_examples() or False
+        return self._examples or None
+
+    def _feature_examples(self, feature_id: int) -> list[dict]:
+        examples = self._examples_index()
+        if examples is None:
+            return []
+        start, stop = np.searchsorted(examples.feature_id, [feature_id, feature_id + 1])
+        result = []
+        for row in range(start, stop):
+            if examples.prompts is not None:
+                tokens = examples.prompts[examples.prompt_id[row]]
+            else:
+                tokens = examples.prompt_tokens[row].to_list()
+            dense = np.zeros(len(tokens))
+            pairs = slice(examples.pair_offsets[row], examples.pair_offsets[row + 1])
+            dense[examples.positions[pairs]] = examples.values[pairs]
+            (window_start,), (window_stop,) = window_bounds(
+                np.array([len(tokens)]), examples.centre[row : row + 1], examples.window
+            )
+            result.append(
+                {
+                    "prompt_id": int(examples.prompt_id[row]),
+                    "quantile": int(examples.quantile[row]),
+                    "max_activation": float(examples.max_activation[row]),
+                    "max_position": int(examples.centre[row]),
+                    "window": [int(window_start), int(window_stop)],
+                    "tokens": tokens,
+                    "activations": dense.tolist(),
+                }
+            )
+        return result
+
+    # -- tables -----------------------------------------------------------------------------------
+
+    def query_features(
+        self,
+        *,
+        explainer: str | None = None,
+        scorer: str | None = None,
+        filters: dict[str, tuple[float | None, float | None]] | None = None,
+        contains: str | None = None,
+        sort: str = "feature_id",
+        descending: bool = False,
+        limit: int | None = 100,
+        offset: int = 0,
+    ) -> tuple[pl.DataFrame, int]:
+        """The page of :meth:`features` and the number of rows matching before paging."""
+        if sort not in COLUMNS:
+            raise QueryError(f"cannot sort by {sort!r}; columns are {', '.join(COLUMNS)}")
+        table = self._table
+        if scorer is not None:
+            if scorer not in self.scorers:
+                raise QueryError(f"unknown scorer {scorer!r}; scorers are {', '.join(self.scorers)}")
+            by_scorer = self._scores.filter(pl.col("scorer") == scorer).drop("scorer")
+            table = table.drop(SCORE_METHODS).join(by_scorer, on=["feature_id", "explainer"], how="inner")
+        if explainer is not None:
+            if explainer not in self.explainers:
+                raise QueryError(f"unknown explainer {explainer!r}; explainers are {', '.join(self.explainers)}")
+            table = table.filter(pl.col("explainer") == explainer)
+        for metric, (low, high) in (filters or {}).items():
+            if metric not in METRICS:
+                raise QueryError(f"cannot filter on {metric!r}; metrics are {', '.join(METRICS)}")
+            if low is not None:
+                table = table.filter(pl.col(metric) >= low)
+            if high is not None:
+                table = table.filter(pl.col(metric) <= high)
+        if contains:
+            table = table.filter(pl.col("explanation_text").str.contains(contains, literal=True))
+        total = table.height
+        table = table.sort([sort, "_order"], descending=[descending, False], nulls_last=True)
+        page = table.slice(offset, limit) if limit is not None else table.slice(offset)
+        return page.select(COLUMNS), total
+
+    def features(self, **query) -> pl.DataFrame:
+        """One row per (feature, explainer) with flattened score columns.
+
+        Keywords: ``explainer``, ``scorer`` (score columns from that scorer only; otherwise the mean
+        over scorers), ``filters`` ({metric: (low, high)}, either bound None), ``contains`` (text in
+        the explanation), ``sort`` (any column), ``descending``, ``limit``, ``offset``.
+        """
+        return self.query_features(**query)[0]
+
+    def histogram(
+        self, metric: str, bins: int = 20, *, explainer: str | None = None, scorer: str | None = None
+    ) -> dict:
+        """Counts of ``metric`` over equal-width bins (rows where it is null are counted apart)."""
+        if metric not in METRICS:
+            raise QueryError(f"unknown metric {metric!r}; metrics are {', '.join(METRICS)}")
+        table, _ = self.query_features(explainer=explainer, scorer=scorer, limit=None)
+        values = table[metric].drop_nulls().to_numpy()
+        values = values[np.isfinite(values)]
+        if len(values):
+            low, high = float(values.min()), float(values.max())
+            counts, edges = np.histogram(values, bins=bins, range=(low, high) if high > low else (low - 0.5, low + 0.5))
+        else:
+            counts, edges = np.zeros(bins, dtype=np.int64), np.linspace(0.0, 1.0, bins + 1)
+        return {
+            "metric": metric,
+            "description": METRIC_DESCRIPTIONS[metric],
+            "edges": edges.tolist(),
+            "counts": counts.tolist(),
+            "count": len(values),
+            "missing": table.height - len(values),
+        }
+
+    def stats(self) -> dict:
+        """What the directory holds, and its headline numbers (computed once: the files never change
+        under an open Atlas)."""
+        if self._stats is None:
+            self._stats = self._compute_stats()
+        return self._stats
+
+    def _compute_stats(self) -> dict:
+        files = {}
+        for name in (
+            "features.parquet",
+            "explanation_embeddings.parquet",
+            "activation_examples.parquet",
+            "activation_embeddings.parquet",
+            "activation_example_similarity.parquet",
+        ):
+            sidecar = read_sidecar(self.output_dir / name)
+            if (self.output_dir / name).exists():
+                files[name] = sidecar.get("rows") if sidecar else None
+        similarity = self._similarity
+        return {
+            "sae_id": self.sae_id,
+            "features": int(self._rows["feature_id"].n_unique()),
+            "rows": self._rows.height,
+            "explainers": self.explainers,
+            "scorers": self.scorers,
+            "files": files,
+            "metrics": dict(METRIC_DESCRIPTIONS),
+            "mean_scores": mean_scores(self._rows).to_dicts(),
+            "mean_semantic_similarity": mean_semantic_similarity(self._rows).to_dicts(),
+            "mean_activation_similarity": (
+                float(similarity["mean_pairwise_similarity"].mean())
+                if similarity is not None and similarity["mean_pairwise_similarity"].null_count() < similarity.height
+                else None
+            ),
+        }
+
+    # -- semantic search --------------------------------------------------------------------------
+
+    def _search_vectors(self) -> tuple[pl.DataFrame, np.ndarray] | None:
+        if self._vectors is None:
+            with self._lock:
+                if self._vectors is None:
+                    path = self.output_dir / "explanation_embeddings.parquet"
+                    if not path.exists():
+                        self._vectors = False
+                    else:
+                        frame = _as_string(pl.read_parquet(path), "llm_explainer").filter(
+                            pl.col("embedding").is_not_null()
+                        )
+                        dimension = int(frame["embedding"].list.len().max() or 0)
+                        vectors = (
+                            frame["embedding"].list.to_array(dimension).to_numpy()
+                            if frame.height
+                            else np.zeros((0, dimension), np.float32)
+                        )
+                        rows = frame.select(
+                            pl.col("feature_id").cast(pl.Int64),
+                            pl.col("llm_explainer").alias("explainer"),
+                            "explanation_text",
+                        )
+                        self._vectors = (rows, np.ascontiguousarray(vectors, dtype=np.float32))
+        return self._vectors or None
+
+    @property
+    def embedder(self):
+        """The model that embedded the explanations (from the sidecar), loaded on first use."""
+        if self._embedder is None:
+            from sae_atlas.embedding import Embedder
+
+            sidecar = read_sidecar(self.output_dir / "explanation_embeddings.parquet") or {}
+            settings = (sidecar.get("config") or {}).get("embedding") or {}
+            cache = self.output_dir / ".cache" / "embeddings"
+            self._embedder = Embedder(
+                settings.get("model", "builtin:all-MiniLM-L6-v2"),
+                quantize=settings.get("quantize", "none"),
+                device=settings.get("device", "auto"),
+                cache_dir=settings.get("cache_dir") or (cache if cache.exists() else None),
+            )
+        return self._embedder
+
+    def search(self, text: str, k: int = 10, *, explainer: str | None = None) -> pl.DataFrame:
+        """The ``k`` explanations closest in meaning to ``text`` (cosine, same model as stage 2)."""
+        loaded = self._search_vectors()
+        if loaded is None or not text.strip():
+            return pl.DataFrame(
+                schema={
+                    "feature_id": pl.Int64,
+                    "explainer": pl.String,
+                    "explanation_text": pl.String,
+                    "similarity": pl.Float64,
+                }
+            )
+        rows, vectors = loaded
+        # One short query: the content cache would cost more than encoding it.
+        query = self.embedder.encode_uncached([text])[0]
+        similarity = vectors @ query
+        if explainer is not None:
+            if explainer not in self.explainers:
+                raise QueryError(f"unknown explainer {explainer!r}; explainers are {', '.join(self.explainers)}")
+            similarity = np.where((rows["explainer"] == explainer).to_numpy(), similarity, -np.inf)
+        k = max(0, min(k, int(np.isfinite(similarity).sum())))
+        top = np.argpartition(-similarity, k - 1)[:k] if k else np.zeros(0, dtype=np.int64)
+        top = top[np.lexsort((top, -similarity[top]))]
+        return rows[top].with_columns(similarity=pl.Series(similarity[top].astype(np.float64)))
