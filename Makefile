@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench chromium clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,14 +17,23 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/sae-atlas demo demo
 
-test: $(STAMP)
+test: $(STAMP) chromium
 	$(BIN)/python -m pytest
+
+# The browser tests drive the system's Chromium (Debian's package); install it when it is missing.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || [ -n "$$SAE_ATLAS_CHROMIUM" ] || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else \
+	    echo "The browser tests need Chromium: sudo apt-get install chromium (or set SAE_ATLAS_CHROMIUM)"; exit 1; \
+	  fi; }
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
 bench: $(STAMP)
-	cd bench && for script in pipeline_stages.py; do ../$(BIN)/python $$script || exit 1; done
+	cd bench && for script in pipeline_stages.py activation_pipeline.py queries.py; do ../$(BIN)/python $$script || exit 1; done
 
 clean:
-	rm -rf $(VENV) demo bench/out .pytest_cache
+	rm -rf $(VENV) demo bench/out artifacts .pytest_cache

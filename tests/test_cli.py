@@ -14,7 +14,7 @@ def invoke(*args: str):
     return runner.invoke(app, [str(arg) for arg in args])
 
 
-@pytest.mark.parametrize("command", ["synth", "run", "validate", "demo"])
+@pytest.mark.parametrize("command", ["synth", "run", "validate", "demo", "show", "search", "sql", "serve"])
 def test_every_command_has_help(command):
     result = invoke(command, "--help")
     assert result.exit_code == 0 and "Usage" in result.output
@@ -80,3 +80,27 @@ def test_demo_prints_the_summary(tmp_path):
     ):
         assert title in result.output
     assert (tmp_path / "demo" / "master" / "features.parquet").exists()
+
+
+def test_lookups_show_search_sql(small_run):
+    outputs = small_run[0].output_dir
+    import orjson
+    import polars as pl
+
+    feature_id = int(pl.read_parquet(outputs / "features.parquet")["feature_id"][0])
+    result = invoke("show", outputs, feature_id)
+    assert result.exit_code == 0, result.output
+    assert "explanations" in result.output and "decoder neighbours" in result.output
+    record = orjson.loads(invoke("show", outputs, feature_id, "--json").output)
+    assert record["feature_id"] == feature_id and record["activation_examples"]
+    result = invoke("show", outputs, 10**6)
+    assert result.exit_code == 1 and "is not in" in result.output
+
+    hits = orjson.loads(invoke("search", outputs, "names of birds", "--k", 3, "--json").output)
+    assert len(hits) == 3 and {"feature_id", "explainer", "explanation_text", "similarity"} <= set(hits[0])
+    assert "closest explanations" in invoke("search", outputs, "birds").output
+
+    rows = orjson.loads(invoke("sql", outputs, "SELECT count(*) AS n FROM features", "--json").output)
+    assert rows == [{"n": pl.read_parquet(outputs / "features.parquet").height}]
+    result = invoke("sql", outputs, "DROP VIEW features")
+    assert result.exit_code == 1 and "only a single SELECT" in result.output

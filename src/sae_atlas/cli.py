@@ -4,6 +4,9 @@ failure ends with exit code 1 and a one-line cause on stderr."""
 from __future__ import annotations
 
 import functools
+import os
+import shlex
+import sys
 import time
 from pathlib import Path
 from typing import Annotated
@@ -14,6 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from sae_atlas import __version__
 
@@ -246,3 +250,186 @@ def demo(
     report = run_pipeline(result.config)
     print_summary(report.output_dir)
     console.print(f"demo finished in {time.perf_counter() - started:.1f} s", highlight=False)
+    program = sys.argv[0] if sys.argv and sys.argv[0].endswith("sae-atlas") else "sae-atlas"
+    output = os.path.relpath(report.output_dir)
+    console.print(
+        f"\nbrowse it: [bold]{escape(shlex.join([program, 'serve', output]))}[/bold]  then open http://127.0.0.1:8000/",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+def _print_json(value) -> None:
+    import orjson
+
+    typer.echo(orjson.dumps(value, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY).decode())
+
+
+def _open_atlas(output_dir: Path):
+    from sae_atlas.atlas import Atlas
+
+    return Atlas(output_dir)
+
+
+def _short(name: str) -> str:
+    """A model name without its organisation, for narrow table columns."""
+    return name.rsplit("/", 1)[-1]
+
+
+def _highlighted(example: dict) -> Text:
+    """An activation example's window with tokens shaded by activation (the value on the token)."""
+    start, stop = example["window"]
+    peak = max(example["max_activation"], 1e-9)
+    text = Text()
+    for token, value in zip(example["tokens"][start:stop], example["activations"][start:stop], strict=True):
+        shown = token.replace("▁", " ").replace("<0x0A>", "⏎")
+        if value > 0:
+            level = int(80 + 175 * min(value / peak, 1.0))
+            text.append(shown, style=f"bold black on rgb(255,{255 - level // 2},{255 - level})")
+        else:
+            text.append(shown)
+    return text
+
+
+@app.command()
+@_fail_cleanly
+def show(
+    output_dir: Annotated[Path, typer.Argument(help="A sae-atlas output directory.")],
+    feature_id: Annotated[int, typer.Argument(help="The latent to show.")],
+    examples: Annotated[int, typer.Option(help="Activation examples to print.")] = 5,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the full record as JSON.")] = False,
+) -> None:
+    """Everything about one latent: explanations, scores, agreement, neighbours, examples."""
+    from sae_atlas.atlas import FeatureNotFound
+
+    atlas = _open_atlas(output_dir)
+    try:
+        record = atlas.feature(feature_id)
+    except FeatureNotFound:
+        raise CommandError(f"feature {feature_id} is not in {output_dir}") from None
+    if as_json:
+        _print_json(record)
+        return
+    console.print(f"[bold]feature {record['feature_id']}[/bold]  {escape(str(record['sae_id']))}")
+    explanations = Table(title="explanations", title_justify="left", show_lines=True)
+    for column in ("explainer", "explanation", "scores (fuzz / detection / simulation / embedding)", "agreement"):
+        explanations.add_column(column, overflow="fold")
+    for item in record["explanations"]:
+        scores = "\n".join(
+            f"{_short(row['scorer'])}: "
+            + " / ".join(
+                "–" if row[m] is None else f"{row[m]:.2f}" for m in ("fuzz", "detection", "simulation", "embedding")
+            )
+            for row in item["scores"]
+        )
+        agreement = "\n".join(
+            f"{_short(entry['explainer'])}: "
+            + ("–" if entry["cosine_similarity"] is None else f"{entry['cosine_similarity']:.2f}")
+            for entry in item["semantic_similarity"]
+        )
+        text = Text(item["explanation_text"])
+        if not item["explanation_ok"]:
+            text.append("  (sentinel)", style="dim")
+        explanations.add_row(_short(item["explainer"]), text, scores, agreement)
+    console.print(explanations)
+    if record["decoder_neighbours"]:
+        neighbours = Table(title="decoder neighbours", title_justify="left")
+        for column in ("feature", "cosine", "explanation"):
+            neighbours.add_column(column, overflow="fold")
+        for entry in record["decoder_neighbours"]:
+            first = next((item["text"] for item in entry["explanations"] if item["ok"]), "")
+            neighbours.add_row(str(entry["feature_id"]), f"{entry['cosine_similarity']:.3f}", escape(first))
+        console.print(neighbours)
+    similarity = record["activation_similarity"]
+    if similarity:
+        numbers = ", ".join(
+            f"{key.split('_')[0]} {value:.3f}"
+            for key, value in similarity.items()
+            if key != "num_examples_sampled" and value is not None
+        )
+        console.print(f"activation windows: {similarity['num_examples_sampled']} sampled; pairwise cosine {numbers}")
+    for example in record["activation_examples"][:examples]:
+        console.print(
+            f"[dim]prompt {example['prompt_id']} · quantile {example['quantile']} · "
+            f"max {example['max_activation']:.2f}[/dim]"
+        )
+        console.print(_highlighted(example))
+
+
+@app.command()
+@_fail_cleanly
+def search(
+    output_dir: Annotated[Path, typer.Argument(help="A sae-atlas output directory.")],
+    text: Annotated[str, typer.Argument(help="What the latents should be about.")],
+    k: Annotated[int, typer.Option("--k", help="Number of results.", min=1, max=1000)] = 10,
+    explainer: Annotated[str | None, typer.Option(help="Only this explainer's explanations.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
+) -> None:
+    """Semantic search over the explanations, with the model that embedded them."""
+    hits = _open_atlas(output_dir).search(text, k, explainer=explainer)
+    if as_json:
+        _print_json(hits.to_dicts())
+        return
+    table = Table(title=f"closest explanations to {text!r}", title_justify="left")
+    for column in ("similarity", "feature", "explainer", "explanation"):
+        table.add_column(column, overflow="fold")
+    for row in hits.iter_rows(named=True):
+        table.add_row(
+            f"{row['similarity']:.3f}",
+            str(row["feature_id"]),
+            _short(row["explainer"]),
+            escape(row["explanation_text"]),
+        )
+    console.print(table)
+
+
+@app.command()
+@_fail_cleanly
+def sql(
+    output_dir: Annotated[Path, typer.Argument(help="A sae-atlas output directory.")],
+    query: Annotated[
+        str,
+        typer.Argument(
+            help="One SELECT over the views features, explanation_embeddings, "
+            "activation_examples, activation_embeddings, "
+            "activation_example_similarity, scores."
+        ),
+    ],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the rows as JSON.")] = False,
+    max_rows: Annotated[int, typer.Option(help="Rows to print in the table view.")] = 50,
+) -> None:
+    """Run one read-only SQL SELECT (DuckDB) over the output files."""
+    from sae_atlas.sql import run_sql
+
+    result = run_sql(output_dir, query)
+    if as_json:
+        _print_json(result.to_dicts())
+        return
+    table = Table(title=f"{result.height:,} row(s)", title_justify="left")
+    for column in result.columns:
+        table.add_column(column, overflow="fold")
+    for row in result.head(max_rows).iter_rows():
+        table.add_row(*[escape(f"{value:.4g}" if isinstance(value, float) else str(value)) for value in row])
+    console.print(table)
+    if result.height > max_rows:
+        console.print(f"… {result.height - max_rows:,} more (use --json or LIMIT)")
+
+
+@app.command()
+@_fail_cleanly
+def serve(
+    output_dir: Annotated[Path, typer.Argument(help="A sae-atlas output directory.")],
+    host: Annotated[str, typer.Option(help="Interface to bind; the default is loopback only.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+) -> None:
+    """Serve the outputs over HTTP: the JSON API (docs at /docs) and the feature browser."""
+    from sae_atlas.server import serve as run_server
+
+    atlas_dir = output_dir.resolve()
+    _open_atlas(atlas_dir)  # fail here, with one line, if the directory is not an output directory
+    console.print(
+        f"serving {atlas_dir} on http://{host}:{port}/  (API docs: http://{host}:{port}/docs; Ctrl-C to stop)",
+        highlight=False,
+        soft_wrap=True,
+    )
+    run_server(atlas_dir, host=host, port=port)
