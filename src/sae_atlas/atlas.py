@@ -47,6 +47,15 @@ METRIC_DESCRIPTIONS = {
     "decoder_similarity": "cosine of the feature's nearest decoder neighbour",
 }
 COLUMNS = ("feature_id", "explainer", "explanation_text", "explanation_ok", *METRICS)
+EXPLANATION_COLUMNS = (
+    "llm_explainer",
+    "explanation_text",
+    "explanation_ok",
+    "explanation_method",
+    "scores",
+    "semantic_similarity",
+)
+EXPLANATION_FIELDS = ("explainer", *EXPLANATION_COLUMNS[1:])
 DEFAULT_EXAMPLES = 20  # shown per feature when no sampling config is known
 
 
@@ -99,8 +108,24 @@ class Atlas:
             .unnest("scores")
         )
         self.scorers = list(dict.fromkeys(self._scores["scorer"].to_list()))
-        self._decoder = self._read_decoder()
+        self._explanation_rows = self._rows.select(EXPLANATION_COLUMNS)
+        decoder = self._read_decoder()
+        self._decoder_ids = decoder["feature_id"].to_numpy()
+        counts = decoder["decoder_similarity"].list.len().to_numpy().astype(np.int64)
+        self._decoder_offsets = np.concatenate(([0], np.cumsum(counts)))
+        flat = decoder["decoder_similarity"].explode().drop_nulls().struct.unnest()
+        self._decoder_neighbours = flat["feature_id"].to_numpy().astype(np.int64)
+        self._decoder_cosines = flat["cosine_similarity"].to_numpy().astype(np.float64)
         self._similarity = self._read_optional("activation_example_similarity.parquet")
+        if self._similarity is not None:
+            self._similarity = self._similarity.sort("feature_id")
+            self._similarity_ids = self._similarity["feature_id"].to_numpy()
+            # plain Python values per column: a look-up is then one index per field
+            self._similarity_columns = {
+                name: self._similarity[name].to_list()
+                for name in self._similarity.columns
+                if name not in ("feature_id", "sae_id")
+            }
         self._explanations_by_feature = self._index_explanations()
         self._table = self._flat_table()
         self._lock = threading.Lock()
@@ -170,26 +195,12 @@ class Atlas:
         activation examples with tokens and per-token activation values.
         """
         feature_id = int(feature_id)
+        if not 0 <= feature_id < 2**32:
+            raise FeatureNotFound(feature_id)
         start, stop = np.searchsorted(self._row_ids, [feature_id, feature_id + 1])
         explanations = [
-            {
-                "explainer": row["llm_explainer"],
-                "explanation_text": row["explanation_text"],
-                "explanation_ok": row["explanation_ok"],
-                "explanation_method": row["explanation_method"],
-                "scores": row["scores"],
-                "semantic_similarity": row["semantic_similarity"],
-            }
-            for row in self._rows.slice(start, stop - start)
-            .select(
-                "llm_explainer",
-                "explanation_text",
-                "explanation_ok",
-                "explanation_method",
-                "scores",
-                "semantic_similarity",
-            )
-            .iter_rows(named=True)
+            dict(zip(EXPLANATION_FIELDS, row, strict=True))
+            for row in self._explanation_rows.slice(start, stop - start).rows()
         ]
         neighbours = self._neighbours(feature_id)
         similarity = self._activation_similarity(feature_id)
@@ -205,28 +216,34 @@ class Atlas:
             "activation_examples": examples,
         }
 
+    @staticmethod
+    def _position(ids: np.ndarray, feature_id: int) -> int | None:
+        position = int(np.searchsorted(ids, feature_id))
+        return position if position < len(ids) and ids[position] == feature_id else None
+
     def _neighbours(self, feature_id: int) -> list[dict] | None:
-        ids = self._decoder["feature_id"]
-        position = int(ids.search_sorted(feature_id))
-        if position >= len(ids) or ids[position] != feature_id:
+        position = self._position(self._decoder_ids, feature_id)
+        if position is None:
             return None
+        start, stop = self._decoder_offsets[position], self._decoder_offsets[position + 1]
         return [
             {
-                "feature_id": entry["feature_id"],
-                "cosine_similarity": entry["cosine_similarity"],
-                "explanations": self._explanations_by_feature.get(entry["feature_id"], []),
+                "feature_id": neighbour,
+                "cosine_similarity": cosine,
+                "explanations": self._explanations_by_feature.get(neighbour, []),
             }
-            for entry in self._decoder["decoder_similarity"][position]
+            for neighbour, cosine in zip(
+                self._decoder_neighbours[start:stop].tolist(), self._decoder_cosines[start:stop].tolist(), strict=True
+            )
         ]
 
     def _activation_similarity(self, feature_id: int) -> dict | None:
         if self._similarity is None:
             return None
-        ids = self._similarity["feature_id"]
-        position = int(ids.search_sorted(feature_id))
-        if position >= len(ids) or ids[position] != feature_id:
+        position = self._position(self._similarity_ids, feature_id)
+        if position is None:
             return None
-        return self._similarity.drop("feature_id", "sae_id").row(position, named=True)
+        return {name: values[position] for name, values in self._similarity_columns.items()}
 
     # -- activation examples (loaded on first use) --------------------------------------------------
 
@@ -288,30 +305,42 @@ class Atlas:
         if examples is None:
             return []
         start, stop = np.searchsorted(examples.feature_id, [feature_id, feature_id + 1])
-        result = []
-        for row in range(start, stop):
-            if examples.prompts is not None:
-                tokens = examples.prompts[examples.prompt_id[row]]
-            else:
-                tokens = examples.prompt_tokens[row].to_list()
-            dense = np.zeros(len(tokens))
-            pairs = slice(examples.pair_offsets[row], examples.pair_offsets[row + 1])
-            dense[examples.positions[pairs]] = examples.values[pairs]
-            (window_start,), (window_stop,) = window_bounds(
-                np.array([len(tokens)]), examples.centre[row : row + 1], examples.window
+        if start == stop:
+            return []
+        if examples.prompts is not None:
+            tokens = [examples.prompts[prompt] for prompt in examples.prompt_id[start:stop].tolist()]
+        else:
+            tokens = [examples.prompt_tokens[row].to_list() for row in range(start, stop)]
+        lengths = np.array([len(row) for row in tokens])
+        # every example of the feature at once: windows, and dense activations in one matrix
+        window_starts, window_stops = window_bounds(lengths, examples.centre[start:stop], examples.window)
+        dense = np.zeros((stop - start, int(lengths.max(initial=0))))
+        pairs = slice(examples.pair_offsets[start], examples.pair_offsets[stop])
+        rows = np.repeat(np.arange(stop - start), np.diff(examples.pair_offsets[start : stop + 1]))
+        dense[rows, examples.positions[pairs]] = examples.values[pairs]
+        activations = dense.tolist()
+        return [
+            {
+                "prompt_id": prompt,
+                "quantile": quantile,
+                "max_activation": peak,
+                "max_position": centre,
+                "window": [window_start, window_stop],
+                "tokens": tokens[index],
+                "activations": activations[index][: lengths[index]],
+            }
+            for index, (prompt, quantile, peak, centre, window_start, window_stop) in enumerate(
+                zip(
+                    examples.prompt_id[start:stop].tolist(),
+                    examples.quantile[start:stop].tolist(),
+                    examples.max_activation[start:stop].tolist(),
+                    examples.centre[start:stop].tolist(),
+                    window_starts.tolist(),
+                    window_stops.tolist(),
+                    strict=True,
+                )
             )
-            result.append(
-                {
-                    "prompt_id": int(examples.prompt_id[row]),
-                    "quantile": int(examples.quantile[row]),
-                    "max_activation": float(examples.max_activation[row]),
-                    "max_position": int(examples.centre[row]),
-                    "window": [int(window_start), int(window_stop)],
-                    "tokens": tokens,
-                    "activations": dense.tolist(),
-                }
-            )
-        return result
+        ]
 
     # -- tables -----------------------------------------------------------------------------------
 
