@@ -83,20 +83,16 @@ class SentenceTransformerBackend:
         )
         self.dimension = int(self.model.get_embedding_dimension())
 
-    @property
-    def fingerprint(self) -> str:
-        """Identifies the vectors this backend produces, for the cache namespace."""
-        return f"{self.spec}|prompt={self.prompt!r}|float32"
+    def tokenize(self, texts: Sequence[str], **options):
+        """The model's tokenizer over ``texts`` with the prompt prepended, as the model sees them."""
+        prefix = self.prompt or ""
+        return self.model.tokenizer(
+            [prefix + text for text in texts], truncation=True, max_length=self.model.max_seq_length, **options
+        )
 
     def token_counts(self, texts: Sequence[str]) -> np.ndarray:
-        """Number of tokens of each text after the prompt, as the model will see it."""
-        prefix = self.prompt or ""
-        encoded = self.model.tokenizer(
-            [prefix + text for text in texts],
-            add_special_tokens=True,
-            truncation=True,
-            max_length=self.model.max_seq_length,
-        )["input_ids"]
+        """Number of tokens of each text, prompt and special tokens included."""
+        encoded = self.tokenize(texts, add_special_tokens=True)["input_ids"]
         return np.fromiter((len(ids) for ids in encoded), dtype=np.int64, count=len(texts))
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:

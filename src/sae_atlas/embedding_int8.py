@@ -144,20 +144,9 @@ class OnnxInt8Backend(SentenceTransformerBackend):
             qconfig_spec={torch.nn.Linear: torch.ao.quantization.per_channel_dynamic_qconfig},
         )
 
-    @property
-    def fingerprint(self) -> str:
-        return f"{self.spec}|prompt={self.prompt!r}|int8"
-
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         if self.session is None:
             return super().encode(texts)
-        prefix = self.prompt or ""
-        batch = self.model.tokenizer(
-            [prefix + text for text in texts],
-            padding=True,
-            truncation=True,
-            max_length=self.model.max_seq_length,
-            return_tensors="np",
-        )
+        batch = self.tokenize(texts, padding=True, return_tensors="np")
         (vectors,) = self.session.run(None, {name: batch[name].astype(np.int64) for name in self.input_names})
         return np.asarray(vectors, dtype=np.float32)
