@@ -389,7 +389,7 @@ class Pipeline:
             except decoder_source.DecoderError as error:
                 problems.add(error.path, error.reason)
                 raise _Skip(f"decoder weights unusable ({error})") from None
-            device = "cpu" if settings.device == "cpu" else _torch_device(settings.device)
+            device = _torch_device(settings.device)
             ids, cosines = decoder_similarity.top_k_neighbours(weights.weights, settings.top_k, device=device)
             table = decoder_similarity.neighbours_table(ids, cosines)
             statistics = {
