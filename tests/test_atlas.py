@@ -197,3 +197,12 @@ def test_missing_optional_files_degrade_gracefully(outputs, tmp_path, embedder):
 def test_not_an_output_directory(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"features\.parquet"):
         Atlas(tmp_path)
+
+
+def test_prompts_are_rebuilt_when_the_prompt_table_is_missing(outputs, tmp_path, atlas):
+    copy = shutil.copytree(outputs, tmp_path / "out", ignore=shutil.ignore_patterns(".cache", "prompts.parquet"))
+    assert not (copy / "stages" / "prompts.parquet").exists()
+    feature_id = explained_feature(outputs)
+    rebuilt = Atlas(copy, embedder=atlas.embedder).feature(feature_id)["activation_examples"]
+    assert [example["tokens"] for example in rebuilt] == [
+        example["tokens"] for example in atlas.feature(feature_id)["activation_examples"]]

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from sae_atlas.pipeline import PROMPTS_OUTPUT, read_sidecar
+from sae_atlas.pipeline import read_prompt_tokens, read_sidecar
 from sae_atlas.sampling import centre_positions, sample_examples, window_bounds
 from sae_atlas.schema import SCORE_METHODS
 from sae_atlas.summary import mean_scores, mean_semantic_similarity
@@ -56,7 +56,6 @@ EXPLANATION_COLUMNS = (
     "semantic_similarity",
 )
 EXPLANATION_FIELDS = ("explainer", *EXPLANATION_COLUMNS[1:])
-DEFAULT_EXAMPLES = 20  # shown per feature when no sampling config is known
 
 
 class FeatureNotFound(KeyError):
@@ -79,8 +78,7 @@ class _Examples:
     pair_offsets: np.ndarray
     positions: np.ndarray
     values: np.ndarray
-    prompts: list[list[str]] | None
-    prompt_tokens: pl.Series | None  # when prompts could not be indexed, tokens per example row
+    prompts: list[list[str]]  # tokens by prompt id
     window: int
 
 
@@ -266,19 +264,6 @@ class Atlas:
         rows = rows.with_columns(centre=centre_positions(pl.col("activation_pairs")))
         flat = rows["activation_pairs"].explode().struct.unnest()
         counts = rows["activation_pairs"].list.len().to_numpy().astype(np.int64)
-        prompts_path = self.output_dir / PROMPTS_OUTPUT
-        if prompts_path.exists():
-            prompts = pl.read_parquet(prompts_path).sort("prompt_id")["prompt_tokens"].to_list()
-            tokens = None
-        else:
-            prompts = None
-            tokens = (
-                lazy.select("_row", "prompt_tokens")
-                .filter(pl.col("_row").is_in(chosen.implode()))
-                .collect()
-                .join(order, on="_row")
-                .sort("_order")["prompt_tokens"]
-            )
         return _Examples(
             feature_id=sampled["feature_id"].to_numpy().astype(np.int64),
             prompt_id=sampled["prompt_id"].to_numpy().astype(np.int64),
@@ -288,8 +273,7 @@ class Atlas:
             pair_offsets=np.concatenate(([0], np.cumsum(counts))),
             positions=flat["token_position"].to_numpy().astype(np.int64),
             values=flat["activation_value"].to_numpy().astype(np.float64),
-            prompts=prompts,
-            prompt_tokens=tokens,
+            prompts=read_prompt_tokens(self.output_dir).to_list(),
             window=window,
         )
 
@@ -307,10 +291,7 @@ class Atlas:
         start, stop = np.searchsorted(examples.feature_id, [feature_id, feature_id + 1])
         if start == stop:
             return []
-        if examples.prompts is not None:
-            tokens = [examples.prompts[prompt] for prompt in examples.prompt_id[start:stop].tolist()]
-        else:
-            tokens = [examples.prompt_tokens[row].to_list() for row in range(start, stop)]
+        tokens = [examples.prompts[prompt] for prompt in examples.prompt_id[start:stop].tolist()]
         lengths = np.array([len(row) for row in tokens])
         # every example of the feature at once: windows, and dense activations in one matrix
         window_starts, window_stops = window_bounds(lengths, examples.centre[start:stop], examples.window)

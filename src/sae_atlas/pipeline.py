@@ -83,6 +83,22 @@ class PipelineError(RuntimeError):
     """A run cannot go on (e.g. ``--only`` asks for a stage whose inputs were never produced)."""
 
 
+def read_prompt_tokens(output_dir: Path) -> pl.Series:
+    """Each prompt's tokens, indexed by prompt id: from stages/prompts.parquet, else rebuilt from
+    activation_examples.parquet (an output directory written by another tool)."""
+    path = Path(output_dir) / PROMPTS_OUTPUT
+    if path.exists():
+        return pl.read_parquet(path).sort("prompt_id")["prompt_tokens"]
+    examples = pl.scan_parquet(Path(output_dir) / OUTPUTS["activation_examples"])
+    unique = examples.select("prompt_id", "prompt_tokens").unique("prompt_id").collect()
+    size = int(unique["prompt_id"].max() or -1) + 1
+    return (
+        pl.DataFrame({"prompt_id": pl.arange(0, size, eager=True).cast(pl.UInt32)})
+        .join(unique, on="prompt_id", how="left")
+        .sort("prompt_id")["prompt_tokens"]
+    )
+
+
 def sidecar_path(output: Path) -> Path:
     return output.with_name(output.name + SIDECAR_SUFFIX)
 
@@ -497,21 +513,6 @@ class Pipeline:
 
         return key, execute
 
-    def _prompts(self) -> pl.Series:
-        """Each prompt's tokens by prompt id: from stages/prompts.parquet, else rebuilt from the
-        activation examples (an output directory written by another tool)."""
-        path = self.output_dir / PROMPTS_OUTPUT
-        if path.exists():
-            return pl.read_parquet(path).sort("prompt_id")["prompt_tokens"]
-        examples = pl.scan_parquet(self.output_path("activation_examples"))
-        unique = examples.select("prompt_id", "prompt_tokens").unique("prompt_id").collect()
-        size = int(unique["prompt_id"].max() or -1) + 1
-        return (
-            pl.DataFrame({"prompt_id": pl.arange(0, size, eager=True).cast(pl.UInt32)})
-            .join(unique, on="prompt_id", how="left")
-            .sort("prompt_id")["prompt_tokens"]
-        )
-
     def _plan_activation_embeddings(self):
         if self.config.activations is None and not self.output_path("activation_examples").exists():
             raise _Skip("no [activations] in the config")
@@ -533,7 +534,7 @@ class Pipeline:
             )
             windows = activation_embeddings.select_windows(
                 examples,
-                self._prompts(),
+                read_prompt_tokens(self.output_dir),
                 quantiles=sampling.quantiles,
                 per_quantile=sampling.per_quantile,
                 window=sampling.window,

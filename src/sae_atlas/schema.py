@@ -106,8 +106,6 @@ STAGE_SCORES = pl.Schema(
 
 STAGE_DECODER_SIMILARITY = pl.Schema({"feature_id": pl.UInt32, "decoder_similarity": pl.List(DECODER_NEIGHBOUR)})
 
-STAGE_PROMPTS = pl.Schema({"prompt_id": pl.UInt32, "prompt_tokens": pl.List(pl.String)})
-
 
 def contract_columns(name: str) -> pl.Schema:
     """The columns of master file ``name`` that downstream consumers rely on."""

@@ -61,16 +61,6 @@ class DelphiRun:
     scores: dict[str, list[LatentFile]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
-    def files(self) -> list[Path]:
-        """Every input file of the run, for fingerprinting."""
-        paths = [entry.path for entry in self.explanations]
-        for entries in self.scores.values():
-            paths.extend(entry.path for entry in entries)
-        config = self.path / "run_config.json"
-        if config.exists():
-            paths.append(config)
-        return paths
-
 
 def _walk_files(root: Path) -> list[Path]:
     """All regular files under ``root`` (hidden ones too: legacy names can start with a dot)."""

@@ -15,7 +15,7 @@ from urllib.parse import urlencode
 
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, RedirectResponse
+from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
@@ -314,7 +314,3 @@ def mount_browser(app: FastAPI, atlas: Atlas) -> None:
             bars=histogram_svg_data(histogram),
             scatter=scatter_svg_data(rows, x, y),
         )
-
-    @app.get("/features", include_in_schema=False)
-    def features_redirect(request: Request):
-        return RedirectResponse("/?" + str(request.query_params))
