@@ -19,7 +19,8 @@ import polars as pl
 from common import CLI, gib, measured, reference_corpus, update_section
 from sae_atlas.config import load_config
 from sae_atlas.embedding import Embedder
-from sae_atlas.pipeline import Pipeline, read_sidecar
+from sae_atlas.layout import read_sidecar
+from sae_atlas.pipeline import Pipeline
 from sae_atlas.stages.activation_embeddings import select_windows
 from sae_atlas.vector_storage import read_activation_embeddings
 

@@ -13,7 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from sae_atlas.config import load_config
-from sae_atlas.pipeline import OUTPUTS, STAGES, Pipeline, PipelineError, read_sidecar, write_parquet
+from sae_atlas.layout import read_sidecar, write_parquet
+from sae_atlas.pipeline import OUTPUTS, STAGES, Pipeline, PipelineError
 from sae_atlas.problems import StrictModeError
 from sae_atlas.schema import MASTER_SCHEMAS
 from sae_atlas.synth import SynthOptions, synthesize

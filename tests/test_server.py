@@ -34,6 +34,7 @@ def test_health_and_docs(client):
         "/api/features/{feature_id}",
         "/api/search",
         "/api/histogram",
+        "/api/plots",  # the JSON twin of the /plots page
     }
     assert all(set(operations) == {"get"} for operations in paths.values())  # read-only
 
@@ -110,4 +111,4 @@ def test_api_conforms_to_its_schema_and_never_fails(app):
 
             conforms()
             checked.append((operation.label, mode.value))
-    assert len(checked) == 10, checked  # /health and /api/stats take no parameters
+    assert len(checked) == 12, checked  # /health and /api/stats take no parameters

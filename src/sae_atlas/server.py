@@ -18,8 +18,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from sae_atlas import __version__
-from sae_atlas.atlas import COLUMNS, METRICS, Atlas, FeatureNotFound, QueryError
+from sae_atlas import __version__, metrics, pages
+from sae_atlas.atlas import METRICS, Atlas, FeatureNotFound, QueryError
+from sae_atlas.queries import feature_query_model, names_type, plot_query_model, validation_message
 
 MAX_FEATURE_ID = 2**32 - 1
 
@@ -40,11 +41,23 @@ class Health(BaseModel):
 
 
 class ScorerScores(BaseModel):
+    """One entry of the contract's ``scores`` struct of features.parquet."""
+
     scorer: str
     fuzz: float | None
     simulation: float | None
     detection: float | None
     embedding: float | None
+
+
+def _metric_fields(chosen) -> dict:
+    return {metric.name: (float | None, Field(description=metric.description)) for metric in chosen}
+
+
+# Every score metric of the registry, per scorer.
+ScorerMetrics = create_model(
+    "ScorerMetrics", scorer=(str, ...), **_metric_fields(metrics.SCORE_METRICS)
+)
 
 
 class SemanticSimilarity(BaseModel):
@@ -57,8 +70,9 @@ class Explanation(BaseModel):
     explanation_text: str
     explanation_ok: bool
     explanation_method: str | None
-    scores: list[ScorerScores]
+    scores: list[ScorerScores] = Field(description="the contract's scores struct, as features.parquet holds it")
     semantic_similarity: list[SemanticSimilarity]
+    metrics: list[ScorerMetrics] = Field(description="every score metric, per scorer")
 
 
 class NeighbourExplanation(BaseModel):
@@ -100,25 +114,15 @@ class Feature(BaseModel):
     activation_examples: list[ActivationExample]
 
 
-class FeatureRow(BaseModel):
-    feature_id: int
-    explainer: str
-    explanation_text: str
-    explanation_ok: bool
-    fuzz: float | None
-    detection: float | None
-    simulation: float | None
-    embedding: float | None
-    semantic_similarity: float | None
-    activation_similarity: float | None
-    decoder_similarity: float | None
-
-
-class FeaturePage(BaseModel):
-    total: int = Field(description="rows matching the filters, before limit and offset")
-    limit: int
-    offset: int
-    rows: list[FeatureRow]
+# One row of the feature table: a column per metric of the registry.
+FeatureRow = create_model(
+    "FeatureRow",
+    feature_id=(int, ...),
+    explainer=(str, ...),
+    explanation_text=(str, ...),
+    explanation_ok=(bool, ...),
+    **_metric_fields(metrics.METRICS),
+)
 
 
 class SearchHit(BaseModel):
@@ -126,6 +130,14 @@ class SearchHit(BaseModel):
     explainer: str
     explanation_text: str
     similarity: float
+
+
+class FeaturePage(BaseModel):
+    total: int = Field(description="rows matching the filters, before limit and offset")
+    limit: int
+    offset: int
+    rows: list[FeatureRow]
+    hits: list[SearchHit] | None = Field(None, description="with q: the closest explanations")
 
 
 class SearchResult(BaseModel):
@@ -140,6 +152,27 @@ class Histogram(BaseModel):
     counts: list[int]
     count: int
     missing: int
+
+
+class ScatterPoint(BaseModel):
+    feature_id: int
+    explainer: str
+    x: float
+    y: float
+
+
+class Scatter(BaseModel):
+    x: str
+    y: str
+    points: list[ScatterPoint]
+    total: int = Field(description="rows with both metrics")
+    shown: int = Field(description="points returned (a fixed sample above 5,000)")
+    correlation: float | None
+
+
+class Plots(BaseModel):
+    histogram: Histogram
+    scatter: Scatter
 
 
 class Stats(BaseModel):
@@ -160,58 +193,15 @@ class Problem(BaseModel):
     detail: str
 
 
-SortColumn = Literal[COLUMNS]  # type: ignore[valid-type]
 Metric = Literal[METRICS]  # type: ignore[valid-type]
-
-
-class FeatureQuery(BaseModel):
-    """Query parameters of ``GET /api/features``."""
-
-    model_config = ConfigDict(extra="forbid")
-    explainer: str | None = Field(None, description="only this explainer's rows")
-    scorer: str | None = Field(None, description="score columns from this scorer only")
-    contains: str | None = Field(None, max_length=500, description="text the explanation contains")
-    sort: SortColumn = "feature_id"
-    order: Literal["asc", "desc"] = "asc"
-    limit: int = Field(100, ge=1, le=1000)
-    offset: int = Field(0, ge=0, le=10_000_000)
-    fuzz_min: float | None = None
-    fuzz_max: float | None = None
-    detection_min: float | None = None
-    detection_max: float | None = None
-    simulation_min: float | None = None
-    simulation_max: float | None = None
-    embedding_min: float | None = None
-    embedding_max: float | None = None
-    semantic_similarity_min: float | None = None
-    semantic_similarity_max: float | None = None
-    activation_similarity_min: float | None = None
-    activation_similarity_max: float | None = None
-    decoder_similarity_min: float | None = None
-    decoder_similarity_max: float | None = None
-
-    def filters(self) -> dict[str, tuple[float | None, float | None]]:
-        bounds = {metric: (getattr(self, f"{metric}_min"), getattr(self, f"{metric}_max")) for metric in METRICS}
-        return {metric: bound for metric, bound in bounds.items() if bound != (None, None)}
-
-
 ERRORS = {404: {"model": Problem}, 422: {"model": Problem}}
-
-
-def _names(values: list[str]):
-    """The type of a parameter that must be one of ``values`` (so the schema lists them)."""
-    return Literal[tuple(values)] if values else str  # type: ignore[valid-type]
 
 
 def create_app(atlas: Atlas) -> FastAPI:
     """The application serving ``atlas``."""
-    Explainer, Scorer = _names(atlas.explainers), _names(atlas.scorers)
-    Query_ = create_model(
-        "FeatureQuery",
-        __base__=FeatureQuery,
-        explainer=(Explainer | None, Field(None, description="only this explainer's rows")),
-        scorer=(Scorer | None, Field(None, description="score columns from this scorer only")),
-    )
+    Explainer, Scorer = names_type(atlas.explainers), names_type(atlas.scorers)
+    TableQuery = feature_query_model(atlas.explainers, atlas.scorers)
+    PlotsQuery = plot_query_model(atlas.explainers, atlas.scorers)
     app = FastAPI(
         title="sae-atlas",
         version=__version__,
@@ -222,11 +212,7 @@ def create_app(atlas: Atlas) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
         # One readable line ("limit: Input should be less than or equal to 1000"), not pydantic's list.
-        messages = [
-            f"{'.'.join(str(part) for part in item['loc'][1:]) or item['loc'][0]}: {item['msg']}"
-            for item in error.errors()
-        ]
-        return JSONResponse({"detail": "; ".join(messages)}, status_code=422)
+        return JSONResponse({"detail": validation_message(error, skip_location=1)}, status_code=422)
 
     @app.exception_handler(QueryError)
     async def query_error(request: Request, error: QueryError) -> JSONResponse:
@@ -246,24 +232,14 @@ def create_app(atlas: Atlas) -> FastAPI:
         return FastJSON(atlas.stats())
 
     @app.get("/api/features", response_model=FeaturePage, responses=ERRORS, tags=["features"])
-    def features(query: Annotated[Query_, Query()]):
-        """One row per (feature, explainer), filtered, sorted and paged."""
-        rows, total = atlas.query_features(
-            explainer=query.explainer,
-            scorer=query.scorer,
-            filters=query.filters(),
-            contains=query.contains,
-            sort=query.sort,
-            descending=query.order == "desc",
-            limit=query.limit,
-            offset=query.offset,
-        )
-        return FastJSON({"total": total, "limit": query.limit, "offset": query.offset, "rows": rows.to_dicts()})
+    def features(query: Annotated[TableQuery, Query()]):
+        """One row per (feature, explainer), filtered, sorted and paged (the index page's data)."""
+        return FastJSON(pages.feature_table(atlas, query))
 
     @app.get("/api/features/{feature_id}", response_model=Feature, responses=ERRORS, tags=["features"])
     def feature(feature_id: Annotated[int, PathParameter(ge=0, le=MAX_FEATURE_ID)]):
-        """Everything about one latent."""
-        return FastJSON(atlas.feature(feature_id))
+        """Everything about one latent (the feature page's data)."""
+        return FastJSON(pages.feature(atlas, feature_id))
 
     @app.get("/api/search", response_model=SearchResult, responses=ERRORS, tags=["features"])
     def search(
@@ -284,6 +260,11 @@ def create_app(atlas: Atlas) -> FastAPI:
     ):
         """Counts of a metric over equal-width bins."""
         return FastJSON(atlas.histogram(metric, bins, explainer=explainer, scorer=scorer))
+
+    @app.get("/api/plots", response_model=Plots, responses=ERRORS, tags=["plots"])
+    def plots(query: Annotated[PlotsQuery, Query()]):
+        """A histogram of one metric and a scatter of two (the plots page's data)."""
+        return FastJSON(pages.plots(atlas, query))
 
     from sae_atlas.web import mount_browser
 

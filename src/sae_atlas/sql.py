@@ -13,9 +13,9 @@ from pathlib import Path
 import duckdb
 import polars as pl
 
-from sae_atlas.schema import MASTER_SCHEMAS
+from sae_atlas import layout
 
-VIEWS = {name.removesuffix(".parquet"): name for name in MASTER_SCHEMAS} | {"scores": "stages/scores.parquet"}
+VIEWS = {layout.view_name(name): name for name in (*layout.MASTER_FILES, layout.SCORES)}
 
 
 class SqlError(ValueError):

@@ -8,13 +8,14 @@ from pathlib import Path
 import polars as pl
 import pyarrow.parquet as pq
 
-from sae_atlas.schema import MASTER_SCHEMAS, SCORE_METHODS
+from sae_atlas import layout
+from sae_atlas.schema import CONTRACT_SCORE_FIELDS
 
 
 def rows_per_file(output_dir: Path) -> pl.DataFrame:
     """``file`` and ``rows`` of every master file present (read from Parquet metadata only)."""
     names, rows = [], []
-    for name in MASTER_SCHEMAS:
+    for name in layout.MASTER_FILES:
         path = Path(output_dir) / name
         if path.exists():
             names.append(name)
@@ -35,13 +36,13 @@ def mean_scores(features: pl.DataFrame) -> pl.DataFrame:
             schema={
                 "explainer": pl.String,
                 "scorer": pl.String,
-                **{method: pl.Float64 for method in SCORE_METHODS},
+                **{method: pl.Float64 for method in CONTRACT_SCORE_FIELDS},
                 "features": pl.UInt32,
             }
         )
     return (
         exploded.group_by(["explainer", "scorer"], maintain_order=True)
-        .agg(*[pl.col(method).mean() for method in SCORE_METHODS], features=pl.len())
+        .agg(*[pl.col(method).mean() for method in CONTRACT_SCORE_FIELDS], features=pl.len())
         .sort(["explainer", "scorer"])
     )
 

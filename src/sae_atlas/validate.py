@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from sae_atlas.pipeline import read_sidecar
-from sae_atlas.schema import MASTER_SCHEMAS, contract_columns, schema_differences
+from sae_atlas import layout
+from sae_atlas.schema import contract_columns, schema_differences
 from sae_atlas.vector_storage import DTYPES, SCALES_COLUMN, activation_embeddings_from_frame, dtype_of
 
-REQUIRED = ("features.parquet", "explanation_embeddings.parquet")
+REQUIRED = (layout.FEATURES, layout.EXPLANATION_EMBEDDINGS)
 TOLERANCE = 1e-3
 
 
@@ -49,7 +49,7 @@ def _unique_keys(validation: Validation, name: str, frame: pl.DataFrame, keys: l
 
 
 def _check_features(validation: Validation, frame: pl.DataFrame, embeddings: pl.DataFrame | None) -> None:
-    name = "features.parquet"
+    name = layout.FEATURES
     _unique_keys(validation, name, frame, ["feature_id", "llm_explainer"])
     neighbours = (
         frame.select("feature_id", "decoder_similarity")
@@ -86,11 +86,11 @@ def _check_features(validation: Validation, frame: pl.DataFrame, embeddings: pl.
         right = embeddings.select(pl.col("feature_id").cast(pl.Int64), pl.col("llm_explainer").cast(pl.String))
         orphans = left.join(right, on=keys, how="anti").height
         if orphans:
-            validation.fail(name, f"{orphans} rows have no explanation_embeddings.parquet row")
+            validation.fail(name, f"{orphans} rows have no {layout.EXPLANATION_EMBEDDINGS} row")
 
 
 def _check_explanation_embeddings(validation: Validation, frame: pl.DataFrame) -> None:
-    name = "explanation_embeddings.parquet"
+    name = layout.EXPLANATION_EMBEDDINGS
     _unique_keys(validation, name, frame, ["feature_id", "llm_explainer"])
     vectors = frame.filter(pl.col("embedding").is_not_null())
     if vectors.height:
@@ -106,7 +106,7 @@ def _check_explanation_embeddings(validation: Validation, frame: pl.DataFrame) -
 
 
 def _check_activation_examples(validation: Validation, path: Path) -> None:
-    name = "activation_examples.parquet"
+    name = layout.ACTIVATION_EXAMPLES
     frame = (
         pl.scan_parquet(path)
         .select(
@@ -134,7 +134,7 @@ def _check_activation_examples(validation: Validation, path: Path) -> None:
 def _expected_schema(name: str, actual: pl.Schema, validation: Validation) -> pl.Schema:
     """The contract columns of ``name``; activation embeddings may be stored in float16 / int8."""
     expected = contract_columns(name)
-    if name != "activation_embeddings.parquet" or "embeddings" not in actual:
+    if name != layout.ACTIVATION_EMBEDDINGS or "embeddings" not in actual:
         return expected
     try:
         dtype = dtype_of(actual)
@@ -146,7 +146,7 @@ def _expected_schema(name: str, actual: pl.Schema, validation: Validation) -> pl
 
 
 def _check_activation_embeddings(validation: Validation, frame: pl.DataFrame, examples: Path | None) -> None:
-    name = "activation_embeddings.parquet"
+    name = layout.ACTIVATION_EMBEDDINGS
     _unique_keys(validation, name, frame, ["feature_id"])
     lengths = frame.select(
         prompts=pl.col("prompt_ids").list.len(),
@@ -175,11 +175,11 @@ def _check_activation_embeddings(validation: Validation, frame: pl.DataFrame, ex
         known = pl.scan_parquet(examples).select("feature_id", "prompt_id").collect()
         strays = sampled.join(known, on=["feature_id", "prompt_id"], how="anti").height
         if strays:
-            validation.fail(name, f"{strays} embedded prompts have no activation_examples.parquet row")
+            validation.fail(name, f"{strays} embedded prompts have no {layout.ACTIVATION_EXAMPLES} row")
 
 
 def _check_activation_similarity(validation: Validation, frame: pl.DataFrame, embeddings: pl.DataFrame | None) -> None:
-    name = "activation_example_similarity.parquet"
+    name = layout.ACTIVATION_SIMILARITY
     _unique_keys(validation, name, frame, ["feature_id"])
     statistics = ["mean_pairwise_similarity", "min_pairwise_similarity", "max_pairwise_similarity"]
     outside = sum(_count(frame, ~pl.col(column).is_between(-1.0 - TOLERANCE, 1.0 + TOLERANCE)) for column in statistics)
@@ -197,7 +197,7 @@ def _check_activation_similarity(validation: Validation, frame: pl.DataFrame, em
         mismatched = _count(joined, pl.col("sampled").is_null() | (pl.col("sampled") != pl.col("num_examples_sampled")))
         if mismatched:
             validation.fail(
-                name, f"{mismatched} rows disagree with activation_embeddings.parquet on num_examples_sampled"
+                name, f"{mismatched} rows disagree with {layout.ACTIVATION_EMBEDDINGS} on num_examples_sampled"
             )
 
 
@@ -210,7 +210,7 @@ def validate(output_dir: str | Path) -> Validation:
         return validation
     sae_ids: dict[str, set[str]] = {}
     frames: dict[str, pl.DataFrame] = {}
-    for name in MASTER_SCHEMAS:
+    for name in layout.MASTER_FILES:
         path = output_dir / name
         if not path.exists():
             if name in REQUIRED:
@@ -230,31 +230,31 @@ def validate(output_dir: str | Path) -> Validation:
         sae_ids[name] = set(
             pl.scan_parquet(path).select(pl.col("sae_id").cast(pl.String).unique()).collect().to_series().to_list()
         )
-        sidecar = read_sidecar(path)
+        sidecar = layout.read_sidecar(path)
         rows = pl.scan_parquet(path).select(pl.len()).collect().item()
         if sidecar is None:
             validation.fail(name, "sidecar (.metadata.json) is missing or unreadable")
         elif sidecar.get("rows") != rows:
             validation.fail(name, f"sidecar says {sidecar.get('rows')} rows, the file has {rows}")
-        if name == "activation_examples.parquet":
+        if name == layout.ACTIVATION_EXAMPLES:
             _check_activation_examples(validation, path)
         else:
             frames[name] = pl.read_parquet(path)
 
-    if "explanation_embeddings.parquet" in frames:
-        _check_explanation_embeddings(validation, frames["explanation_embeddings.parquet"])
-    if "features.parquet" in frames:
-        _check_features(validation, frames["features.parquet"], frames.get("explanation_embeddings.parquet"))
-    if "activation_embeddings.parquet" in frames:
-        examples = output_dir / "activation_examples.parquet"
+    if layout.EXPLANATION_EMBEDDINGS in frames:
+        _check_explanation_embeddings(validation, frames[layout.EXPLANATION_EMBEDDINGS])
+    if layout.FEATURES in frames:
+        _check_features(validation, frames[layout.FEATURES], frames.get(layout.EXPLANATION_EMBEDDINGS))
+    if layout.ACTIVATION_EMBEDDINGS in frames:
+        examples = output_dir / layout.ACTIVATION_EXAMPLES
         _check_activation_embeddings(
             validation,
-            frames["activation_embeddings.parquet"],
-            examples if "activation_examples.parquet" in sae_ids else None,
+            frames[layout.ACTIVATION_EMBEDDINGS],
+            examples if layout.ACTIVATION_EXAMPLES in sae_ids else None,
         )
-    if "activation_example_similarity.parquet" in frames:
+    if layout.ACTIVATION_SIMILARITY in frames:
         _check_activation_similarity(
-            validation, frames["activation_example_similarity.parquet"], frames.get("activation_embeddings.parquet")
+            validation, frames[layout.ACTIVATION_SIMILARITY], frames.get(layout.ACTIVATION_EMBEDDINGS)
         )
 
     distinct = set().union(*sae_ids.values()) if sae_ids else set()

@@ -101,10 +101,7 @@ def score_table(root) -> pl.DataFrame:
 
     return build_scores(
         files=tag(records.files),
-        classifier=tag(records.classifier),
-        embedding=tag(records.embedding),
-        simulation=tag(records.simulation),
-        intruder=tag(records.intruder),
+        records=tag(records.records),
         runs=pl.DataFrame({"data_source": [run.name], "llm_explainer": ["E"], "llm_scorer": ["S"]}),
     )
 

@@ -8,7 +8,6 @@ records with ``-1`` predictions, and surprisal / intruder / example-embedding di
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from collections import Counter
@@ -18,22 +17,14 @@ from pathlib import Path
 import orjson
 import polars as pl
 
+from sae_atlas import score_methods
 from sae_atlas.config import SourceConfig
 from sae_atlas.problems import Problems
+from sae_atlas.score_methods import RECORD_COLUMNS
 
 LATENT_FILE = re.compile(r"^(?P<hook>.+)_(?:latent|feature)(?P<latent>\d+)\.txt$")
 SENTINEL_EXPLANATIONS = frozenset({"Explanation could not be parsed.", "No explanation found"})
 MISSING_EXPLANATION = "No explanation found"
-# delphi's CLI writes simulation scores to "simulation" although the scorer class is "simulator";
-# pre-2025 code called detection "recall".
-METHOD_ALIASES = {"simulator": "simulation", "recall": "detection"}
-CLASSIFIER_METHODS = ("fuzz", "detection")
-READ_METHODS = (*CLASSIFIER_METHODS, "simulation", "embedding", "intruder")
-# Directories delphi (or custom pipelines) write that have no per-latent score sae-atlas can agree on.
-SKIPPED_METHODS = {
-    "surprisal": "no agreed per-latent aggregation for surprisal losses",
-    "example_embedding": "example-embedding scores do not involve the explanation",
-}
 DEFAULT_EXPLANATION_METHOD = "quantiles"  # delphi's SamplerConfig.train_type default
 
 
@@ -196,11 +187,11 @@ def list_run_files(run: DelphiRun, problems: Problems) -> None:
             problems.add(path, "score file outside a <method>/ directory; skipped", kind="foreign")
     for method_dir in sorted({path.parent for path in score_files if path.parent != score_dir}):
         files = [path for path in score_files if path.parent == method_dir]
-        method = METHOD_ALIASES.get(method_dir.name, method_dir.name)
-        if method in SKIPPED_METHODS:
-            run.notes.append(f"{method_dir}: {len(files)} files skipped ({SKIPPED_METHODS[method]})")
+        method = score_methods.method_of_directory(method_dir.name)
+        if method in score_methods.SKIPPED:
+            run.notes.append(f"{method_dir}: {len(files)} files skipped ({score_methods.SKIPPED[method]})")
             continue
-        if method not in READ_METHODS:
+        if method not in score_methods.METHODS:
             run.notes.append(f"{method_dir}: {len(files)} files skipped (unknown scorer directory)")
             continue
         found = _latent_files(method_dir, files, problems)
@@ -317,59 +308,17 @@ def read_explanations(run: DelphiRun, problems: Problems) -> pl.DataFrame:
 # Score files
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _finite(value) -> float | None:
-    """A finite float, or None for delphi's "nan" strings, nulls and anything else."""
-    if _is_number(value) and math.isfinite(value):
-        return float(value)
-    return None
-
-
-def _classifier_correct(record: dict) -> bool | None:
-    """``correct`` of a fuzz/detection record, or None when the example failed."""
-    prediction = record.get("prediction")
-    if _is_number(prediction) and prediction == -1:  # Gen 1/2 failure marker
-        return None
-    correct = record.get("correct")
-    if isinstance(correct, bool):
-        return correct
-    # Gen 1 files may lack the dynamic ``correct`` attribute: derive it from the prediction.
-    truth = record.get("activating", record.get("ground_truth"))
-    if "correct" not in record and isinstance(truth, bool) and prediction in (0, 1):
-        return bool(prediction) == truth
-    return None
-
-
-def _activating(record: dict) -> bool | None:
-    """Ground truth of an embedding record: ``activating`` when present, else ``distance >= 0``.
-
-    A neighbour negative with Jaccard 0 is written as ``-0.0``: counted as non-activating.
-    """
-    activating = record.get("activating", record.get("ground_truth"))
-    if isinstance(activating, bool):
-        return activating
-    distance = record.get("distance")
-    if not _is_number(distance):
-        return None
-    return distance > 0 or (distance == 0 and math.copysign(1.0, distance) > 0)
-
-
 @dataclass
 class ScoreRecords:
-    """Per-example values of every score file of one run, one table per record family.
+    """Per-example values of every score file of one run.
 
-    ``files`` has one row per readable score file (``method``, ``feature_id``, ``n_records``), so that
-    an empty ``[]`` file still yields a row with no score.
+    ``files`` has one row per readable score file (``method``, ``feature_id``, ``n_records``), so
+    that an empty ``[]`` file still yields a row with no score; ``records`` has one row per record
+    (``method``, ``feature_id`` and the columns of :data:`score_methods.RECORD_COLUMNS`).
     """
 
     files: pl.DataFrame
-    classifier: pl.DataFrame  # method, feature_id, correct (null = failed)
-    embedding: pl.DataFrame  # feature_id, similarity (null = failed), activating
-    simulation: pl.DataFrame  # feature_id, correlation (null = failed or "nan")
-    intruder: pl.DataFrame  # feature_id, correct (null = failed)
+    records: pl.DataFrame
 
 
 def _load_records(entry: LatentFile, problems: Problems) -> list[dict] | None:
@@ -391,14 +340,11 @@ def _load_records(entry: LatentFile, problems: Problems) -> list[dict] | None:
 
 
 def read_score_records(run: DelphiRun, problems: Problems) -> ScoreRecords:
-    """Parse every score file of ``run`` into flat per-example columns."""
+    """Parse every score file of ``run``, each with the parser of its method."""
     files = {"method": [], "feature_id": [], "n_records": []}
-    classifier = {"method": [], "feature_id": [], "correct": []}
-    embedding = {"feature_id": [], "similarity": [], "activating": []}
-    simulation = {"feature_id": [], "correlation": []}
-    intruder = {"feature_id": [], "correct": []}
-
+    columns: dict[str, list] = {"method": [], "feature_id": [], **{name: [] for name in RECORD_COLUMNS}}
     for method, entries in run.scores.items():
+        parse = score_methods.METHODS[method].parse
         for entry in entries:
             records = _load_records(entry, problems)
             if records is None:
@@ -407,37 +353,11 @@ def read_score_records(run: DelphiRun, problems: Problems) -> ScoreRecords:
             files["method"].append(method)
             files["feature_id"].append(entry.latent)
             files["n_records"].append(n)
-            if method in CLASSIFIER_METHODS:
-                classifier["method"].extend([method] * n)
-                classifier["feature_id"].extend([entry.latent] * n)
-                classifier["correct"].extend([_classifier_correct(record) for record in records])
-            elif method == "embedding":
-                embedding["feature_id"].extend([entry.latent] * n)
-                embedding["similarity"].extend([_finite(record.get("similarity")) for record in records])
-                embedding["activating"].extend([_activating(record) for record in records])
-            elif method == "simulation":
-                simulation["feature_id"].extend([entry.latent] * n)
-                simulation["correlation"].extend([_finite(record.get("ev_correlation_score")) for record in records])
-            elif method == "intruder":
-                intruder["feature_id"].extend([entry.latent] * n)
-                intruder["correct"].extend(
-                    [
-                        record.get("correct")
-                        if record.get("sample") is not None and isinstance(record.get("correct"), bool)
-                        else None
-                        for record in records
-                    ]
-                )
-
+            columns["method"].extend([method] * n)
+            columns["feature_id"].extend([entry.latent] * n)
+            for name, values in parse(records).items():
+                columns[name].extend(values)
     return ScoreRecords(
         files=pl.DataFrame(files, schema={"method": pl.String, "feature_id": pl.UInt32, "n_records": pl.UInt32}),
-        classifier=pl.DataFrame(
-            classifier, schema={"method": pl.String, "feature_id": pl.UInt32, "correct": pl.Boolean}
-        ),
-        embedding=pl.DataFrame(
-            embedding,
-            schema={"feature_id": pl.UInt32, "similarity": pl.Float64, "activating": pl.Boolean},
-        ),
-        simulation=pl.DataFrame(simulation, schema={"feature_id": pl.UInt32, "correlation": pl.Float64}),
-        intruder=pl.DataFrame(intruder, schema={"feature_id": pl.UInt32, "correct": pl.Boolean}),
+        records=pl.DataFrame(columns, schema={"method": pl.String, "feature_id": pl.UInt32, **RECORD_COLUMNS}),
     )

@@ -3,17 +3,22 @@
 The windows of all features are selected at once (``sampling``); the runner then streams them
 through the embedding model a chunk of features at a time, so memory stays bounded by the chunk,
 and writes one row per feature: the sampled prompt ids (top example first) and their vectors in
-the configured storage dtype.
+the configured storage dtype. The sampled examples themselves (prompt, quantile, window) go to
+``stages/sampled_examples.parquet``, so the query layer shows exactly what was embedded.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 
 import numpy as np
 import polars as pl
 
+from sae_atlas import layout
+from sae_atlas.problems import Problems
 from sae_atlas.sampling import centre_positions, sample_examples, window_texts
+from sae_atlas.schema import STAGE_SAMPLED_EXAMPLES
+from sae_atlas.stage import EmbedFunction, Plan, Product, Stage, StageContext
 from sae_atlas.vector_storage import DTYPES, SCALES_COLUMN, quantise
 
 CHUNK_WINDOWS = 16_384
@@ -63,9 +68,20 @@ def empty_table(dtype: str) -> pl.DataFrame:
     return pl.DataFrame(schema=schema)
 
 
-def embed_windows(
-    windows: pl.DataFrame, *, sae_id: str, embed: Callable[[Sequence[str]], np.ndarray], dtype: str
-) -> pl.DataFrame:
+def sampled_examples(windows: pl.DataFrame) -> pl.DataFrame:
+    """``stages/sampled_examples.parquet``: the sampled windows without their text."""
+    return windows.select(
+        pl.col("feature_id"),
+        pl.col("prompt_id"),
+        pl.col("quantile"),
+        pl.col("max_activation"),
+        pl.col("centre").alias("max_position"),
+        pl.col("window_start"),
+        pl.col("window_stop"),
+    ).cast(dict(STAGE_SAMPLED_EXAMPLES))
+
+
+def embed_windows(windows: pl.DataFrame, *, sae_id: str, embed: EmbedFunction, dtype: str) -> pl.DataFrame:
     """One row per feature of ``windows``: prompt ids and the stored vectors of their texts."""
     if windows.is_empty():
         return empty_table(dtype)
@@ -102,3 +118,62 @@ def statistics(windows: pl.DataFrame) -> dict:
             "histogram": {str(count): int(features) for count, features in histogram.iter_rows()},
         },
     }
+
+
+def plan(context: StageContext) -> Plan:
+    sampling, settings = context.config.sampling, context.config.embedding
+    dtype = context.config.output.embedding_dtype
+
+    def execute(problems: Problems) -> Product:
+        columns = ["feature_id", "prompt_id", "max_activation", "activation_pairs"]
+        examples = context.read("activation_examples", columns)
+        windows = select_windows(
+            examples,
+            context.prompt_tokens(),
+            quantiles=sampling.quantiles,
+            per_quantile=sampling.per_quantile,
+            window=sampling.window,
+        )
+        del examples
+        stats = statistics(windows)
+        embed = context.embed(STAGE.name, total=windows.height)
+        before = context.embedder.stats.snapshot()
+
+        def parts():
+            dimension = None
+            for chunk in feature_chunks(windows):
+                part = embed_windows(chunk, sae_id=context.sae_id, embed=embed, dtype=dtype)
+                dimension = dimension or len(part["embeddings"][0][0])
+                yield part
+            work = context.embedder.stats.since(before)
+            stats.update(
+                model=settings.model,
+                quantize=settings.quantize,
+                dimension=dimension,
+                embedding_dtype=dtype,
+                texts_encoded=work["embedded"],
+                texts_from_cache=work["from_cache"],
+                seconds_encoding=round(work["seconds_encoding"], 3),
+            )
+
+        return Product(
+            data=parts(),
+            rows=stats["features"],
+            statistics=stats,
+            schema=empty_table(dtype).to_arrow().schema,
+            extra={layout.SAMPLED_EXAMPLES: sampled_examples(windows)},
+        )
+
+    return Plan(key={}, execute=execute)
+
+
+STAGE = Stage(
+    name="activation_embeddings",
+    output=layout.ACTIVATION_EMBEDDINGS,
+    version=2,
+    plan=plan,
+    reads=("activation_examples",),
+    config=("sampling", "embedding.model", "embedding.quantize", "output.embedding_dtype"),
+    extra_outputs=(layout.SAMPLED_EXAMPLES,),
+    description="each feature's sampled activation windows, embedded",
+)

@@ -8,11 +8,16 @@ batches that the runner streams into the Parquet file, so memory stays bounded b
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
+from sae_atlas import layout
+from sae_atlas.problems import Problems
+from sae_atlas.sources import activations as activation_source
 from sae_atlas.sources.activations import ACTIVATION_PAIR_TYPE, ActivationRecords
+from sae_atlas.stage import Plan, Product, Skip, Stage, StageContext, fingerprint_files
 
 ARROW_SCHEMA = pa.schema(
     [
@@ -27,6 +32,7 @@ ARROW_SCHEMA = pa.schema(
 )
 PROMPTS_SCHEMA = pa.schema([("prompt_id", pa.uint32()), ("prompt_tokens", pa.list_(pa.string()))])
 ROWS_PER_BATCH = 32_768
+ROW_GROUP_ROWS = 16_384
 
 
 def max_activations(records: ActivationRecords) -> np.ndarray:
@@ -77,3 +83,41 @@ def statistics(records: ActivationRecords) -> dict:
         "prompts": len(records.prompts),
         "activation_pairs": int(records.offsets[-1]) if len(records.offsets) else 0,
     }
+
+
+def plan(context: StageContext) -> Plan:
+    settings = context.config.activations
+    if settings is None:
+        raise Skip("no [activations] in the config")
+    path = Path(settings.path)
+    if settings.format == "jsonl":
+        files = [path / "activations.jsonl", path / "prompts.json"]
+    else:
+        files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+        if settings.tokenizer:
+            files.append(Path(settings.tokenizer))
+
+    def execute(problems: Problems) -> Product:
+        records = activation_source.read_activations(settings.format, path, settings.tokenizer, problems)
+        return Product(
+            data=build_activation_examples(records, context.sae_id, ROW_GROUP_ROWS),
+            rows=len(records),
+            statistics=statistics(records),
+            schema=ARROW_SCHEMA,
+            row_group_size=ROW_GROUP_ROWS,
+            extra={layout.PROMPTS: build_prompts(records)},
+            notes=records.notes,
+        )
+
+    return Plan(key={"inputs": fingerprint_files(files)}, execute=execute)
+
+
+STAGE = Stage(
+    name="activation_examples",
+    output=layout.ACTIVATION_EXAMPLES,
+    version=1,
+    plan=plan,
+    config=("activations",),
+    extra_outputs=(layout.PROMPTS,),
+    description="one row per (feature, prompt) with its activations, from the activation records",
+)

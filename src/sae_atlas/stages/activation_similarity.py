@@ -11,8 +11,11 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
+from sae_atlas import layout
+from sae_atlas.problems import Problems
 from sae_atlas.schema import ACTIVATION_EXAMPLE_SIMILARITY
-from sae_atlas.vector_storage import ActivationEmbeddings
+from sae_atlas.stage import Plan, Product, Stage, StageContext
+from sae_atlas.vector_storage import ActivationEmbeddings, activation_embeddings_from_frame
 
 FEATURES_PER_BLOCK = 1024
 
@@ -71,3 +74,29 @@ def pairwise_statistics(embeddings: ActivationEmbeddings, *, sae_id: str) -> pl.
         )
     )
     return table.cast(ACTIVATION_EXAMPLE_SIMILARITY)  # type: ignore[arg-type]
+
+
+def plan(context: StageContext) -> Plan:
+    def execute(problems: Problems) -> Product:
+        embeddings = activation_embeddings_from_frame(context.read("activation_embeddings"))
+        table = pairwise_statistics(embeddings, sae_id=context.sae_id)
+        counts = table["num_examples_sampled"]
+        statistics = {
+            "features": table.height,
+            "features_with_fewer_than_2_examples": int((counts < 2).sum()),
+            "stored_dtype": embeddings.dtype,
+            "mean_of_mean_pairwise_similarity": table["mean_pairwise_similarity"].mean(),
+        }
+        return Product(data=table, rows=table.height, statistics=statistics)
+
+    return Plan(key={}, execute=execute)
+
+
+STAGE = Stage(
+    name="activation_similarity",
+    output=layout.ACTIVATION_SIMILARITY,
+    version=1,
+    plan=plan,
+    reads=("activation_embeddings",),
+    description="how coherent each feature's sampled activation windows are (pairwise cosines)",
+)

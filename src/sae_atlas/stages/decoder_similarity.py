@@ -8,10 +8,17 @@ a tie straddles the k-th place.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import polars as pl
 
+from sae_atlas import layout
+from sae_atlas.devices import resolve_device
+from sae_atlas.problems import Problems
 from sae_atlas.schema import STAGE_DECODER_SIMILARITY
+from sae_atlas.sources import decoder as decoder_source
+from sae_atlas.stage import Plan, Product, Skip, Stage, StageContext, Unusable, fingerprint_files
 
 BLOCK_ROWS = 512
 # Candidates taken per row beyond k, so that ties at the k-th place can be settled exactly.
@@ -104,3 +111,41 @@ def neighbours_table(ids: np.ndarray, cosines: np.ndarray) -> pl.DataFrame:
         {"feature_id": np.arange(n, dtype=np.uint32), "decoder_similarity": lists},
         schema=STAGE_DECODER_SIMILARITY,
     )
+
+
+def plan(context: StageContext) -> Plan:
+    settings = context.config.decoder
+    if settings is None:
+        raise Skip("no [decoder] in the config")
+    path = Path(settings.path)
+    files = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path]
+
+    def execute(problems: Problems) -> Product:
+        try:
+            weights = decoder_source.read_decoder(path, sae_id=context.sae_id)
+        except decoder_source.DecoderError as error:
+            problems.add(error.path, error.reason)
+            raise Unusable(f"decoder weights unusable ({error})") from None
+        device = resolve_device(settings.device)
+        ids, cosines = top_k_neighbours(weights.weights, settings.top_k, device=device)
+        table = neighbours_table(ids, cosines)
+        statistics = {
+            "d_sae": weights.d_sae,
+            "d_model": int(weights.weights.shape[1]),
+            "format": weights.format,
+            "top_k": int(ids.shape[1]),
+            "device": device,
+        }
+        return Product(data=table, rows=table.height, statistics=statistics, notes=weights.notes)
+
+    return Plan(key={"inputs": fingerprint_files(files)}, execute=execute)
+
+
+STAGE = Stage(
+    name="decoder_similarity",
+    output=layout.DECODER_SIMILARITY,
+    version=1,
+    plan=plan,
+    config=("decoder.path", "decoder.top_k"),
+    description="each latent's top-k neighbours by decoder cosine",
+)

@@ -8,14 +8,14 @@ keep their row with a null embedding, so they never look similar to anything.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-
 import numpy as np
 import polars as pl
 
+from sae_atlas import layout
+from sae_atlas.problems import Problems
 from sae_atlas.schema import EXPLANATION_EMBEDDINGS
-
-EmbedFunction = Callable[[Sequence[str]], np.ndarray]
+from sae_atlas.sources import delphi
+from sae_atlas.stage import EmbedFunction, Plan, Product, Stage, StageContext, digest, fingerprint_files
 
 
 def vectors_to_series(name: str, vectors: np.ndarray) -> pl.Series:
@@ -60,3 +60,49 @@ def build_explanation_embeddings(
         "texts_embedded": len(usable),
     }
     return table, statistics
+
+
+def plan(context: StageContext) -> Plan:
+    runs_with_files = context.listed_runs()
+    files = [entry.path for run in runs_with_files for entry in run.explanations]
+    files += [run.path / "run_config.json" for run in runs_with_files]
+    # Latents scored without an explanation file get a sentinel row: the score listing matters.
+    scored = sorted(
+        {(run.name, entry.latent) for run in runs_with_files for entries in run.scores.values() for entry in entries}
+    )
+    runs = context.runs_table()
+
+    def execute(problems: Problems) -> Product:
+        explanations = pl.concat(
+            delphi.read_explanations(run, problems).with_columns(
+                data_source=pl.lit(run.name, pl.String), llm_explainer=pl.lit(run.explainer, pl.String)
+            )
+            for run in runs_with_files
+        )
+        before = context.embedder.stats.snapshot()
+        table, statistics = build_explanation_embeddings(
+            explanations, sae_id=context.sae_id, embed=context.embed(STAGE.name)
+        )
+        work = context.embedder.stats.since(before)
+        statistics |= {
+            "model": context.config.embedding.model,
+            "texts_from_cache": work["from_cache"],
+            "texts_encoded": work["embedded"],
+        }
+        return Product(data=table, rows=table.height, statistics=statistics)
+
+    return Plan(
+        key={"inputs": fingerprint_files(files), "scored_latents": digest(scored), "runs": runs.to_dicts()},
+        execute=execute,
+        problems=context.discovery_problems("explanations"),
+    )
+
+
+STAGE = Stage(
+    name="explanation_embeddings",
+    output=layout.EXPLANATION_EMBEDDINGS,
+    version=1,
+    plan=plan,
+    config=("sources", "embedding.model", "embedding.quantize"),
+    description="every (feature, explainer)'s explanation text and its embedding",
+)

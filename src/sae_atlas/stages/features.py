@@ -11,7 +11,10 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
-from sae_atlas.schema import FEATURES, SCORE_METHODS, SCORER_SCORES, SEMANTIC_NEIGHBOUR
+from sae_atlas import layout
+from sae_atlas.problems import Problems
+from sae_atlas.schema import CONTRACT_SCORE_FIELDS, FEATURES, SCORER_SCORES, SEMANTIC_NEIGHBOUR
+from sae_atlas.stage import Plan, Product, Stage, StageContext
 
 FEATURE_BLOCK = 8192
 
@@ -91,7 +94,7 @@ def scores_by_scorer(scores: pl.DataFrame, scorers: list[str]) -> pl.DataFrame:
     """``feature_id``, ``llm_explainer`` and one struct per scorer with a column per method."""
     rank = _rank(scorers)
     wide = (
-        scores.filter(pl.col("method").cast(pl.String).is_in(SCORE_METHODS))
+        scores.filter(pl.col("method").cast(pl.String).is_in(CONTRACT_SCORE_FIELDS))
         .with_columns(
             pl.col("llm_explainer").cast(pl.String),
             pl.col("llm_scorer").cast(pl.String),
@@ -101,14 +104,14 @@ def scores_by_scorer(scores: pl.DataFrame, scorers: list[str]) -> pl.DataFrame:
             on="method", index=["feature_id", "llm_explainer", "llm_scorer"], values="score", aggregate_function="first"
         )
     )
-    for method in SCORE_METHODS:
+    for method in CONTRACT_SCORE_FIELDS:
         if method not in wide.columns:
             wide = wide.with_columns(pl.lit(None, dtype=pl.Float64).alias(method))
     return (
         wide.with_columns(_scorer_rank=pl.col("llm_scorer").replace_strict(rank, default=len(rank)))
         .sort(["feature_id", "llm_explainer", "_scorer_rank"])
         .group_by(["feature_id", "llm_explainer"], maintain_order=True)
-        .agg(scores=pl.struct(pl.col("llm_scorer").alias("scorer"), *SCORE_METHODS).cast(SCORER_SCORES))
+        .agg(scores=pl.struct(pl.col("llm_scorer").alias("scorer"), *CONTRACT_SCORE_FIELDS).cast(SCORER_SCORES))
     )
 
 
@@ -164,3 +167,31 @@ def build_features(
         "sentinel_explanations": int((~table["explanation_ok"]).sum()),
     }
     return table, statistics
+
+
+def plan(context: StageContext) -> Plan:
+    runs = context.runs_table()
+
+    def execute(problems: Problems) -> Product:
+        table, statistics = build_features(
+            explanations=context.read("explanation_embeddings"),
+            scores=context.read("scores"),
+            decoder=context.read("decoder_similarity") if context.has("decoder_similarity") else None,
+            runs=runs,
+        )
+        table = table.with_columns(pl.lit(context.sae_id).cast(pl.Categorical()).alias("sae_id"))
+        return Product(data=table, rows=table.height, statistics=statistics)
+
+    return Plan(key={"runs": runs.to_dicts()}, execute=execute)
+
+
+STAGE = Stage(
+    name="features",
+    output=layout.FEATURES,
+    version=1,
+    plan=plan,
+    reads=("scores", "explanation_embeddings"),
+    optional_reads=("decoder_similarity",),
+    config=("sources",),
+    description="one row per (feature, explainer): text, decoder neighbours, agreement, scores per scorer",
+)

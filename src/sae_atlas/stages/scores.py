@@ -1,34 +1,26 @@
 """Stage 1, ``scores``: one row per feature × explainer × scorer × method.
 
-Definitions (DESIGN.md §2):
-
-- fuzz, detection, intruder: accuracy = correct / (records − failed); a record failed when its
-  ``correct`` is not a boolean (a null batch, or a Gen 1/2 ``-1`` prediction).
-- embedding: ROC-AUC of ``similarity`` against the activating label, ties counted half (the
-  Mann–Whitney form); null when only one class is present.
-- simulation: mean and sample variance of the finite top-level ``ev_correlation_score`` values;
-  ``"nan"`` strings and nulls count as failed. The variance of a single value is null.
+Each score file's records are parsed by its method's parser and aggregated per latent by its
+method's aggregator (:mod:`sae_atlas.score_methods`); this stage only groups the long record frame
+by method and joins the results to the file listing and the runs.
 """
 
 from __future__ import annotations
 
 import polars as pl
 
+from sae_atlas import layout, score_methods
+from sae_atlas.problems import Problems
 from sae_atlas.schema import STAGE_SCORES
+from sae_atlas.score_methods import AGGREGATE_COLUMNS
+from sae_atlas.sources import delphi
+from sae_atlas.stage import Plan, Product, Stage, StageContext, fingerprint_files
 
 KEYS = ["data_source", "method", "feature_id"]
-AGGREGATE_COLUMNS = {
-    "data_source": pl.String,
-    "method": pl.String,
-    "feature_id": pl.UInt32,
-    "score": pl.Float64,
-    "n_failed": pl.UInt32,
-    "variance": pl.Float64,
-}
 FILE_COLUMNS = {"data_source": pl.String, "method": pl.String, "feature_id": pl.UInt32, "n_examples": pl.UInt32}
 
 
-def _conform(part: pl.DataFrame, columns: dict = AGGREGATE_COLUMNS) -> pl.DataFrame:
+def _conform(part: pl.DataFrame, columns: dict) -> pl.DataFrame:
     """``part`` with exactly ``columns``, absent ones null, so the parts can be concatenated."""
     return part.select(
         [
@@ -38,73 +30,30 @@ def _conform(part: pl.DataFrame, columns: dict = AGGREGATE_COLUMNS) -> pl.DataFr
     )
 
 
-def _accuracy(records: pl.DataFrame) -> pl.DataFrame:
-    return records.group_by(KEYS).agg(
-        n_failed=pl.col("correct").null_count(),
-        score=pl.col("correct").cast(pl.Float64).mean(),
-    )
-
-
-def _roc_auc(records: pl.DataFrame) -> pl.DataFrame:
-    groups = ["data_source", "feature_id"]
-    failed = pl.col("similarity").is_null() | pl.col("activating").is_null()
-    counts = records.group_by(groups).agg(n_failed=failed.sum())
-    valid = records.filter(~failed).with_columns(rank=pl.col("similarity").rank("average").over(groups))
-    auc = (
-        valid.group_by(groups)
-        .agg(
-            positives=pl.col("activating").sum(),
-            negatives=(~pl.col("activating")).sum(),
-            positive_rank_sum=pl.col("rank").filter(pl.col("activating")).sum(),
+def aggregate_records(records: pl.DataFrame) -> pl.DataFrame:
+    """Every method's records aggregated by that method's aggregator, one row per
+    (data_source, method, feature_id)."""
+    parts = [
+        _conform(score_methods.METHODS[method].aggregate(group), AGGREGATE_COLUMNS).with_columns(
+            method=pl.lit(method, pl.String)
         )
-        .with_columns(
-            score=pl.when((pl.col("positives") > 0) & (pl.col("negatives") > 0)).then(
-                (pl.col("positive_rank_sum") - pl.col("positives") * (pl.col("positives") + 1) / 2)
-                / (pl.col("positives") * pl.col("negatives"))
-            )
-        )
-    )
-    return counts.join(auc.select([*groups, "score"]), on=groups, how="left").with_columns(method=pl.lit("embedding"))
+        for (method,), group in records.partition_by("method", as_dict=True, maintain_order=True).items()
+    ]
+    if not parts:
+        return pl.DataFrame(schema={**AGGREGATE_COLUMNS, "method": pl.String})
+    return pl.concat(parts)
 
 
-def _correlation(records: pl.DataFrame) -> pl.DataFrame:
-    return (
-        records.group_by(["data_source", "feature_id"])
-        .agg(
-            n_failed=pl.col("correlation").null_count(),
-            score=pl.col("correlation").mean(),
-            variance=pl.col("correlation").var(ddof=1),
-        )
-        .with_columns(method=pl.lit("simulation"))
-    )
-
-
-def build_scores(
-    *,
-    files: pl.DataFrame,
-    classifier: pl.DataFrame,
-    embedding: pl.DataFrame,
-    simulation: pl.DataFrame,
-    intruder: pl.DataFrame,
-    runs: pl.DataFrame,
-) -> pl.DataFrame:
+def build_scores(*, files: pl.DataFrame, records: pl.DataFrame, runs: pl.DataFrame) -> pl.DataFrame:
     """Aggregate per-example score records into the ``stages/scores.parquet`` table.
 
-    Every input carries a ``data_source`` column; ``files`` has one row per readable score file
-    (``method``, ``feature_id``, ``n_records``) and ``runs`` maps ``data_source`` to
-    ``llm_explainer`` and ``llm_scorer``.
+    ``files`` has one row per readable score file (``data_source``, ``method``, ``feature_id``,
+    ``n_records``), ``records`` one row per record (``data_source``, ``method``, ``feature_id`` and
+    the record columns), and ``runs`` maps ``data_source`` to ``llm_explainer`` and ``llm_scorer``.
     """
-    aggregated = pl.concat(
-        [
-            _conform(_accuracy(classifier)),
-            _conform(_roc_auc(embedding)),
-            _conform(_correlation(simulation)),
-            _conform(_accuracy(intruder.with_columns(method=pl.lit("intruder")))),
-        ]
-    )
     table = (
         _conform(files.rename({"n_records": "n_examples"}), FILE_COLUMNS)
-        .join(aggregated, on=KEYS, how="left")
+        .join(aggregate_records(records), on=KEYS, how="left")
         .join(runs.with_columns(pl.col("data_source").cast(pl.String)), on="data_source", how="left")
         .with_columns(pl.col("n_failed").fill_null(0))
     )
@@ -114,3 +63,44 @@ def build_scores(
         .sort(["feature_id", "_source_order", "method"])
         .select([pl.col(name).cast(dtype) for name, dtype in STAGE_SCORES.items()])
     )
+
+
+def plan(context: StageContext) -> Plan:
+    runs_with_files = context.listed_runs()
+    files = [entry.path for run in runs_with_files for entries in run.scores.values() for entry in entries]
+    files += [run.path / "run_config.json" for run in runs_with_files]
+    runs = context.runs_table()
+
+    def execute(problems: Problems) -> Product:
+        listings, record_frames = [], []
+        for run in runs_with_files:
+            read = delphi.read_score_records(run, problems)
+            source = pl.lit(run.name, pl.String)
+            listings.append(read.files.with_columns(data_source=source))
+            record_frames.append(read.records.with_columns(data_source=source))
+        listing, records = pl.concat(listings), pl.concat(record_frames)
+        table = build_scores(files=listing, records=records, runs=runs)
+        statistics = {
+            "score_files_read": listing.height,
+            "records": records.height,
+            "rows_by_method": dict(table.group_by(pl.col("method").cast(pl.String)).len().iter_rows()),
+            "rows_without_score": int(table["score"].is_null().sum()),
+        }
+        notes = [note for run in runs_with_files for note in run.notes]
+        return Product(data=table, rows=table.height, statistics=statistics, notes=notes)
+
+    return Plan(
+        key={"inputs": fingerprint_files(files), "runs": runs.to_dicts()},
+        execute=execute,
+        problems=context.discovery_problems("scores"),
+    )
+
+
+STAGE = Stage(
+    name="scores",
+    output=layout.SCORES,
+    version=1,
+    plan=plan,
+    config=("sources",),
+    description="per-latent fuzz, detection, simulation, embedding and intruder scores of every run",
+)

@@ -1,10 +1,11 @@
 """The feature browser served at ``/`` by ``sae-atlas serve``.
 
-Server-rendered HTML (Jinja2) over the same :class:`~sae_atlas.atlas.Atlas` queries as the JSON
-API, so every page holds its data as soon as it loads and needs no JavaScript to be useful (a few
-lines add keyboard navigation to the table). Plots are inline SVG computed here: a histogram of
-any metric (the data of ``/api/histogram``) and a scatter of two metrics whose points link to
-their features. Templates and the stylesheet ship inside the package.
+Server-rendered HTML (Jinja2) of the same page data as the JSON API (:mod:`sae_atlas.pages`, its
+JSON twins), with query parameters parsed by the same models (:mod:`sae_atlas.queries`). Every page
+holds its data as soon as it loads and needs no JavaScript to be useful (a few lines add keyboard
+navigation to the table). Plots are inline SVG computed here: a histogram of any metric and a
+scatter of two metrics whose points link to their features. Metric names, labels, descriptions and
+colour ranges come from the metric registry. Templates and the stylesheet ship inside the package.
 """
 
 from __future__ import annotations
@@ -13,33 +14,23 @@ import math
 from pathlib import Path
 from urllib.parse import urlencode
 
-import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
-from sae_atlas.atlas import COLUMNS, METRIC_DESCRIPTIONS, METRICS, Atlas, FeatureNotFound, QueryError
+from sae_atlas import metrics, pages
+from sae_atlas.atlas import Atlas, FeatureNotFound, QueryError
+from sae_atlas.queries import feature_query_model, parse, plot_query_model, without_blanks
 
 HERE = Path(__file__).parent
 PAGE_SIZES = (25, 50, 100, 250, 500)
-MAX_SCATTER_POINTS = 5000
-METRIC_LABELS = {
-    "fuzz": "fuzz",
-    "detection": "detection",
-    "simulation": "simulation",
-    "embedding": "embedding",
-    "semantic_similarity": "agreement",
-    "activation_similarity": "coherence",
-    "decoder_similarity": "decoder",
-}
-
 
 HEADERS = [
     ("feature_id", "feature", "latent index"),
     ("explainer", "explainer", "the LLM that wrote the explanation"),
     ("explanation_text", "explanation", "the explanation"),
-    *[(metric, METRIC_LABELS[metric], METRIC_DESCRIPTIONS[metric]) for metric in METRICS],
+    *[(metric.name, metric.label, metric.description) for metric in metrics.METRICS],
 ]
 
 
@@ -64,28 +55,8 @@ def token_style(value: float, peak: float) -> str:
 
 
 def metric_range(metric: str) -> tuple[float, float]:
-    """The natural range of a metric, for colour scales."""
-    return (0.5, 1.0) if metric in ("fuzz", "detection", "embedding") else (0.0, 1.0)
-
-
-def _float(value: str | None) -> float | None:
-    if value is None or value.strip() == "":
-        return None
-    try:
-        number = float(value)
-    except ValueError:
-        raise QueryError(f"{value!r} is not a number") from None
-    if not math.isfinite(number):
-        raise QueryError(f"{value!r} is not a finite number")
-    return number
-
-
-def _int(value: str | None, default: int, low: int, high: int) -> int:
-    try:
-        number = int(value) if value not in (None, "") else default
-    except ValueError:
-        number = default
-    return min(max(number, low), high)
+    """The range of a metric's colour scale (chance level → perfect)."""
+    return metrics.BY_NAME[metric].range
 
 
 def _axis(low: float, high: float, ticks: int = 5) -> list[float]:
@@ -129,41 +100,32 @@ def histogram_svg_data(histogram: dict, width: int = 640, height: int = 260) -> 
     }
 
 
-def scatter_svg_data(rows, x: str, y: str, width: int = 640, height: int = 420) -> dict:
-    """Point geometry for two metrics of the flat feature table (rows missing either are left out)."""
-    data = rows.select("feature_id", "explainer", x, y).drop_nulls([x, y])
-    total = data.height
-    if total > MAX_SCATTER_POINTS:  # a fixed sample keeps the page light and stable between loads
-        data = data.sample(MAX_SCATTER_POINTS, seed=0)
-    xs, ys = data[x].to_numpy(), data[y].to_numpy()
-    x_low, x_high = (float(xs.min()), float(xs.max())) if len(xs) else (0.0, 1.0)
-    y_low, y_high = (float(ys.min()), float(ys.max())) if len(ys) else (0.0, 1.0)
+def scatter_svg_data(scatter: dict, width: int = 640, height: int = 420) -> dict:
+    """Point geometry for the scatter data of :func:`sae_atlas.pages.scatter`."""
+    points = scatter["points"]
+    xs = [point["x"] for point in points]
+    ys = [point["y"] for point in points]
+    x_low, x_high = (min(xs), max(xs)) if xs else (0.0, 1.0)
+    y_low, y_high = (min(ys), max(ys)) if ys else (0.0, 1.0)
     x_high, y_high = (x_high if x_high > x_low else x_low + 1.0), (y_high if y_high > y_low else y_low + 1.0)
     # a margin of 3 % so that no point sits on an axis
     x_pad, y_pad = 0.03 * (x_high - x_low), 0.03 * (y_high - y_low)
     x_low, x_high, y_low, y_high = x_low - x_pad, x_high + x_pad, y_low - y_pad, y_high + y_pad
     plot_width, plot_height = width - 95, height - 50
-    points = [
-        {
-            "feature_id": feature,
-            "explainer": explainer,
-            "cx": 60 + plot_width * (float(px) - x_low) / (x_high - x_low),
-            "cy": 10 + plot_height - plot_height * (float(py) - y_low) / (y_high - y_low),
-            "x": float(px),
-            "y": float(py),
-        }
-        for feature, explainer, px, py in zip(
-            data["feature_id"].to_list(), data["explainer"].to_list(), xs, ys, strict=True
-        )
-    ]
-    correlation = float(np.corrcoef(xs, ys)[0, 1]) if len(xs) > 2 and xs.std() > 0 and ys.std() > 0 else None
     return {
         "width": width,
         "height": height,
-        "points": points,
-        "total": total,
-        "shown": len(points),
-        "correlation": correlation,
+        "points": [
+            {
+                **point,
+                "cx": 60 + plot_width * (point["x"] - x_low) / (x_high - x_low),
+                "cy": 10 + plot_height - plot_height * (point["y"] - y_low) / (y_high - y_low),
+            }
+            for point in points
+        ],
+        "total": scatter["total"],
+        "shown": scatter["shown"],
+        "correlation": scatter["correlation"],
         "x_ticks": [
             {"x": 60 + plot_width * step / 4, "label": f"{value:.2f}"}
             for step, value in enumerate(_axis(x_low, x_high))
@@ -176,88 +138,89 @@ def scatter_svg_data(rows, x: str, y: str, width: int = 640, height: int = 420) 
     }
 
 
+def twin_link(path: str, query: str = "") -> str | None:
+    """The JSON twin of an HTML page's path (and its query string)."""
+    for page, twin in pages.TWINS.items():
+        prefix = page.split("{", 1)[0]
+        if path == page or ("{" in page and path.startswith(prefix) and path != prefix):
+            target = twin.split("{", 1)[0] + path[len(prefix) :] if "{" in page else twin
+            return target + (f"?{query}" if query else "")
+    return None
+
+
 def mount_browser(app: FastAPI, atlas: Atlas) -> None:
     """Add the HTML pages and their static files to ``app``."""
+    TableQuery = feature_query_model(atlas.explainers, atlas.scorers)
+    PlotsQuery = plot_query_model(atlas.explainers, atlas.scorers)
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     templates.env.globals.update(
         short_name=short_name,
         colour=colour,
         token_style=token_style,
         metric_range=metric_range,
-        METRICS=METRICS,
-        METRIC_LABELS=METRIC_LABELS,
-        METRIC_DESCRIPTIONS=METRIC_DESCRIPTIONS,
-        SCORE_COLUMNS=METRICS[:4],
+        METRICS=metrics.METRICS,
+        SCORE_METRICS=metrics.SCORE_METRICS,
+        label_of=lambda name: metrics.BY_NAME[name].label,
+        description_of=lambda name: metrics.BY_NAME[name].description,
         sae_id=atlas.sae_id,
     )
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
 
+    def canonical(request: Request) -> RedirectResponse | None:
+        """A redirect to the same page without the empty fields a form submitted."""
+        kept = without_blanks(request.query_params)
+        if kept is None:
+            return None
+        return RedirectResponse(request.url.path + (f"?{urlencode(kept)}" if kept else ""), status_code=303)
+
     def page(request: Request, name: str, status_code: int = 200, **context) -> HTMLResponse:
+        context["json_twin"] = twin_link(request.url.path, request.url.query)
         return templates.TemplateResponse(request, name, context, status_code=status_code)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def index(request: Request):
+        if redirect := canonical(request):
+            return redirect
         params = request.query_params
         error = None
-        explainer = params.get("explainer") or None
-        scorer = params.get("scorer") or None
-        contains = (params.get("contains") or "").strip()[:500] or None
-        sort = params.get("sort") if params.get("sort") in COLUMNS else "feature_id"
-        order = "desc" if params.get("order") == "desc" else "asc"
-        limit = _int(params.get("limit"), 100, 1, 1000)
-        offset = _int(params.get("offset"), 0, 0, 10_000_000)
-        query = (params.get("q") or "").strip()[:500]
-        bounds = {}
         try:
-            for metric in METRICS:
-                low, high = _float(params.get(f"{metric}_min")), _float(params.get(f"{metric}_max"))
-                if (low, high) != (None, None):
-                    bounds[metric] = (low, high)
-            rows, total = atlas.query_features(
-                explainer=explainer,
-                scorer=scorer,
-                filters=bounds,
-                contains=contains,
-                sort=sort,
-                descending=order == "desc",
-                limit=limit,
-                offset=offset,
-            )
-            hits = atlas.search(query, 25, explainer=explainer).to_dicts() if query else []
+            query = parse(TableQuery, params)
+            data = pages.feature_table(atlas, query)
         except QueryError as problem:
             error = str(problem)
-            rows, total = atlas.query_features(limit=limit)
-            hits = []
+            query = TableQuery()
+            data = pages.feature_table(atlas, query)
         kept = {key: value for key, value in params.items() if value not in ("", None) and key != "offset"}
 
         def link(**changes) -> str:
             merged = {**kept, **{key: value for key, value in changes.items() if value is not None}}
             return "/?" + urlencode({key: value for key, value in merged.items() if value not in ("", None)})
 
+        filters = query.filters()
         return page(
             request,
             "index.html",
             status_code=422 if error else 200,
-            rows=rows.to_dicts(),
-            total=total,
-            limit=limit,
-            offset=offset,
-            sort=sort,
-            order=order,
+            rows=data["rows"],
+            total=data["total"],
+            limit=query.limit,
+            offset=query.offset,
+            sort=query.sort,
+            order=query.order,
             explainers=atlas.explainers,
             scorers=atlas.scorers,
-            explainer=explainer,
-            scorer=scorer,
-            contains=contains or "",
-            query=query,
-            hits=hits,
+            explainer=query.explainer,
+            scorer=query.scorer,
+            contains=query.contains or "",
+            query=query.q or "",
+            hits=data.get("hits", []),
             params=params,
             error=error,
             link=link,
             page_sizes=PAGE_SIZES,
             stats=atlas.stats(),
             headers=HEADERS,
-            filtering=bool(explainer or scorer or contains or bounds),
+            filtering=bool(query.explainer or query.scorer or query.contains or filters),
         )
 
     @app.get("/features/{feature_id}", response_class=HTMLResponse, include_in_schema=False)
@@ -266,7 +229,7 @@ def mount_browser(app: FastAPI, atlas: Atlas) -> None:
             number = int(feature_id)
             if not 0 <= number < 2**32:
                 raise ValueError
-            record = atlas.feature(number)
+            record = pages.feature(atlas, number)
         except (ValueError, FeatureNotFound):
             return page(request, "missing.html", status_code=404, feature_id=feature_id)
         explainers = [item["explainer"] for item in record["explanations"]]
@@ -290,27 +253,29 @@ def mount_browser(app: FastAPI, atlas: Atlas) -> None:
 
     @app.get("/plots", response_class=HTMLResponse, include_in_schema=False)
     def plots(request: Request):
-        params = request.query_params
-        metric = params.get("metric") if params.get("metric") in METRICS else "detection"
-        bins = _int(params.get("bins"), 20, 1, 200)
-        x = params.get("x") if params.get("x") in METRICS else "semantic_similarity"
-        y = params.get("y") if params.get("y") in METRICS else "fuzz"
-        explainer = params.get("explainer") if params.get("explainer") in atlas.explainers else None
-        scorer = params.get("scorer") if params.get("scorer") in atlas.scorers else None
-        histogram = atlas.histogram(metric, bins, explainer=explainer, scorer=scorer)
-        rows = atlas.features(explainer=explainer, scorer=scorer, limit=None)
+        if redirect := canonical(request):
+            return redirect
+        error = None
+        try:
+            query = parse(PlotsQuery, request.query_params)
+        except QueryError as problem:
+            error = str(problem)
+            query = PlotsQuery()
+        data = pages.plots(atlas, query)
         return page(
             request,
             "plots.html",
-            metric=metric,
-            bins=bins,
-            x=x,
-            y=y,
-            explainer=explainer,
-            scorer=scorer,
+            status_code=422 if error else 200,
+            error=error,
+            metric=query.metric,
+            bins=query.bins,
+            x=query.x,
+            y=query.y,
+            explainer=query.explainer,
+            scorer=query.scorer,
             explainers=atlas.explainers,
             scorers=atlas.scorers,
-            histogram=histogram,
-            bars=histogram_svg_data(histogram),
-            scatter=scatter_svg_data(rows, x, y),
+            histogram=data["histogram"],
+            bars=histogram_svg_data(data["histogram"]),
+            scatter=scatter_svg_data(data["scatter"]),
         )

@@ -1,0 +1,176 @@
+"""The output directory: what each file is called, how it is written, and how its sidecar is read.
+
+Every module that reads or writes an output directory goes through here, so a file name is
+written once. Writes are atomic (a temporary file in the same directory, then a rename): a crash
+never leaves a half-written file, and a reader never sees one.
+
+    master/
+      features.parquet                       FEATURES
+      explanation_embeddings.parquet         EXPLANATION_EMBEDDINGS
+      activation_examples.parquet            ACTIVATION_EXAMPLES
+      activation_embeddings.parquet          ACTIVATION_EMBEDDINGS
+      activation_example_similarity.parquet  ACTIVATION_SIMILARITY
+      stages/scores.parquet                  SCORES
+      stages/decoder_similarity.parquet      DECODER_SIMILARITY
+      stages/prompts.parquet                 PROMPTS
+      stages/sampled_examples.parquet        SAMPLED_EXAMPLES
+      <file>.metadata.json                   sidecars
+      run_report.json                        RUN_REPORT
+      .cache/embeddings/                     EMBEDDING_CACHE
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import orjson
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+FEATURES = "features.parquet"
+EXPLANATION_EMBEDDINGS = "explanation_embeddings.parquet"
+ACTIVATION_EXAMPLES = "activation_examples.parquet"
+ACTIVATION_EMBEDDINGS = "activation_embeddings.parquet"
+ACTIVATION_SIMILARITY = "activation_example_similarity.parquet"
+SCORES = "stages/scores.parquet"
+DECODER_SIMILARITY = "stages/decoder_similarity.parquet"
+PROMPTS = "stages/prompts.parquet"
+SAMPLED_EXAMPLES = "stages/sampled_examples.parquet"
+RUN_REPORT = "run_report.json"
+EMBEDDING_CACHE = ".cache/embeddings"
+SIDECAR_SUFFIX = ".metadata.json"
+
+# The five files downstream consumers read, in the contract's order (DESIGN.md §2).
+MASTER_FILES = (FEATURES, EXPLANATION_EMBEDDINGS, ACTIVATION_EXAMPLES, ACTIVATION_EMBEDDINGS, ACTIVATION_SIMILARITY)
+
+
+def view_name(name: str) -> str:
+    """The SQL view / short name of an output file: ``stages/scores.parquet`` → ``scores``."""
+    return Path(name).name.removesuffix(".parquet")
+
+
+# -- sidecars ------------------------------------------------------------------------------------
+
+
+def sidecar_path(output: Path) -> Path:
+    """Where the sidecar of ``output`` lives (``<name>.parquet.metadata.json``)."""
+    output = Path(output)
+    return output.with_name(output.name + SIDECAR_SUFFIX)
+
+
+def read_sidecar(output: Path) -> dict | None:
+    """The sidecar of ``output``, or None when missing or unreadable."""
+    try:
+        data = orjson.loads(sidecar_path(output).read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def write_sidecar(output: Path, sidecar: dict) -> None:
+    """Write the sidecar of ``output`` atomically."""
+    write_atomic_bytes(sidecar_path(output), orjson.dumps(sidecar, option=orjson.OPT_INDENT_2))
+
+
+# -- atomic writers ------------------------------------------------------------------------------
+
+
+def temporary_path(path: Path) -> Path:
+    """The temporary file ``path`` is written through: hidden, in the same directory (so the final
+    rename is atomic), and named after the writing process (so concurrent writers never share one)."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def write_atomic_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = temporary_path(path)
+    try:
+        temporary.write_bytes(data)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def _arrow(part: pl.DataFrame | pa.Table | pa.RecordBatch) -> pa.Table | pa.RecordBatch:
+    return part.to_arrow() if isinstance(part, pl.DataFrame) else part
+
+
+class NothingToWrite(ValueError):
+    """A streamed output produced no part and no schema was given."""
+
+
+def write_parquet(
+    path: Path,
+    data: pl.DataFrame | pa.Table | Iterable[pa.RecordBatch | pa.Table | pl.DataFrame],
+    *,
+    compression: str,
+    schema: pa.Schema | None = None,
+    row_group_size: int | None = None,
+) -> None:
+    """Write a table, or a stream of parts, atomically: a crash never leaves a half file.
+
+    A stream is written part by part (memory bounded by one part); its schema is ``schema`` or
+    that of its first part. An empty stream with a schema gives an empty file of that schema.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = temporary_path(path)
+    try:
+        if isinstance(data, pl.DataFrame):
+            data.write_parquet(temporary, compression=compression, statistics=True, row_group_size=row_group_size)
+        elif isinstance(data, pa.Table):
+            pq.write_table(data, temporary, compression=compression, row_group_size=row_group_size)
+        else:
+            writer = None
+            try:
+                for part in data:
+                    part = _arrow(part)
+                    if writer is None:
+                        writer = pq.ParquetWriter(temporary, schema or part.schema, compression=compression)
+                    if isinstance(part, pa.Table):
+                        writer.write_table(part.cast(writer.schema), row_group_size=row_group_size)
+                    else:
+                        writer.write_batch(part, row_group_size=row_group_size)
+                if writer is None:
+                    if schema is None:
+                        raise NothingToWrite(f"{path}: nothing to write and no schema given")
+                    writer = pq.ParquetWriter(temporary, schema, compression=compression)
+            finally:
+                if writer is not None:
+                    writer.close()
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def remove_output(path: Path) -> bool:
+    """Delete an output file and its sidecar; True when there was something to delete."""
+    path = Path(path)
+    existed = path.exists()
+    path.unlink(missing_ok=True)
+    sidecar_path(path).unlink(missing_ok=True)
+    return existed
+
+
+# -- the prompt table ----------------------------------------------------------------------------
+
+
+def read_prompt_tokens(output_dir: Path) -> pl.Series:
+    """Each prompt's tokens, indexed by prompt id: from stages/prompts.parquet, else rebuilt from
+    activation_examples.parquet (an output directory written by another tool)."""
+    path = Path(output_dir) / PROMPTS
+    if path.exists():
+        return pl.read_parquet(path).sort("prompt_id")["prompt_tokens"]
+    examples = pl.scan_parquet(Path(output_dir) / ACTIVATION_EXAMPLES)
+    unique = examples.select("prompt_id", "prompt_tokens").unique("prompt_id").collect()
+    size = int(unique["prompt_id"].max() or -1) + 1
+    return (
+        pl.DataFrame({"prompt_id": pl.arange(0, size, eager=True).cast(pl.UInt32)})
+        .join(unique, on="prompt_id", how="left")
+        .sort("prompt_id")["prompt_tokens"]
+    )

@@ -1,0 +1,142 @@
+"""Query parameters, declared once and parsed the same way for the JSON API and the HTML pages.
+
+The models are built per atlas (its explainers and scorers become enumerations, so the OpenAPI
+schema lists the valid values) and from the metric registry (a ``<metric>_min`` / ``<metric>_max``
+pair per metric). FastAPI validates the API's parameters with them; the HTML pages call
+:func:`parse` with the same model, so a value is accepted or refused by one rule, with one message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+
+from sae_atlas import metrics
+from sae_atlas.atlas import COLUMNS, QueryError
+
+MAX_TEXT = 500
+MAX_LIMIT = 1000
+MAX_OFFSET = 10_000_000
+
+
+def names_type(values: list[str]):
+    """The type of a parameter that must be one of ``values`` (so the schema lists them)."""
+    return Literal[tuple(values)] if values else str  # type: ignore[valid-type]
+
+
+class _Query(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class FeatureQuery(_Query):
+    """Query parameters of the feature table (``GET /api/features`` and the index page)."""
+
+    explainer: str | None = None
+    scorer: str | None = None
+    contains: str | None = None
+    q: str | None = None
+    sort: str = "feature_id"
+    order: Literal["asc", "desc"] = "asc"
+    limit: int = 100
+    offset: int = 0
+
+    def filters(self) -> dict[str, tuple[float | None, float | None]]:
+        """``{metric: (low, high)}`` for every metric with a bound."""
+        bounds = {name: (getattr(self, f"{name}_min"), getattr(self, f"{name}_max")) for name in metrics.NAMES}
+        return {name: bound for name, bound in bounds.items() if bound != (None, None)}
+
+    def table_arguments(self) -> dict:
+        """The keyword arguments of :meth:`Atlas.query_features`."""
+        return {
+            "explainer": self.explainer,
+            "scorer": self.scorer,
+            "filters": self.filters(),
+            "contains": self.contains,
+            "sort": self.sort,
+            "descending": self.order == "desc",
+            "limit": self.limit,
+            "offset": self.offset,
+        }
+
+
+class PlotQuery(_Query):
+    """Query parameters of the plots (``GET /api/plots`` and the plots page)."""
+
+    metric: str = "detection"
+    bins: int = 20
+    x: str = "semantic_similarity"
+    y: str = "fuzz"
+    explainer: str | None = None
+    scorer: str | None = None
+
+
+def feature_query_model(explainers: list[str], scorers: list[str]) -> type[FeatureQuery]:
+    """The feature-table query of an atlas with these explainers and scorers."""
+    explainer, scorer = names_type(explainers), names_type(scorers)
+    bounds = {}
+    for metric in metrics.METRICS:
+        for end, word in (("min", "lowest"), ("max", "highest")):
+            bounds[f"{metric.name}_{end}"] = (
+                float | None,
+                Field(None, allow_inf_nan=False, description=f"{word} {metric.label}: {metric.description}"),
+            )
+    return create_model(
+        "FeatureQuery",
+        __base__=FeatureQuery,
+        explainer=(explainer | None, Field(None, description="only this explainer's rows")),
+        scorer=(scorer | None, Field(None, description="score columns from this scorer only")),
+        contains=(str | None, Field(None, max_length=MAX_TEXT, description="text the explanation contains")),
+        q=(str | None, Field(None, max_length=MAX_TEXT, description="free text: closest explanations, as `hits`")),
+        sort=(Literal[COLUMNS], Field("feature_id", description="column to sort by")),  # type: ignore[valid-type]
+        limit=(int, Field(100, ge=1, le=MAX_LIMIT)),
+        offset=(int, Field(0, ge=0, le=MAX_OFFSET)),
+        **bounds,
+    )
+
+
+def plot_query_model(explainers: list[str], scorers: list[str]) -> type[PlotQuery]:
+    """The plots query of an atlas with these explainers and scorers."""
+    metric = Literal[metrics.NAMES]  # type: ignore[valid-type]
+    return create_model(
+        "PlotQuery",
+        __base__=PlotQuery,
+        metric=(metric, Field("detection", description="metric of the histogram")),
+        bins=(int, Field(20, ge=1, le=200, description="histogram bins")),
+        x=(metric, Field("semantic_similarity", description="metric on the scatter's x axis")),
+        y=(metric, Field("fuzz", description="metric on the scatter's y axis")),
+        explainer=(names_type(explainers) | None, Field(None, description="only this explainer's rows")),
+        scorer=(names_type(scorers) | None, Field(None, description="score metrics from this scorer only")),
+    )
+
+
+def without_blanks(params: Mapping[str, str]) -> dict[str, str] | None:
+    """``params`` without its empty values when it has any (an HTML form sends its empty fields as
+    ``name=``, meaning "not set"), else None. The pages redirect to that canonical query, so the
+    API and the pages see the same parameters and apply the same rule to them."""
+    items = list(params.multi_items()) if hasattr(params, "multi_items") else list(params.items())
+    if all(value != "" for _, value in items):
+        return None
+    return {key: value for key, value in items if value != ""}
+
+
+def validation_message(error: ValidationError, *, skip_location: int = 0) -> str:
+    """One readable line for a validation error ("limit: Input should be less than or equal to 1000")."""
+    messages = []
+    for item in error.errors():
+        location = item["loc"][skip_location:] or item["loc"]
+        messages.append(f"{'.'.join(str(part) for part in location)}: {item['msg']}")
+    return "; ".join(messages)
+
+
+Q = TypeVar("Q", bound=_Query)
+
+
+def parse(model: type[Q], params: Mapping[str, str]) -> Q:
+    """Validate ``params`` (e.g. a request's query string) with ``model``; :class:`QueryError`
+    with one line when they do not fit."""
+    try:
+        return model.model_validate(dict(params))
+    except ValidationError as error:
+        raise QueryError(validation_message(error)) from None

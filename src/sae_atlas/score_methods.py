@@ -1,0 +1,241 @@
+"""Score methods: how each delphi scorer's per-example records become one number per latent.
+
+A :class:`ScoreMethod` pairs a record parser (a score file's JSON records → per-record columns)
+with an aggregator (the records of every latent → one score per latent). Both are pure. The delphi
+reader looks parsers up by the score directory's name, the ``scores`` stage looks aggregators up
+by method; neither names a method. Adding a method is one entry in :data:`METHODS` (and a metric
+in :mod:`sae_atlas.metrics` to show it).
+
+Every parser yields the same long columns, one row per record:
+
+``outcome``      the number the aggregator works on (``correct`` as 1.0/0.0, a similarity, a
+                 correlation); null when the record failed
+``activating``   the example's ground truth, where the record says or implies it
+``probability``  the scorer's probability that the example is activating, where recorded
+``quantile``     the activation quantile the example was drawn from (0 = top), where known
+
+Definitions are the study's (DESIGN.md §2): accuracy = correct / (records − failed); embedding =
+ROC-AUC of the similarity against the activating label (ties counted half, null with one class);
+simulation = mean and sample variance of the finite top-level correlations.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import polars as pl
+
+RECORD_COLUMNS = {
+    "outcome": pl.Float64,
+    "activating": pl.Boolean,
+    "probability": pl.Float64,
+    "quantile": pl.Int16,
+}
+# What every aggregator returns, per (data_source, feature_id).
+AGGREGATE_COLUMNS = {
+    "data_source": pl.String,
+    "feature_id": pl.UInt32,
+    "score": pl.Float64,
+    "n_failed": pl.UInt32,
+    "variance": pl.Float64,
+}
+GROUP = ["data_source", "feature_id"]
+
+Columns = dict[str, list]
+Parser = Callable[[list[dict]], Columns]
+Aggregator = Callable[[pl.DataFrame], pl.DataFrame]
+
+
+@dataclass(frozen=True)
+class ScoreMethod:
+    """A delphi scorer's records: how to read them and how to aggregate them per latent."""
+
+    name: str
+    parse: Parser
+    aggregate: Aggregator
+    description: str
+
+
+# -- record parsing -------------------------------------------------------------------------------
+
+
+def is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def finite(value) -> float | None:
+    """A finite float, or None for delphi's "nan" strings, nulls and anything else."""
+    if is_number(value) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+def _quantile(distance, zero_based: bool) -> int | None:
+    """The activation quantile of an activating example from its ``distance``."""
+    if type(distance) is float and distance.is_integer():
+        distance = int(distance)
+    if type(distance) is not int:
+        return None
+    quantile = distance if zero_based else distance - 1
+    return quantile if 0 <= quantile < 2**15 else None
+
+
+def classifier_correct(record: dict) -> bool | None:
+    """``correct`` of a fuzz/detection record, or None when the example failed."""
+    prediction = record.get("prediction")
+    if is_number(prediction) and prediction == -1:  # Gen 1/2 failure marker
+        return None
+    correct = record.get("correct")
+    if isinstance(correct, bool):
+        return correct
+    # Gen 1 files may lack the dynamic ``correct`` attribute: derive it from the prediction.
+    truth = record.get("activating", record.get("ground_truth"))
+    if "correct" not in record and isinstance(truth, bool) and prediction in (0, 1):
+        return bool(prediction) == truth
+    return None
+
+
+# The parsers below run once per record of hundreds of thousands of files: they test the common
+# case (a current delphi record) inline and call the general helpers only for the rest.
+
+
+def parse_classifier(records: list[dict]) -> Columns:
+    """fuzz / detection (``ClassifierOutput``) of every generation (raw-formats.md §1.6.1)."""
+    outcome, activating, probability, quantile = [], [], [], []
+    for record in records:
+        correct = record.get("correct")
+        prediction = record.get("prediction")
+        if type(correct) is not bool or (type(prediction) is int and prediction == -1):
+            correct = classifier_correct(record)
+        truth = record.get("activating")
+        zero_based = truth is not None  # Gen 3 records carry ``activating`` and count quantiles from 0
+        if truth is None:
+            truth = record.get("ground_truth")
+        if type(truth) is not bool:
+            truth = None
+        outcome.append(None if correct is None else float(correct))
+        activating.append(truth)
+        # Only current records hold real probabilities (Gen 1/2 wrote 0.0 or -1 as defaults).
+        chance = record.get("probability") if zero_based and correct is not None else None
+        probability.append(chance if type(chance) is float and 0.0 <= chance <= 1.0 else None)
+        quantile.append(_quantile(record.get("distance"), zero_based) if truth else None)
+    return {"outcome": outcome, "activating": activating, "probability": probability, "quantile": quantile}
+
+
+def embedding_activating(record: dict) -> bool | None:
+    """Ground truth of an embedding record: ``activating`` when present, else ``distance >= 0``.
+
+    A neighbour negative with Jaccard 0 is written as ``-0.0``: counted as non-activating.
+    """
+    activating = record.get("activating", record.get("ground_truth"))
+    if isinstance(activating, bool):
+        return activating
+    distance = record.get("distance")
+    if not is_number(distance):
+        return None
+    return distance > 0 or (distance == 0 and math.copysign(1.0, distance) > 0)
+
+
+def parse_embedding(records: list[dict]) -> Columns:
+    """embedding (``EmbeddingOutput``): the similarity of each example to the explanation."""
+    outcome, activating, quantile = [], [], []
+    for record in records:
+        similarity = record.get("similarity")
+        outcome.append(similarity if type(similarity) is float and math.isfinite(similarity) else finite(similarity))
+        truth = embedding_activating(record)
+        activating.append(truth)
+        quantile.append(_quantile(record.get("distance"), True) if truth else None)
+    return {"outcome": outcome, "activating": activating, "probability": [None] * len(records), "quantile": quantile}
+
+
+def parse_simulation(records: list[dict]) -> Columns:
+    """simulation (``ScoredSimulation`` groups): each group's correlation; outer distance q+1 is
+    quantile q, 0 the pooled "all" group."""
+    n = len(records)
+    return {
+        "outcome": [finite(record.get("ev_correlation_score")) for record in records],
+        "activating": [None] * n,
+        "probability": [None] * n,
+        "quantile": [_quantile(record.get("distance"), False) for record in records],
+    }
+
+
+def parse_intruder(records: list[dict]) -> Columns:
+    """intruder (``IntruderResult``): whether the scorer found the intruder; ``sample: null`` fails."""
+    n = len(records)
+    outcome = [
+        float(record["correct"])
+        if record.get("sample") is not None and isinstance(record.get("correct"), bool)
+        else None
+        for record in records
+    ]
+    return {"outcome": outcome, "activating": [None] * n, "probability": [None] * n, "quantile": [None] * n}
+
+
+# -- aggregation ----------------------------------------------------------------------------------
+
+
+def accuracy(records: pl.DataFrame) -> pl.DataFrame:
+    """correct / (records − failed) per latent."""
+    return records.group_by(GROUP).agg(
+        n_failed=pl.col("outcome").null_count(),
+        score=pl.col("outcome").mean(),
+    )
+
+
+def roc_auc(records: pl.DataFrame) -> pl.DataFrame:
+    """ROC-AUC of ``outcome`` against ``activating`` per latent (Mann–Whitney, ties count half)."""
+    failed = pl.col("outcome").is_null() | pl.col("activating").is_null()
+    counts = records.group_by(GROUP).agg(n_failed=failed.sum())
+    valid = records.filter(~failed).with_columns(rank=pl.col("outcome").rank("average").over(GROUP))
+    auc = (
+        valid.group_by(GROUP)
+        .agg(
+            positives=pl.col("activating").sum(),
+            negatives=(~pl.col("activating")).sum(),
+            positive_rank_sum=pl.col("rank").filter(pl.col("activating")).sum(),
+        )
+        .with_columns(
+            score=pl.when((pl.col("positives") > 0) & (pl.col("negatives") > 0)).then(
+                (pl.col("positive_rank_sum") - pl.col("positives") * (pl.col("positives") + 1) / 2)
+                / (pl.col("positives") * pl.col("negatives"))
+            )
+        )
+    )
+    return counts.join(auc.select([*GROUP, "score"]), on=GROUP, how="left")
+
+
+def mean_and_variance(records: pl.DataFrame) -> pl.DataFrame:
+    """Mean and sample variance of the finite values per latent (one value: variance null)."""
+    return records.group_by(GROUP).agg(
+        n_failed=pl.col("outcome").null_count(),
+        score=pl.col("outcome").mean(),
+        variance=pl.col("outcome").var(ddof=1),
+    )
+
+
+METHODS: dict[str, ScoreMethod] = {
+    method.name: method
+    for method in (
+        ScoreMethod("fuzz", parse_classifier, accuracy, "accuracy on highlighted examples"),
+        ScoreMethod("detection", parse_classifier, accuracy, "accuracy on plain examples"),
+        ScoreMethod("simulation", parse_simulation, mean_and_variance, "mean correlation of simulated activations"),
+        ScoreMethod("embedding", parse_embedding, roc_auc, "ROC-AUC of example similarity to the explanation"),
+        ScoreMethod("intruder", parse_intruder, accuracy, "share of intruders found"),
+    )
+}
+# delphi's CLI writes simulation scores to "simulation" although the scorer class is "simulator";
+# pre-2025 code called detection "recall".
+ALIASES = {"simulator": "simulation", "recall": "detection"}
+# Directories delphi (or custom pipelines) write that have no per-latent score sae-atlas can agree on.
+SKIPPED = {
+    "surprisal": "no agreed per-latent aggregation for surprisal losses",
+    "example_embedding": "example-embedding scores do not involve the explanation",
+}
+
+
+def method_of_directory(name: str) -> str:
+    """The score method a ``scores/<name>/`` directory holds (aliases resolved)."""
+    return ALIASES.get(name, name)
