@@ -44,15 +44,16 @@ def wide_copy(source, target) -> None:
     """The reference output with features.parquet and explanation_embeddings tiled to every latent."""
     shutil.rmtree(target, ignore_errors=True)
     shutil.copytree(source, target, ignore=shutil.ignore_patterns(".cache"))
-    for name in ("features.parquet", "explanation_embeddings.parquet"):
+    # One mapping for every file, so the tiled rows of each file still line up with the others.
+    explained = pl.read_parquet(source / "features.parquet")["feature_id"].unique().sort().to_list()
+    for name in ("features.parquet", "explanation_embeddings.parquet", "stages/scores.parquet"):
         frame = pl.read_parquet(source / name)
-        explained = frame["feature_id"].unique().sort().to_list()
         copies = []
         for copy in range(-(-16_384 // len(explained))):
             mapping = {old: copy * len(explained) + index for index, old in enumerate(explained)}
             shifted = frame.with_columns(
-                pl.col("feature_id").replace_strict(mapping, return_dtype=frame.schema["feature_id"])
-            )
+                pl.col("feature_id").replace_strict(mapping, default=None, return_dtype=frame.schema["feature_id"])
+            ).drop_nulls("feature_id")
             copies.append(shifted)
         tiled = pl.concat(copies).filter(pl.col("feature_id") < 16_384).sort("feature_id", maintain_order=True)
         tiled.write_parquet(target / name)
