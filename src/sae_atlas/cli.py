@@ -4,6 +4,7 @@ failure ends with exit code 1 and a one-line cause on stderr."""
 from __future__ import annotations
 
 import functools
+import math
 import os
 import shlex
 import sys
@@ -37,8 +38,16 @@ class CommandError(Exception):
     """A failure the user can act on; printed as one line."""
 
 
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
 def _fail_cleanly(command):
-    """Turn expected failures into ``error: …`` on stderr and exit code 1."""
+    """Turn failures into one ``error: …`` line on stderr and exit code 1: never a traceback.
+
+    An exception nobody expected is still one line, naming its type; ``SAE_ATLAS_TRACEBACK=1``
+    shows the traceback instead, for a bug report.
+    """
     from sae_atlas.config import ConfigError
     from sae_atlas.pipeline import PipelineError
     from sae_atlas.problems import StrictModeError
@@ -47,10 +56,21 @@ def _fail_cleanly(command):
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
+        except (typer.Exit, typer.Abort, KeyboardInterrupt):
+            raise
         except StrictModeError as error:
             errors.print(f"[red]error[/red] (--strict): {escape(str(error))}", highlight=False, soft_wrap=True)
-        except (CommandError, ConfigError, PipelineError, ValueError, FileNotFoundError) as error:
-            errors.print(f"[red]error[/red]: {escape(str(error))}", highlight=False, soft_wrap=True)
+        except (CommandError, ConfigError, PipelineError, ValueError, OSError) as error:
+            errors.print(f"[red]error[/red]: {escape(_one_line(error))}", highlight=False, soft_wrap=True)
+        except Exception as error:
+            if os.environ.get("SAE_ATLAS_TRACEBACK"):
+                raise
+            errors.print(
+                f"[red]error[/red]: unexpected {type(error).__name__}: {escape(_one_line(error))} "
+                "(SAE_ATLAS_TRACEBACK=1 shows where)",
+                highlight=False,
+                soft_wrap=True,
+            )
         raise typer.Exit(1)
 
     return wrapper
@@ -281,11 +301,12 @@ def _short(name: str) -> str:
 def _highlighted(example: dict) -> Text:
     """An activation example's window with tokens shaded by activation (the value on the token)."""
     start, stop = example["window"]
-    peak = max(example["max_activation"], 1e-9)
+    peak = example["max_activation"]
+    peak = peak if math.isfinite(peak) and peak > 0 else 1e-9
     text = Text()
     for token, value in zip(example["tokens"][start:stop], example["activations"][start:stop], strict=True):
         shown = token.replace("▁", " ").replace("<0x0A>", "⏎")
-        if value > 0:
+        if math.isfinite(value) and value > 0:
             level = int(80 + 175 * min(value / peak, 1.0))
             text.append(shown, style=f"bold black on rgb(255,{255 - level // 2},{255 - level})")
         else:

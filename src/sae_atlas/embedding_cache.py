@@ -16,6 +16,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from sae_atlas.layout import temporary_path
+
 # Merge cache segments once there are this many, so lookups stay one read per segment.
 MAX_CACHE_SEGMENTS = 16
 
@@ -86,7 +88,7 @@ class EmbeddingCache:
             }
         )
         target = self.directory / f"segment-{time.time_ns()}-{uuid.uuid4().hex[:8]}.parquet"
-        temporary = target.with_suffix(".tmp")
+        temporary = temporary_path(target)
         pq.write_table(table, temporary, compression="zstd")
         os.replace(temporary, target)
         self._compact()
@@ -103,7 +105,7 @@ class EmbeddingCache:
                 continue
         merged = pa.concat_tables(tables)
         target = self.directory / f"segment-{time.time_ns()}-{uuid.uuid4().hex[:8]}.parquet"
-        temporary = target.with_suffix(".tmp")
+        temporary = temporary_path(target)
         pq.write_table(merged, temporary, compression="zstd")
         os.replace(temporary, target)
         for segment in segments:

@@ -84,6 +84,32 @@ def temporary_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_temporaries(directory: Path) -> list[Path]:
+    """Delete the temporary files under ``directory`` whose writing process is gone (a run killed
+    mid-write); those of a live process (a concurrent run) are left alone. Returns what went."""
+    removed = []
+    for path in Path(directory).rglob(".*.tmp-*"):
+        pid = path.name.rsplit(".tmp-", 1)[1]
+        if not pid.isascii() or not pid.isdigit() or _alive(int(pid)):
+            continue
+        try:
+            path.unlink()
+        except OSError:
+            continue
+        removed.append(path)
+    return removed
+
+
 def write_atomic_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file and a rename."""
     path = Path(path)

@@ -33,7 +33,7 @@ from sae_atlas import __version__, layout
 from sae_atlas.config import AtlasConfig
 from sae_atlas.embedding import Embedder
 from sae_atlas.problems import Problem, Problems
-from sae_atlas.sources import delphi
+from sae_atlas.sources import decoder, delphi
 from sae_atlas.stage import EmbedFunction, Product, Skip, Stage, Unusable, digest, fingerprint_files
 from sae_atlas.stages import REGISTERED
 
@@ -153,6 +153,7 @@ class RunContext:
         self._runs: list[delphi.DelphiRun] | None = None
         self._listed = False
         self._sae_id: str | None = None
+        self._width: tuple[int | None] | None = None
 
     # -- delphi runs ----------------------------------------------------------------------------
 
@@ -170,7 +171,7 @@ class RunContext:
     def listed_runs(self) -> list[delphi.DelphiRun]:
         if not self._listed:
             for run in self.runs():
-                delphi.list_run_files(run, self._discovery)
+                delphi.list_run_files(run, self._discovery, width=self.sae_width)
             self._listed = True
         return self._runs
 
@@ -178,6 +179,17 @@ class RunContext:
     def sae_id(self) -> str:
         self._describe()
         return self._sae_id
+
+    @property
+    def sae_width(self) -> int | None:
+        """The SAE's number of latents, as the decoder's files or the sae_id declare it (None when
+        nothing says): latents beyond it are refused wherever they appear."""
+        if self._width is None:
+            width = None
+            if self.config.decoder is not None:
+                width = decoder.declared_width(self.config.decoder.path, sae_id=self.sae_id)
+            self._width = (width or decoder.width_from_text(self.sae_id),)
+        return self._width[0]
 
     def runs_table(self) -> pl.DataFrame:
         runs = self.runs()
@@ -495,6 +507,9 @@ class Pipeline:
             )
         started = time.perf_counter()
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        removed = layout.remove_stale_temporaries(self.output_dir)
+        if removed:
+            self.log(f"removed {len(removed)} temporary file(s) left by interrupted runs")
         outcomes: dict[str, StageOutcome] = {}
         for stage in self.stages:
             if only and stage.name not in only:

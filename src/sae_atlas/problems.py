@@ -16,6 +16,12 @@ from pathlib import Path
 MAX_LISTED = 200
 
 
+def quoted(name: str) -> str:
+    """A file name as messages show it: as is when it prints on one line, else quoted with its
+    control characters escaped (a name may hold a newline)."""
+    return name if name.isprintable() else repr(name)
+
+
 @dataclass(frozen=True)
 class Problem:
     """One bad input: the file, where in it, and what is wrong, in one line."""
@@ -27,7 +33,7 @@ class Problem:
     kind: str = "malformed"
 
     def __str__(self) -> str:
-        where = self.file
+        where = quoted(self.file)
         if self.line is not None:
             where += f":{self.line}"
         if self.latent is not None:

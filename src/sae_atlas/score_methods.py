@@ -50,12 +50,25 @@ Aggregator = Callable[[pl.DataFrame], pl.DataFrame]
 
 @dataclass(frozen=True)
 class ScoreMethod:
-    """A delphi scorer's records: how to read them and how to aggregate them per latent."""
+    """A delphi scorer's records: how to read them and how to aggregate them per latent.
+
+    ``outcome_range`` is what a record's outcome can be (a correlation or a cosine lies in
+    [-1, 1]); a value outside it is reported and counted as failed rather than let into a mean.
+    """
 
     name: str
     parse: Parser
     aggregate: Aggregator
     description: str
+    outcome_name: str = "outcome"
+    outcome_range: tuple[float, float] = (0.0, 1.0)
+
+    def out_of_range(self, outcomes: list) -> list[int]:
+        """Positions of the outcomes outside ``outcome_range`` (nulls are failures, not errors)."""
+        low, high = self.outcome_range
+        # A little slack: cosines and correlations computed in float32 overshoot 1 by an ulp.
+        low, high = low - 1e-6, high + 1e-6
+        return [index for index, value in enumerate(outcomes) if value is not None and not low <= value <= high]
 
 
 # -- record parsing -------------------------------------------------------------------------------
@@ -221,8 +234,22 @@ METHODS: dict[str, ScoreMethod] = {
     for method in (
         ScoreMethod("fuzz", parse_classifier, accuracy, "accuracy on highlighted examples"),
         ScoreMethod("detection", parse_classifier, accuracy, "accuracy on plain examples"),
-        ScoreMethod("simulation", parse_simulation, mean_and_variance, "mean correlation of simulated activations"),
-        ScoreMethod("embedding", parse_embedding, roc_auc, "ROC-AUC of example similarity to the explanation"),
+        ScoreMethod(
+            "simulation",
+            parse_simulation,
+            mean_and_variance,
+            "mean correlation of simulated activations",
+            outcome_name="ev_correlation_score",
+            outcome_range=(-1.0, 1.0),
+        ),
+        ScoreMethod(
+            "embedding",
+            parse_embedding,
+            roc_auc,
+            "ROC-AUC of example similarity to the explanation",
+            outcome_name="similarity",
+            outcome_range=(-1.0, 1.0),
+        ),
         ScoreMethod("intruder", parse_intruder, accuracy, "share of intruders found"),
     )
 }

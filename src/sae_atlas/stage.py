@@ -105,6 +105,10 @@ class StageContext(Protocol):
     @property
     def sae_id(self) -> str: ...
 
+    @property
+    def sae_width(self) -> int | None:
+        """The SAE's number of latents, when its decoder files or sae_id declare it."""
+
     def runs(self) -> list[DelphiRun]:
         """Every source's delphi run, described from its config (no directory walk)."""
 

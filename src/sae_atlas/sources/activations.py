@@ -25,8 +25,9 @@ import orjson
 import pyarrow as pa
 
 from sae_atlas.problems import Problems
+from sae_atlas.sources import files
 
-SHARD_NAME = re.compile(r"^(?P<start>\d+)_(?P<end>\d+)\.safetensors$")
+SHARD_NAME = re.compile(r"(?P<start>[0-9]+)_(?P<end>[0-9]+)\.safetensors", re.ASCII)  # matched whole
 ACTIVATION_PAIR_TYPE = pa.struct([("token_position", pa.uint32()), ("activation_value", pa.float32())])
 
 
@@ -60,7 +61,7 @@ class ActivationRecords:
         return pa.ListArray.from_arrays(pa.array(self.offsets.astype(np.int32)), struct)
 
 
-def _empty_records(files: list[Path]) -> ActivationRecords:
+def _empty_records(paths: list[Path]) -> ActivationRecords:
     none = np.zeros(0, dtype=np.uint32)
     return ActivationRecords(
         none,
@@ -69,7 +70,7 @@ def _empty_records(files: list[Path]) -> ActivationRecords:
         none,
         np.zeros(0, dtype=np.float32),
         prompts=pa.array([], pa.list_(pa.string())),
-        files=files,
+        files=paths,
     )
 
 
@@ -84,11 +85,13 @@ def _validate_and_sort(
     path: Path,
     problems: Problems,
     lines: np.ndarray | None = None,
+    width: int | None = None,
 ) -> tuple[tuple[np.ndarray, ...], int]:
     """Drop records that point outside their prompt, hold bad values or repeat a (feature, prompt)
     pair; sort records by (feature, prompt) and pairs by position.
 
-    ``prompt_lengths[p]`` is -1 for a prompt that could not be read. Returns the arrays
+    ``prompt_lengths[p]`` is -1 for a prompt that could not be read; records of latents at or
+    beyond ``width`` (the SAE's number of latents, when known) are dropped. Returns the arrays
     (feature_id, prompt_id, offsets, positions, values) and the number of records without pairs.
     """
     n_records = len(counts)
@@ -103,6 +106,8 @@ def _validate_and_sort(
         dropped[mask] = True
 
     n_prompts = len(prompt_lengths)
+    if width is not None:
+        drop(feature_id >= width, lambda i: f"latent {feature_id[i]} is outside the SAE ({width:,} latents)")
     drop(prompt_id >= n_prompts, lambda i: f"prompt id {prompt_id[i]} is out of range (prompts has {n_prompts})")
     length = np.full(n_records, -1, dtype=np.int64)
     in_range = prompt_id < n_prompts
@@ -122,7 +127,15 @@ def _validate_and_sort(
         any_pair(outside),
         lambda i: f"token position {first_outside[i]:g} is outside prompt {prompt_id[i]} (length {length[i]})",
     )
-    drop(any_pair(~np.isfinite(values)), lambda i: "activation value is not a finite number")
+    # Values are stored as float32: one beyond its range would become inf.
+    unusable = ~np.isfinite(values) | (np.abs(values) > np.finfo(np.float32).max)
+    first_unusable = {}
+    for pair in np.flatnonzero(unusable):
+        first_unusable.setdefault(record_of_pair[pair], values[pair])
+    drop(
+        any_pair(unusable),
+        lambda i: f"activation value {first_unusable[i]:g} is not a finite float32 number",
+    )
     empty = (counts == 0) & ~dropped
     dropped |= empty
 
@@ -163,11 +176,14 @@ def _validate_and_sort(
 
 def read_prompts(path: Path, problems: Problems) -> pa.ListArray:
     """``prompts.json``: a JSON list of token-string lists. Bad prompts become empty lists."""
-    try:
-        data = orjson.loads(path.read_bytes())
-    except FileNotFoundError:
+    if not path.exists():
         problems.add(path, "prompts.json is missing", kind="missing")
         return pa.array([], pa.list_(pa.string()))
+    raw = files.read_bytes(path, problems)
+    if raw is None:
+        return pa.array([], pa.list_(pa.string()))
+    try:
+        data = orjson.loads(raw)
     except orjson.JSONDecodeError as error:
         problems.add(path, f"truncated or invalid JSON ({error})")
         return pa.array([], pa.list_(pa.string()))
@@ -194,7 +210,7 @@ def _parse_index(value) -> int:
     raise ValueError(f"index {value!r} is not a latent id")
 
 
-def read_jsonl(directory: Path, problems: Problems) -> ActivationRecords:
+def read_jsonl(directory: Path, problems: Problems, *, width: int | None = None) -> ActivationRecords:
     """Stream ``activations.jsonl`` with ``prompts.json`` from ``directory``."""
     directory = Path(directory)
     activations_path, prompts_path = directory / "activations.jsonl", directory / "prompts.json"
@@ -211,8 +227,15 @@ def read_jsonl(directory: Path, problems: Problems) -> ActivationRecords:
     loads = orjson.loads
     if not activations_path.exists():
         problems.add(activations_path, "activations.jsonl is missing", kind="missing")
+        handle = None
     else:
-        with activations_path.open("rb") as handle:
+        try:
+            handle = activations_path.open("rb")
+        except OSError as error:
+            problems.add(activations_path, f"file cannot be read ({files.reason(error)})", kind="unreadable")
+            handle = None
+    if handle is not None:
+        with handle:
             for line_number, line in enumerate(handle, 1):
                 if not line.strip():
                     continue
@@ -257,6 +280,7 @@ def read_jsonl(directory: Path, problems: Problems) -> ActivationRecords:
         path=activations_path,
         problems=problems,
         lines=np.frombuffer(lines, dtype=np.int64),
+        width=width,
     )
     notes = [f"{activations_path}: {empty} records without activations skipped"] if empty else []
     return ActivationRecords(*arrays, prompts=prompts, files=[activations_path, prompts_path], notes=notes)
@@ -281,13 +305,15 @@ def token_strings(tokenizer_path: Path, token_ids: np.ndarray, problems: Problem
     """
     from tokenizers import Tokenizer
 
-    try:
-        raw = Path(tokenizer_path).read_bytes()
-        tokenizer = Tokenizer.from_str(raw.decode("utf-8"))
-        spec = orjson.loads(raw)
-    except FileNotFoundError:
+    if not Path(tokenizer_path).exists():
         problems.add(tokenizer_path, "tokenizer file is missing", kind="missing")
         return None
+    raw = files.read_bytes(tokenizer_path, problems, what="tokenizer file")
+    if raw is None:
+        return None
+    try:
+        tokenizer = Tokenizer.from_str(raw.decode("utf-8"))
+        spec = orjson.loads(raw)
     except Exception as error:  # tokenizers raises plain Exception subclasses for bad files
         problems.add(tokenizer_path, f"not a readable tokenizer.json ({str(error).splitlines()[0]})")
         return None
@@ -321,7 +347,9 @@ def _shard_array(data: dict, key: str, ndim: int, path: Path, problems: Problems
     return value
 
 
-def read_delphi_cache(directory: Path, tokenizer_path: Path | None, problems: Problems) -> ActivationRecords:
+def read_delphi_cache(
+    directory: Path, tokenizer_path: Path | None, problems: Problems, *, width: int | None = None
+) -> ActivationRecords:
     """Read every ``{start}_{end}.safetensors`` shard of one delphi hookpoint cache directory."""
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
@@ -331,10 +359,10 @@ def read_delphi_cache(directory: Path, tokenizer_path: Path | None, problems: Pr
     if not directory.is_dir():
         problems.add(directory, "activation cache directory does not exist", kind="missing")
     else:
-        for path in sorted(directory.iterdir()):
+        for path in files.list_directory(directory, problems):
             if path.is_dir() or path.name == "config.json":
                 continue
-            match = SHARD_NAME.match(path.name)
+            match = SHARD_NAME.fullmatch(path.name)
             if match is None:
                 problems.add(path, "shard name does not parse as {start}_{end}.safetensors; skipped", kind="foreign")
                 continue
@@ -347,14 +375,14 @@ def read_delphi_cache(directory: Path, tokenizer_path: Path | None, problems: Pr
 
     tokens = None
     parts: list[tuple[np.ndarray, ...]] = []
-    files = []
+    read = []
     for start, end, path in shards:
         try:
             data = load_file(str(path))
         except (SafetensorError, OSError, ValueError) as error:
             problems.add(path, f"unreadable safetensors file ({str(error).splitlines()[0]})")
             continue
-        files.append(path)
+        read.append(path)
         locations = _shard_array(data, "locations", 2, path, problems)
         activations = _shard_array(data, "activations", 1, path, problems)
         if locations is None or activations is None:
@@ -398,7 +426,7 @@ def read_delphi_cache(directory: Path, tokenizer_path: Path | None, problems: Pr
         if tokens is not None:
             problems.add(directory, "no tokenizer configured; prompts cannot be rebuilt", kind="missing")
     if strings is None:
-        return _empty_records(files)
+        return _empty_records(read)
     prompts = pa.ListArray.from_arrays(pa.array(np.arange(0, n_seq * ctx + 1, ctx, dtype=np.int32)), strings)
 
     if parts:
@@ -421,12 +449,16 @@ def read_delphi_cache(directory: Path, tokenizer_path: Path | None, problems: Pr
         prompt_lengths=prompt_lengths,
         path=directory,
         problems=problems,
+        width=width,
     )
-    return ActivationRecords(*arrays, prompts=prompts, files=files)
+    return ActivationRecords(*arrays, prompts=prompts, files=read)
 
 
-def read_activations(format: str, path: Path, tokenizer: Path | None, problems: Problems) -> ActivationRecords:
-    """Read activation records in ``format`` ("jsonl" or "delphi") from ``path``."""
+def read_activations(
+    format: str, path: Path, tokenizer: Path | None, problems: Problems, *, width: int | None = None
+) -> ActivationRecords:
+    """Read activation records in ``format`` ("jsonl" or "delphi") from ``path``; records of latents
+    at or beyond ``width`` (the SAE's number of latents, when known) are reported and dropped."""
     if format == "delphi":
-        return read_delphi_cache(path, tokenizer, problems)
-    return read_jsonl(path, problems)
+        return read_delphi_cache(path, tokenizer, problems, width=width)
+    return read_jsonl(path, problems, width=width)

@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import orjson
 
+from sae_atlas.sources import files
+
 GEMMA_SCOPE_WIDTHS = {
     "4k": 4096,
     "16k": 16384,
@@ -55,7 +57,7 @@ class DecoderError(ValueError):
 
 def width_from_text(text: str) -> int | None:
     """d_sae from a Gemma Scope ``width_16k`` path or sae_id component (``2k`` → 2048)."""
-    match = re.search(r"width_(\d+)([km]?)(?!\w)", text)
+    match = re.search(r"width_([0-9]+)([km]?)(?!\w)", text, re.ASCII)
     if not match:
         return None
     label = match.group(1) + match.group(2)
@@ -67,6 +69,8 @@ def width_from_text(text: str) -> int | None:
 def _read_json(path: Path) -> dict:
     try:
         data = orjson.loads(path.read_bytes())
+    except OSError as error:
+        raise DecoderError(path, f"cannot be read ({files.reason(error)})") from None
     except orjson.JSONDecodeError as error:
         raise DecoderError(path, f"not valid JSON ({error})") from None
     if not isinstance(data, dict):
@@ -194,3 +198,40 @@ def read_decoder(path: Path, *, sae_id: str | None = None) -> DecoderWeights:
         notes.append(f"{path}: the file holds {own_width} latents, its name says {named_width}")
     weights = _orient(weights, own_width or named_width, None, path, notes)
     return DecoderWeights(np.asarray(weights, np.float32), layout, [path], notes)
+
+
+def declared_width(path: Path, *, sae_id: str | None = None) -> int | None:
+    """The SAE's number of latents as its files declare it, without loading the decoder: SAELens
+    ``d_sae``, sparsify ``num_latents`` (or ``d_in × expansion_factor``), the length of a Gemma Scope
+    archive's ``threshold`` / ``b_enc``, else the ``width_*`` its path or sae_id names. None when
+    nothing says, or the files cannot be read (the decoder stage reports why)."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    try:
+        if path.is_dir():
+            config = path / "cfg.json"
+            if config.exists():
+                data = _read_json(config)
+                d_in, factor = data.get("d_in"), data.get("expansion_factor")
+                width = data.get("d_sae") or data.get("num_latents")
+                if not width and isinstance(d_in, int) and isinstance(factor, int):
+                    width = d_in * factor
+                if isinstance(width, int) and width > 0:
+                    return width
+            for name in ("params.npz", "params.safetensors"):
+                if (path / name).exists():
+                    return declared_width(path / name, sae_id=sae_id)
+        elif path.suffix == ".npz":
+            with np.load(path) as archive:
+                for key in ("threshold", "b_enc"):
+                    if key in archive.files:  # [d_sae] vectors: small, unlike W_dec
+                        return int(archive[key].shape[0])
+        elif path.suffix == ".safetensors":
+            with safe_open(str(path), framework="numpy") as handle:
+                for key in ("threshold", "b_enc"):
+                    if key in set(handle.keys()):
+                        return int(handle.get_slice(key).get_shape()[0])
+    except (DecoderError, OSError, ValueError, EOFError, zipfile.BadZipFile, SafetensorError):
+        pass
+    return width_from_text(path.as_posix()) or (width_from_text(sae_id) if sae_id else None)

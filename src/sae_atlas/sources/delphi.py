@@ -8,7 +8,6 @@ records with ``-1`` predictions, and surprisal / intruder / example-embedding di
 
 from __future__ import annotations
 
-import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -21,8 +20,11 @@ from sae_atlas import score_methods
 from sae_atlas.config import SourceConfig
 from sae_atlas.problems import Problems
 from sae_atlas.score_methods import RECORD_COLUMNS
+from sae_atlas.sources import files
 
-LATENT_FILE = re.compile(r"^(?P<hook>.+)_(?:latent|feature)(?P<latent>\d+)\.txt$")
+# Matched whole (``fullmatch``) and with ASCII digits only: a name ending in a newline, or with
+# full-width digits, is not a latent's file.
+LATENT_FILE = re.compile(r"(?P<hook>.+)_(?:latent|feature)(?P<latent>[0-9]+)\.txt", re.ASCII)
 SENTINEL_EXPLANATIONS = frozenset({"Explanation could not be parsed.", "No explanation found"})
 MISSING_EXPLANATION = "No explanation found"
 DEFAULT_EXPLANATION_METHOD = "quantiles"  # delphi's SamplerConfig.train_type default
@@ -53,12 +55,13 @@ class DelphiRun:
     notes: list[str] = field(default_factory=list)
 
 
-def _walk_files(root: Path) -> list[Path]:
-    """All regular files under ``root`` (hidden ones too: legacy names can start with a dot)."""
-    found = []
-    for directory, _, names in os.walk(root):
-        found.extend(Path(directory, name) for name in names)
-    found.sort()
+def _walk_files(root: Path, problems: Problems) -> list[Path]:
+    """All files under ``root`` (hidden ones too: legacy names can start with a dot); a directory
+    named like a per-latent file is reported, since its latent's file is then missing."""
+    found, directories = files.walk(root, problems)
+    for directory in directories:
+        if LATENT_FILE.fullmatch(directory.name):
+            problems.add(directory, "is a directory, not a per-latent file; skipped", kind="unreadable")
     return found
 
 
@@ -79,8 +82,11 @@ def read_run_config(path: Path, problems: Problems) -> dict | None:
     """``run_config.json`` of any delphi generation, or None when absent or unreadable."""
     if not path.exists():
         return None
+    raw = files.read_bytes(path, problems)
+    if raw is None:
+        return None
     try:
-        data = orjson.loads(path.read_bytes())
+        data = orjson.loads(raw)
     except orjson.JSONDecodeError as error:
         problems.add(path, f"not valid JSON ({error})")
         return None
@@ -114,7 +120,7 @@ def _latent_files(root: Path, files: list[Path], problems: Problems) -> list[tup
     found = []
     for path in files:
         relative = path.relative_to(root).as_posix()
-        match = LATENT_FILE.match(relative)
+        match = LATENT_FILE.fullmatch(relative)
         if match is None:
             problems.add(path, "not a per-latent file (<hook>_latent<N>.txt); skipped", kind="foreign")
             continue
@@ -173,15 +179,16 @@ def describe_run(source: SourceConfig, problems: Problems) -> DelphiRun:
     return run
 
 
-def list_run_files(run: DelphiRun, problems: Problems) -> None:
-    """Fill ``run.explanations`` and ``run.scores`` from the run directory."""
+def list_run_files(run: DelphiRun, problems: Problems, *, width: int | None = None) -> None:
+    """Fill ``run.explanations`` and ``run.scores`` from the run directory; with ``width`` (the
+    SAE's number of latents), files of latents beyond it are reported and skipped."""
     root = run.path
     if not root.is_dir():
         return
     explanation_dir, score_dir = root / "explanations", root / "scores"
-    explanations = _latent_files(explanation_dir, _walk_files(explanation_dir), problems)
+    explanations = _latent_files(explanation_dir, _walk_files(explanation_dir, problems), problems)
     scores: dict[str, list[tuple[str, int, Path]]] = {}
-    score_files = _walk_files(score_dir)
+    score_files = _walk_files(score_dir, problems)
     for path in score_files:
         if path.parent == score_dir:
             problems.add(path, "score file outside a <method>/ directory; skipped", kind="foreign")
@@ -218,6 +225,10 @@ def list_run_files(run: DelphiRun, problems: Problems) -> None:
         entries: dict[int, LatentFile] = {}
         for hook, latent, path in found:
             if hook != primary:
+                continue
+            if width is not None and latent >= width:
+                message = f"latent {latent} is outside the SAE ({width:,} latents); skipped"
+                problems.add(path, message, latent=latent, kind="invalid")
                 continue
             if latent in entries:
                 problems.add(
@@ -284,8 +295,11 @@ def read_explanations(run: DelphiRun, problems: Problems) -> pl.DataFrame:
     """
     latents, texts = [], []
     for entry in run.explanations:
+        raw = files.read_bytes(entry.path, problems, latent=entry.latent)
+        if raw is None:
+            continue
         try:
-            text = parse_explanation(entry.path.read_bytes())
+            text = parse_explanation(raw)
         except (ValueError, UnicodeDecodeError) as error:
             problems.add(entry.path, str(error), latent=entry.latent)
             continue
@@ -322,8 +336,11 @@ class ScoreRecords:
 
 
 def _load_records(entry: LatentFile, problems: Problems) -> list[dict] | None:
+    raw = files.read_bytes(entry.path, problems, latent=entry.latent)
+    if raw is None:
+        return None
     try:
-        records = orjson.loads(entry.path.read_bytes())
+        records = orjson.loads(raw)
     except orjson.JSONDecodeError as error:
         problems.add(entry.path, f"truncated or invalid JSON ({error})", latent=entry.latent)
         return None
@@ -341,23 +358,35 @@ def _load_records(entry: LatentFile, problems: Problems) -> list[dict] | None:
 
 def read_score_records(run: DelphiRun, problems: Problems) -> ScoreRecords:
     """Parse every score file of ``run``, each with the parser of its method."""
-    files = {"method": [], "feature_id": [], "n_records": []}
+    listing = {"method": [], "feature_id": [], "n_records": []}
     columns: dict[str, list] = {"method": [], "feature_id": [], **{name: [] for name in RECORD_COLUMNS}}
     for method, entries in run.scores.items():
-        parse = score_methods.METHODS[method].parse
+        score_method = score_methods.METHODS[method]
         for entry in entries:
             records = _load_records(entry, problems)
             if records is None:
                 continue
             n = len(records)
-            files["method"].append(method)
-            files["feature_id"].append(entry.latent)
-            files["n_records"].append(n)
+            listing["method"].append(method)
+            listing["feature_id"].append(entry.latent)
+            listing["n_records"].append(n)
             columns["method"].extend([method] * n)
             columns["feature_id"].extend([entry.latent] * n)
-            for name, values in parse(records).items():
+            parsed = score_method.parse(records)
+            outside = score_method.out_of_range(parsed["outcome"])
+            if outside:
+                problems.add(
+                    entry.path,
+                    f"{len(outside)} {score_method.outcome_name} value(s) outside {list(score_method.outcome_range)} "
+                    f"(e.g. {parsed['outcome'][outside[0]]:g}); counted as failed",
+                    latent=entry.latent,
+                    kind="invalid",
+                )
+                for index in outside:
+                    parsed["outcome"][index] = None
+            for name, values in parsed.items():
                 columns[name].extend(values)
     return ScoreRecords(
-        files=pl.DataFrame(files, schema={"method": pl.String, "feature_id": pl.UInt32, "n_records": pl.UInt32}),
+        files=pl.DataFrame(listing, schema={"method": pl.String, "feature_id": pl.UInt32, "n_records": pl.UInt32}),
         records=pl.DataFrame(columns, schema={"method": pl.String, "feature_id": pl.UInt32, **RECORD_COLUMNS}),
     )

@@ -16,8 +16,9 @@ import pyarrow as pa
 from sae_atlas import layout
 from sae_atlas.problems import Problems
 from sae_atlas.sources import activations as activation_source
+from sae_atlas.sources import files
 from sae_atlas.sources.activations import ACTIVATION_PAIR_TYPE, ActivationRecords
-from sae_atlas.stage import Plan, Product, Skip, Stage, StageContext, fingerprint_files
+from sae_atlas.stage import Plan, Product, Skip, Stage, StageContext, Unusable, fingerprint_files
 
 ARROW_SCHEMA = pa.schema(
     [
@@ -91,14 +92,21 @@ def plan(context: StageContext) -> Plan:
         raise Skip("no [activations] in the config")
     path = Path(settings.path)
     if settings.format == "jsonl":
-        files = [path / "activations.jsonl", path / "prompts.json"]
+        inputs = [path / "activations.jsonl", path / "prompts.json"]
     else:
-        files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+        # Listing problems are reported when the cache is read; here they only make the list short.
+        inputs = [p for p in files.list_directory(path, Problems()) if p.is_file()] if path.is_dir() else [path]
         if settings.tokenizer:
-            files.append(Path(settings.tokenizer))
+            inputs.append(Path(settings.tokenizer))
+    width = context.sae_width
 
     def execute(problems: Problems) -> Product:
-        records = activation_source.read_activations(settings.format, path, settings.tokenizer, problems)
+        records = activation_source.read_activations(
+            settings.format, path, settings.tokenizer, problems, width=width
+        )
+        if len(records) == 0:
+            problems.add(path, "no usable activation records", kind="missing")
+            raise Unusable(f"no usable activation records in {path}")
         return Product(
             data=build_activation_examples(records, context.sae_id, ROW_GROUP_ROWS),
             rows=len(records),
@@ -109,7 +117,7 @@ def plan(context: StageContext) -> Plan:
             notes=records.notes,
         )
 
-    return Plan(key={"inputs": fingerprint_files(files)}, execute=execute)
+    return Plan(key={"inputs": fingerprint_files(inputs), "sae_width": width}, execute=execute)
 
 
 STAGE = Stage(

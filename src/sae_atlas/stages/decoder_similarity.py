@@ -25,6 +25,15 @@ BLOCK_ROWS = 512
 SPARE_CANDIDATES = 16
 
 
+def non_finite_rows(weights: np.ndarray, block_rows: int = 8192) -> np.ndarray:
+    """Indices of the rows holding a NaN or an infinity (checked in blocks: no full-size mask)."""
+    bad = [
+        start + np.flatnonzero(~np.isfinite(weights[start : start + block_rows]).all(axis=1))
+        for start in range(0, len(weights), block_rows)
+    ]
+    return np.concatenate(bad) if bad else np.zeros(0, dtype=np.int64)
+
+
 def normalise_rows(weights: np.ndarray) -> np.ndarray:
     """Unit-length rows as float32; all-zero (dead) rows stay zero, so their cosines are 0."""
     weights = np.array(weights, dtype=np.float32, copy=True)
@@ -126,6 +135,19 @@ def plan(context: StageContext) -> Plan:
         except decoder_source.DecoderError as error:
             problems.add(error.path, error.reason)
             raise Unusable(f"decoder weights unusable ({error})") from None
+        bad = non_finite_rows(weights.weights)
+        if len(bad):
+            # Rule: a latent whose decoder row is not finite is treated as dead (cosine 0 with all).
+            problems.add(
+                weights.files[-1],
+                f"decoder rows of {len(bad)} latent(s) hold NaN or infinite values (first: latent {bad[0]}); "
+                "treated as dead latents (cosine 0)",
+                latent=int(bad[0]),
+                kind="invalid",
+            )
+            if not weights.weights.flags.writeable:
+                weights.weights = weights.weights.copy()
+            weights.weights[bad] = 0.0
         device = resolve_device(settings.device)
         ids, cosines = top_k_neighbours(weights.weights, settings.top_k, device=device)
         table = neighbours_table(ids, cosines)
@@ -135,6 +157,7 @@ def plan(context: StageContext) -> Plan:
             "format": weights.format,
             "top_k": int(ids.shape[1]),
             "device": device,
+            "non_finite_rows": len(bad),
         }
         return Product(data=table, rows=table.height, statistics=statistics, notes=weights.notes)
 
