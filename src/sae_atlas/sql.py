@@ -2,8 +2,9 @@
 
 Views are named after their files (``features``, ``explanation_embeddings``,
 ``activation_examples``, ``activation_embeddings``, ``activation_example_similarity``) plus the stage
-table ``scores``. Only a single SELECT (or WITH … SELECT) statement is accepted: nothing can be
-written, attached or installed through this door.
+table ``scores``. Only a single SELECT (or WITH … SELECT) statement is accepted, and the connection
+can read the views' files and nothing else: nothing can be written, attached, installed, or read
+from elsewhere on the machine or the network through this door.
 """
 
 from __future__ import annotations
@@ -22,15 +23,30 @@ class SqlError(ValueError):
     """The statement is not a single SELECT, or DuckDB rejected it; the message is one line."""
 
 
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
 def connect(output_dir: str | Path) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB connection with a view over each Parquet file present."""
-    output_dir = Path(output_dir)
-    connection = duckdb.connect(":memory:")
+    """An in-memory DuckDB connection with a view over each Parquet file present, locked down.
+
+    Once the views exist, the connection may open those files and nothing else: no other file,
+    glob or URL (``enable_external_access = false`` with the views' files as ``allowed_paths``),
+    no extension installed or loaded, and the settings locked so a query cannot undo any of it.
+    """
+    output_dir = Path(output_dir).resolve()
+    connection = duckdb.connect(
+        ":memory:", config={"autoinstall_known_extensions": "false", "autoload_known_extensions": "false"}
+    )
+    allowed = []
     for view, name in VIEWS.items():
         path = output_dir / name
         if path.exists():
-            literal = str(path).replace("'", "''")
-            connection.execute(f"CREATE VIEW {view} AS SELECT * FROM read_parquet('{literal}')")
+            connection.execute(f"CREATE VIEW {view} AS SELECT * FROM read_parquet({_literal(str(path))})")
+            allowed.append(str(path))
+    connection.execute(f"SET allowed_paths = [{', '.join(_literal(path) for path in allowed)}]")
+    connection.execute("SET enable_external_access = false")
+    connection.execute("SET lock_configuration = true")
     return connection
 
 
