@@ -280,7 +280,7 @@ LAYERS = [
     # reading outputs back
     {"atlas", "summary", "sql", "validate"},
     # interfaces
-    {"queries", "pages", "server", "web", "cli", "__main__"},
+    {"queries", "pages", "guard", "server", "web", "cli", "__main__"},
 ]
 
 

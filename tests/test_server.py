@@ -6,6 +6,8 @@ import pytest
 import schemathesis
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
+from schemathesis.checks import not_a_server_error
+from schemathesis.config import SchemathesisConfig
 from schemathesis.generation import GenerationMode
 
 from sae_atlas import Atlas
@@ -35,6 +37,9 @@ def test_health_and_docs(client):
         "/api/search",
         "/api/histogram",
         "/api/plots",  # the JSON twin of the /plots page
+        "/",  # the HTML pages, so that the schemathesis run covers them too
+        "/features/{feature_id}",
+        "/plots",
     }
     assert all(set(operations) == {"get"} for operations in paths.values())  # read-only
 
@@ -87,28 +92,101 @@ def test_invalid_parameters_are_422_with_a_message(client, url, params, fragment
     assert isinstance(detail, str) and fragment in detail and "\n" not in detail
 
 
+# Invalid input is refused with 422 (or 404 for an unknown feature), and a query string over the
+# limit with 414 (URI Too Long).
+REFUSALS = {"checks": {"negative_data_rejection": {"expected-statuses": ["404", "414", "422"]}}}
+
+
 def operations(app):
     """Every operation of the app's OpenAPI schema, as schemathesis sees it."""
-    schema = schemathesis.openapi.from_asgi("/openapi.json", app)
+    schema = schemathesis.openapi.from_asgi("/openapi.json", app, config=SchemathesisConfig.from_dict(REFUSALS))
     return [result.ok() for result in schema.get_all_operations()]
 
 
+def conformance(operation, mode, checks):
+    """A hypothesis test of ``operation``'s generated requests in ``mode``."""
+
+    @given(case=operation.as_strategy(generation_mode=mode))
+    @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    def conforms(case):
+        case.call_and_validate(checks=checks)
+
+    return conforms
+
+
 def test_api_conforms_to_its_schema_and_never_fails(app):
-    # schemathesis generates valid and invalid requests from the schema; every response must match
-    # the schema (status, content type, body) and none may be a 5xx.
+    # schemathesis generates valid and invalid requests from the schema; every API response must
+    # match the schema (status, content type, body), and no response of any route, the HTML pages
+    # included, may be a 5xx.
     checked = []
     for operation in operations(app):
         # Invalid data needs a parameter to break: /health and /api/stats have none.
         has_parameters = any(True for _ in operation.iter_parameters())
+        # A page answers a form's empty field with a redirect and any bad value with the page and its
+        # message (422): what the pages promise is never a server error.
+        checks = None if operation.path.startswith(("/api", "/health")) else [not_a_server_error]
         for mode in (
             (GenerationMode.POSITIVE, GenerationMode.NEGATIVE) if has_parameters else (GenerationMode.POSITIVE,)
         ):
-
-            @given(case=operation.as_strategy(generation_mode=mode))
-            @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), database=None)
-            def conforms(case):
-                case.call_and_validate()
-
-            conforms()
+            conformance(operation, mode, checks)()
             checked.append((operation.label, mode.value))
-    assert len(checked) == 12, checked  # /health and /api/stats take no parameters
+    assert len(checked) == 18, checked  # /health and /api/stats take no parameters
+
+
+def test_the_same_metric_on_both_axes_is_a_plot_not_a_server_error(client):
+    for url in ("/plots", "/api/plots"):
+        response = client.get(url, params={"x": "fuzz", "y": "fuzz"})
+        assert response.status_code == 200, url
+    scatter = client.get("/api/plots", params={"x": "fuzz", "y": "fuzz"}).json()["scatter"]
+    assert all(point["x"] == point["y"] for point in scatter["points"]) and scatter["shown"] > 0
+
+
+def test_head_works_on_every_route(client):
+    feature = client.get("/api/features", params={"limit": 1}).json()["rows"][0]["feature_id"]
+    for url in ("/health", "/", "/plots", f"/features/{feature}", "/api/stats", f"/api/features/{feature}", "/docs"):
+        head, get = client.head(url), client.get(url)
+        assert head.status_code == get.status_code == 200, url
+        assert head.content == b"" and head.headers["content-type"] == get.headers["content-type"], url
+
+
+def test_every_response_carries_security_headers(client):
+    for url in ("/", "/api/features", "/features/999999", "/api/nope", "/static/style.css"):
+        headers = client.get(url).headers
+        assert headers["x-frame-options"] == "DENY", url
+        assert headers["x-content-type-options"] == "nosniff", url
+        policy = headers["content-security-policy"]
+        assert "script-src 'self'" in policy and "frame-ancestors 'none'" in policy, url
+    assert "cdn.jsdelivr.net" in client.get("/docs").headers["content-security-policy"]
+
+
+def test_nan_is_refused_by_the_page_and_the_api_alike(client):
+    for url in ("/", "/api/features"):
+        response = client.get(url, params={"fuzz_min": "nan"})
+        assert response.status_code == 422, url
+        assert "fuzz_min: Input should be a finite number" in response.text, url
+
+
+def test_a_huge_query_string_is_refused_not_copied_into_every_link(client):
+    for url in ("/", "/api/features", "/plots"):
+        response = client.get(url + "?contains=" + "x" * 65_000)
+        assert response.status_code == 414, url
+        assert len(response.content) < 200 and "limit" in response.json()["detail"]
+    almost = client.get("/", params={"contains": "word " * 90})  # 450 characters: allowed
+    assert almost.status_code == 200 and len(almost.content) < 400_000
+
+
+def test_the_model_loads_in_the_background_when_the_server_starts(small_run, embedder):
+    import time
+
+    from sae_atlas.embedding import Embedder
+
+    unloaded = Embedder(cache_dir=None)
+    atlas = Atlas(small_run[0].output_dir, embedder=unloaded)
+    assert unloaded._backend is None
+    with TestClient(create_app(atlas)) as started:  # runs the app's start-up
+        for _ in range(600):
+            if unloaded._backend is not None:
+                break
+            time.sleep(0.1)
+        assert unloaded._backend is not None  # no search was asked for
+        assert started.get("/api/search", params={"q": "birds"}).status_code == 200

@@ -535,6 +535,12 @@ class Atlas:
             )
         return self._embedder
 
+    def prepare_search(self) -> None:
+        """Load what :meth:`search` needs (the explanation vectors and the model) ahead of the first
+        query; a server calls it in the background as it starts."""
+        if self._search_vectors() is not None:
+            self.embedder.backend  # noqa: B018 (loading the model is the point)
+
     def search(self, text: str, k: int = 10, *, explainer: str | None = None) -> pl.DataFrame:
         """The ``k`` explanations closest in meaning to ``text`` (cosine, same model as stage 2)."""
         loaded = self._search_vectors()

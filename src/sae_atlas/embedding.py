@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -81,6 +82,7 @@ class Embedder:
         self.cache_root = Path(cache_dir) if cache_dir else None
         self.stats = EmbeddingStats()
         self._backend = backend
+        self._loading = threading.Lock()
 
     @property
     def int8(self) -> bool:
@@ -90,14 +92,16 @@ class Embedder:
 
     @property
     def backend(self):
-        """The loaded model backend (loaded on first use)."""
+        """The loaded model backend (loaded on first use, once even when threads ask together)."""
         if self._backend is None:
-            if self.int8:
-                from sae_atlas.embedding_int8 import OnnxInt8Backend
+            with self._loading:
+                if self._backend is None:
+                    if self.int8:
+                        from sae_atlas.embedding_int8 import OnnxInt8Backend
 
-                self._backend = OnnxInt8Backend(self.model_spec, cache_dir=self.cache_root)
-            else:
-                self._backend = SentenceTransformerBackend(self.model_spec, device=self.device)
+                        self._backend = OnnxInt8Backend(self.model_spec, cache_dir=self.cache_root)
+                    else:
+                        self._backend = SentenceTransformerBackend(self.model_spec, device=self.device)
         return self._backend
 
     @property

@@ -8,6 +8,8 @@ can make the server answer 5xx. There is no SQL over HTTP and no route that writ
 some of which are built per atlas inside :func:`create_app`.)
 """
 
+import contextlib
+import threading
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -20,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from sae_atlas import __version__, metrics, pages
 from sae_atlas.atlas import METRICS, Atlas, FeatureNotFound, QueryError
+from sae_atlas.guard import Guard
 from sae_atlas.queries import feature_query_model, names_type, plot_query_model, validation_message
 
 MAX_FEATURE_ID = 2**32 - 1
@@ -194,25 +197,47 @@ class Problem(BaseModel):
 
 
 Metric = Literal[METRICS]  # type: ignore[valid-type]
-ERRORS = {404: {"model": Problem}, 422: {"model": Problem}}
+ERRORS = {
+    404: {"model": Problem},
+    414: {"model": Problem, "description": "query string too long"},
+    422: {"model": Problem},
+}
 
 
-def create_app(atlas: Atlas) -> FastAPI:
-    """The application serving ``atlas``."""
+def is_page(path: str) -> bool:
+    """Whether ``path`` is one of the HTML pages (everything but the API, probes, docs and files)."""
+    return not path.startswith(("/api/", "/health", "/docs", "/redoc", "/openapi.json", "/static/"))
+
+
+def create_app(atlas: Atlas, *, prepare_search: bool = True) -> FastAPI:
+    """The application serving ``atlas``. With ``prepare_search``, the embedding model loads in the
+    background as the server starts, so the first searches do not wait for it."""
     Explainer, Scorer = names_type(atlas.explainers), names_type(atlas.scorers)
     TableQuery = feature_query_model(atlas.explainers, atlas.scorers)
     PlotsQuery = plot_query_model(atlas.explainers, atlas.scorers)
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if prepare_search:
+            threading.Thread(target=atlas.prepare_search, name="load-embedding-model", daemon=True).start()
+        yield
+
     app = FastAPI(
         title="sae-atlas",
         version=__version__,
         description=f"Read-only API over the sae-atlas outputs of `{atlas.sae_id}`.",
         default_response_class=FastJSON,
+        lifespan=lifespan,
     )
 
+    app.add_middleware(Guard)
+
     @app.exception_handler(RequestValidationError)
-    async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
+    async def invalid_request(request: Request, error: RequestValidationError):
         # One readable line ("limit: Input should be less than or equal to 1000"), not pydantic's list.
-        return JSONResponse({"detail": validation_message(error, skip_location=1)}, status_code=422)
+        message = validation_message(error, skip_location=1)
+        if is_page(request.url.path):  # an HTML page answers in HTML, with the same message
+            return app.state.invalid_page(request, message)
+        return JSONResponse({"detail": message}, status_code=422)
 
     @app.exception_handler(QueryError)
     async def query_error(request: Request, error: QueryError) -> JSONResponse:

@@ -6,22 +6,25 @@ holds its data as soon as it loads and needs no JavaScript to be useful (a few l
 navigation to the table). Plots are inline SVG computed here: a histogram of any metric and a
 scatter of two metrics whose points link to their features. Metric names, labels, descriptions and
 colour ranges come from the metric registry. Templates and the stylesheet ship inside the package.
-"""
 
-from __future__ import annotations
+(No ``from __future__ import annotations`` here: FastAPI reads the parameter types of the routes,
+whose query models are built per atlas inside :func:`mount_browser`.)
+"""
 
 import math
 from pathlib import Path
+from typing import Annotated
 from urllib.parse import urlencode
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
+from fastapi import Path as PathParameter
 from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
 from sae_atlas import metrics, pages
 from sae_atlas.atlas import Atlas, FeatureNotFound, QueryError
-from sae_atlas.queries import feature_query_model, parse, plot_query_model, without_blanks
+from sae_atlas.queries import FeatureQuery, PlotQuery, feature_query_model, plot_query_model, without_blanks
 
 HERE = Path(__file__).parent
 PAGE_SIZES = (25, 50, 100, 250, 500)
@@ -148,8 +151,17 @@ def twin_link(path: str, query: str = "") -> str | None:
     return None
 
 
+HTML = {"content": {"text/html": {}}}
+PAGE_RESPONSES = {200: {**HTML, "description": "the page"}, 422: {**HTML, "description": "invalid parameters"}}
+MAX_FEATURE_ID = 2**32 - 1
+
+
 def mount_browser(app: FastAPI, atlas: Atlas) -> None:
-    """Add the HTML pages and their static files to ``app``."""
+    """Add the HTML pages and their static files to ``app``.
+
+    The pages' parameters are validated by FastAPI with the same models as their JSON twins; an
+    invalid value renders the page with the one-line message (422) through ``app.state.invalid_page``.
+    """
     TableQuery = feature_query_model(atlas.explainers, atlas.scorers)
     PlotsQuery = plot_query_model(atlas.explainers, atlas.scorers)
     templates = Jinja2Templates(directory=str(HERE / "templates"))
@@ -166,37 +178,28 @@ def mount_browser(app: FastAPI, atlas: Atlas) -> None:
     )
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
 
-    def canonical(request: Request) -> RedirectResponse | None:
-        """A redirect to the same page without the empty fields a form submitted."""
-        kept = without_blanks(request.query_params)
-        if kept is None:
-            return None
-        return RedirectResponse(request.url.path + (f"?{urlencode(kept)}" if kept else ""), status_code=303)
-
     def page(request: Request, name: str, status_code: int = 200, **context) -> HTMLResponse:
         context["json_twin"] = twin_link(request.url.path, request.url.query)
         return templates.TemplateResponse(request, name, context, status_code=status_code)
 
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    def index(request: Request):
-        if redirect := canonical(request):
-            return redirect
+    @app.middleware("http")
+    async def canonical(request: Request, call_next):
+        """A form submits its empty fields as ``name=``: redirect to the same page without them."""
+        if request.method in ("GET", "HEAD") and request.url.path in ("/", "/plots"):
+            kept = without_blanks(request.query_params)
+            if kept is not None:
+                return RedirectResponse(request.url.path + (f"?{urlencode(kept)}" if kept else ""), status_code=303)
+        return await call_next(request)
+
+    def index_page(request: Request, query: FeatureQuery, error: str | None = None) -> HTMLResponse:
+        data = pages.feature_table(atlas, query)
         params = request.query_params
-        error = None
-        try:
-            query = parse(TableQuery, params)
-            data = pages.feature_table(atlas, query)
-        except QueryError as problem:
-            error = str(problem)
-            query = TableQuery()
-            data = pages.feature_table(atlas, query)
         kept = {key: value for key, value in params.items() if value not in ("", None) and key != "offset"}
 
         def link(**changes) -> str:
             merged = {**kept, **{key: value for key, value in changes.items() if value is not None}}
             return "/?" + urlencode({key: value for key, value in merged.items() if value not in ("", None)})
 
-        filters = query.filters()
         return page(
             request,
             "index.html",
@@ -220,17 +223,58 @@ def mount_browser(app: FastAPI, atlas: Atlas) -> None:
             page_sizes=PAGE_SIZES,
             stats=atlas.stats(),
             headers=HEADERS,
-            filtering=bool(query.explainer or query.scorer or query.contains or filters),
+            filtering=bool(query.explainer or query.scorer or query.contains or query.filters()),
         )
 
-    @app.get("/features/{feature_id}", response_class=HTMLResponse, include_in_schema=False)
-    def feature_page(request: Request, feature_id: str):
+    def plots_page(request: Request, query: PlotQuery, error: str | None = None) -> HTMLResponse:
+        data = pages.plots(atlas, query)
+        return page(
+            request,
+            "plots.html",
+            status_code=422 if error else 200,
+            error=error,
+            metric=query.metric,
+            bins=query.bins,
+            x=query.x,
+            y=query.y,
+            explainer=query.explainer,
+            scorer=query.scorer,
+            explainers=atlas.explainers,
+            scorers=atlas.scorers,
+            histogram=data["histogram"],
+            bars=histogram_svg_data(data["histogram"]),
+            scatter=scatter_svg_data(data["scatter"]),
+        )
+
+    def invalid_page(request: Request, message: str) -> HTMLResponse:
+        """The page asked for, with its default view and the message (422)."""
+        if request.url.path == "/":
+            return index_page(request, TableQuery(), message)
+        if request.url.path == "/plots":
+            return plots_page(request, PlotsQuery(), message)
+        return page(request, "missing.html", status_code=422, feature_id=None, error=message)
+
+    app.state.invalid_page = invalid_page
+
+    @app.get("/", response_class=HTMLResponse, tags=["pages"], responses=PAGE_RESPONSES)
+    def index(request: Request, query: Annotated[TableQuery, Query()]):
+        """The feature table with filters and semantic search (JSON twin: ``/api/features``)."""
         try:
-            number = int(feature_id)
-            if not 0 <= number < 2**32:
-                raise ValueError
-            record = pages.feature(atlas, number)
-        except (ValueError, FeatureNotFound):
+            return index_page(request, query)
+        except QueryError as problem:
+            return index_page(request, TableQuery(), str(problem))
+
+    @app.get(
+        "/features/{feature_id}",
+        response_class=HTMLResponse,
+        tags=["pages"],
+        responses={**PAGE_RESPONSES, 404: {**HTML, "description": "unknown feature"}},
+    )
+    def feature_page(request: Request, feature_id: Annotated[int, PathParameter(ge=0, le=MAX_FEATURE_ID)]):
+        """Everything about one latent (JSON twin: ``/api/features/{feature_id}``)."""
+        try:
+            record = pages.feature(atlas, feature_id)
+        except FeatureNotFound:
             return page(request, "missing.html", status_code=404, feature_id=feature_id)
         explainers = [item["explainer"] for item in record["explanations"]]
         agreement = {
@@ -251,31 +295,10 @@ def mount_browser(app: FastAPI, atlas: Atlas) -> None:
             neighbours=record["decoder_neighbours"],
         )
 
-    @app.get("/plots", response_class=HTMLResponse, include_in_schema=False)
-    def plots(request: Request):
-        if redirect := canonical(request):
-            return redirect
-        error = None
+    @app.get("/plots", response_class=HTMLResponse, tags=["pages"], responses=PAGE_RESPONSES)
+    def plots(request: Request, query: Annotated[PlotsQuery, Query()]):
+        """A histogram of one metric and a scatter of two (JSON twin: ``/api/plots``)."""
         try:
-            query = parse(PlotsQuery, request.query_params)
+            return plots_page(request, query)
         except QueryError as problem:
-            error = str(problem)
-            query = PlotsQuery()
-        data = pages.plots(atlas, query)
-        return page(
-            request,
-            "plots.html",
-            status_code=422 if error else 200,
-            error=error,
-            metric=query.metric,
-            bins=query.bins,
-            x=query.x,
-            y=query.y,
-            explainer=query.explainer,
-            scorer=query.scorer,
-            explainers=atlas.explainers,
-            scorers=atlas.scorers,
-            histogram=data["histogram"],
-            bars=histogram_svg_data(data["histogram"]),
-            scatter=scatter_svg_data(data["scatter"]),
-        )
+            return plots_page(request, PlotsQuery(), str(problem))
