@@ -33,7 +33,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 bench: $(STAMP)
-	cd bench && for script in pipeline_stages.py activation_pipeline.py queries.py; do ../$(BIN)/python $$script || exit 1; done
+	cd bench && for script in pipeline_stages.py activation_pipeline.py queries.py load.py; do ../$(BIN)/python $$script || exit 1; done
 
 clean:
 	rm -rf $(VENV) demo bench/out artifacts .pytest_cache

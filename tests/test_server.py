@@ -190,3 +190,16 @@ def test_the_model_loads_in_the_background_when_the_server_starts(small_run, emb
             time.sleep(0.1)
         assert unloaded._backend is not None  # no search was asked for
         assert started.get("/api/search", params={"q": "birds"}).status_code == 200
+
+
+def test_feature_page_tokens_are_escaped_and_shaded():
+    from sae_atlas.web import display_tokens, highlighted_tokens
+
+    tokens = ["▁<script>", "alert('x')", "</script>", "<0x0A>", "a\x1fb", "▁&"]
+    shown = display_tokens(tokens)
+    assert shown == [" &lt;script&gt;", "alert(&#39;x&#39;)", "&lt;/script&gt;", "⏎", "a\x1fb", " &amp;"]
+    html = str(highlighted_tokens(shown, [0.0, 2.0, 0.0, 0.0, 4.0, 0.0], 4.0, 1, 5, centre=4))
+    assert "<script>" not in html and html.count("<span") == 4
+    assert '<span class="tok" style="background-color: rgba(234, 88, 12, 0.53);" title="2.000">alert(' in html
+    peak = '<span class="tok peak" style="background-color: rgba(234, 88, 12, 0.90);" title="4.000">'
+    assert peak + "a\x1fb</span>" in html

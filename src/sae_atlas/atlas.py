@@ -76,8 +76,11 @@ def _as_string(frame: pl.DataFrame, *columns: str) -> pl.DataFrame:
 class Atlas:
     """Read-only queries over one sae-atlas output directory."""
 
-    def __init__(self, output_dir: str | Path, *, embedder=None):
+    def __init__(self, output_dir: str | Path, *, embedder=None, threads: int | None = None):
+        """``embedder``: the model for :meth:`search` (default: the one that embedded the
+        explanations, loaded on first use, with ``threads`` CPU threads; None: every core)."""
         self.output_dir = Path(output_dir)
+        self._threads = threads
         path = self.output_dir / layout.FEATURES
         if not path.exists():
             raise FileNotFoundError(f"{path}: no {layout.FEATURES} (is this a sae-atlas output directory?)")
@@ -532,13 +535,17 @@ class Atlas:
                 quantize=settings.get("quantize", "none"),
                 device=settings.get("device", "auto"),
                 cache_dir=settings.get("cache_dir") or (cache if cache.exists() else None),
+                threads=self._threads,
             )
         return self._embedder
 
-    def prepare_search(self) -> None:
-        """Load what :meth:`search` needs (the explanation vectors and the model) ahead of the first
-        query; a server calls it in the background as it starts."""
-        if self._search_vectors() is not None:
+    def prepare(self, *, search: bool = True) -> None:
+        """Load now what the first queries would otherwise wait for: the headline numbers, the
+        activation-example index and (``search``) the explanation vectors and the model. A server
+        calls it in the background as it starts."""
+        self.stats()
+        self._examples_index()
+        if search and self._search_vectors() is not None:
             self.embedder.backend  # noqa: B018 (loading the model is the point)
 
     def search(self, text: str, k: int = 10, *, explainer: str | None = None) -> pl.DataFrame:

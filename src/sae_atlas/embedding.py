@@ -71,11 +71,15 @@ class Embedder:
         device: str = "auto",
         quantize: str = "none",
         cache_dir: str | Path | None = None,
+        threads: int | None = None,
         backend=None,
     ):
-        """``backend``: an already loaded backend of the same model, to share it instead of loading
+        """``threads``: CPU threads the model may use (None: every core); a server answering
+        requests, or one of several workers sharing a machine, wants fewer.
+        ``backend``: an already loaded backend of the same model, to share it instead of loading
         the model again (e.g. ``Embedder(spec, cache_dir=other, backend=embedder.backend)``)."""
         self.model_spec = model
+        self.threads = threads
         self.batch_size = batch_size
         self.device = device
         self.quantize = quantize
@@ -99,9 +103,13 @@ class Embedder:
                     if self.int8:
                         from sae_atlas.embedding_int8 import OnnxInt8Backend
 
-                        self._backend = OnnxInt8Backend(self.model_spec, cache_dir=self.cache_root)
+                        self._backend = OnnxInt8Backend(
+                            self.model_spec, cache_dir=self.cache_root, threads=self.threads
+                        )
                     else:
-                        self._backend = SentenceTransformerBackend(self.model_spec, device=self.device)
+                        self._backend = SentenceTransformerBackend(
+                            self.model_spec, device=self.device, threads=self.threads
+                        )
         return self._backend
 
     @property

@@ -114,10 +114,10 @@ def build_int8_model(model, target: Path) -> None:
 class OnnxInt8Backend(SentenceTransformerBackend):
     """The model quantised to int8 and run by ONNX Runtime on the CPU."""
 
-    def __init__(self, spec: str, *, cache_dir: Path | None = None):
+    def __init__(self, spec: str, *, cache_dir: Path | None = None, threads: int | None = None):
         import onnxruntime
 
-        super().__init__(spec, device="cpu")
+        super().__init__(spec, device="cpu", threads=threads)
         self.note = None
         target = _onnx_directory(cache_dir, spec) / "model-int8.onnx"
         try:
@@ -128,7 +128,7 @@ class OnnxInt8Backend(SentenceTransformerBackend):
             self._torch_fallback()
             return
         options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = os.cpu_count() or 1
+        options.intra_op_num_threads = threads or os.cpu_count() or 1
         options.log_severity_level = 3
         self.session = onnxruntime.InferenceSession(str(target), options, providers=["CPUExecutionProvider"])
         self.input_names = [node.name for node in self.session.get_inputs()]

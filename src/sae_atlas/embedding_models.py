@@ -38,10 +38,14 @@ def model_location(spec: str) -> str:
 class SentenceTransformerBackend:
     """Runs a sentence-transformers model on length-sorted batches."""
 
-    def __init__(self, spec: str, *, device: str = "auto"):
+    def __init__(self, spec: str, *, device: str = "auto", threads: int | None = None):
+        """``threads``: torch's CPU threads for this process (torch has one setting per process)."""
+        import torch
         from sentence_transformers import SentenceTransformer
         from transformers.utils import logging as transformers_logging
 
+        if threads:
+            torch.set_num_threads(threads)
         transformers_logging.disable_progress_bar()  # our own progress bar reports the work
 
         self.spec = spec

@@ -21,6 +21,8 @@ from fastapi import Path as PathParameter
 from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
+from markupsafe import Markup, escape
+from starlette.datastructures import QueryParams
 
 from sae_atlas import metrics, pages
 from sae_atlas.atlas import Atlas, FeatureNotFound, QueryError
@@ -151,6 +153,58 @@ def twin_link(path: str, query: str = "") -> str | None:
     return None
 
 
+class BlankFieldRedirect:
+    """A form submits its empty fields as ``name=``: redirect (303) to the same page without them,
+    so a page's URL and its JSON twin's are the same.
+
+    A pure ASGI middleware: Starlette's ``@app.middleware("http")`` would wrap every request of
+    every route in a task and a stream, which costs more than a feature look-up itself.
+    """
+
+    def __init__(self, app, *, paths: tuple[str, ...]):
+        self.app = app
+        self.paths = paths
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] in ("GET", "HEAD") and scope["path"] in self.paths:
+            query = scope.get("query_string", b"").decode("latin-1")
+            kept = without_blanks(QueryParams(query)) if query else None
+            if kept is not None:
+                target = scope["path"] + (f"?{urlencode(kept)}" if kept else "")
+                await RedirectResponse(target, status_code=303)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+SEPARATOR = "\x1f"  # a control character no token shows; lets one escape() call cover a whole prompt
+
+
+def display_tokens(tokens: list[str]) -> list[str]:
+    """Each token as the page shows it: HTML-escaped, ``▁`` as a space, ``<0x0A>`` as ⏎."""
+    joined = SEPARATOR.join(tokens)
+    shown = str(escape(joined.replace("▁", " ").replace("<0x0A>", "⏎"))).split(SEPARATOR)
+    if len(shown) != len(tokens):  # a token holding the separator: escape them one by one
+        shown = [str(escape(token.replace("▁", " ").replace("<0x0A>", "⏎"))) for token in tokens]
+    return shown
+
+
+def highlighted_tokens(shown: list[str], activations: list[float], peak: float, start: int, stop: int, centre=None):
+    """The tokens ``shown[start:stop]`` (from :func:`display_tokens`) as ``<span>``s shaded by
+    activation, the value on hover. Built in one pass: a feature page shows thousands of tokens,
+    which per-token template logic makes slow."""
+    parts = []
+    for position in range(start, stop):
+        value = activations[position]
+        classes = "tok peak" if position == centre else "tok"
+        if value > 0:
+            style = token_style(value, peak)
+            parts.append(f'<span class="{classes}" style="{style}" title="{value:.3f}">{shown[position]}</span>')
+        else:
+            parts.append(f'<span class="{classes}">{shown[position]}</span>')
+    return Markup("".join(parts))
+
+
+FORM_PAGES = ("/", "/plots")
 HTML = {"content": {"text/html": {}}}
 PAGE_RESPONSES = {200: {**HTML, "description": "the page"}, 422: {**HTML, "description": "invalid parameters"}}
 MAX_FEATURE_ID = 2**32 - 1
@@ -169,6 +223,8 @@ def mount_browser(app: FastAPI, atlas: Atlas) -> None:
         short_name=short_name,
         colour=colour,
         token_style=token_style,
+        highlighted_tokens=highlighted_tokens,
+        display_tokens=display_tokens,
         metric_range=metric_range,
         METRICS=metrics.METRICS,
         SCORE_METRICS=metrics.SCORE_METRICS,
@@ -182,14 +238,7 @@ def mount_browser(app: FastAPI, atlas: Atlas) -> None:
         context["json_twin"] = twin_link(request.url.path, request.url.query)
         return templates.TemplateResponse(request, name, context, status_code=status_code)
 
-    @app.middleware("http")
-    async def canonical(request: Request, call_next):
-        """A form submits its empty fields as ``name=``: redirect to the same page without them."""
-        if request.method in ("GET", "HEAD") and request.url.path in ("/", "/plots"):
-            kept = without_blanks(request.query_params)
-            if kept is not None:
-                return RedirectResponse(request.url.path + (f"?{urlencode(kept)}" if kept else ""), status_code=303)
-        return await call_next(request)
+    app.add_middleware(BlankFieldRedirect, paths=FORM_PAGES)
 
     def index_page(request: Request, query: FeatureQuery, error: str | None = None) -> HTMLResponse:
         data = pages.feature_table(atlas, query)
