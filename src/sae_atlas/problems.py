@@ -16,6 +16,19 @@ from pathlib import Path
 MAX_LISTED = 200
 
 
+# Feature ids are UInt32 in every output: a latent id beyond it cannot be stored, whatever the SAE.
+MAX_LATENT_ID = 2**32 - 1
+
+
+def latent_out_of_range(latent: int, width: int | None) -> str | None:
+    """Why ``latent`` cannot be an id of an SAE of ``width`` latents (None when it can)."""
+    if width is not None and latent >= width:
+        return f"latent {latent} is outside the SAE ({width:,} latents)"
+    if latent > MAX_LATENT_ID:
+        return f"latent {latent} is beyond the largest feature id the outputs hold ({MAX_LATENT_ID:,})"
+    return None
+
+
 def quoted(name: str) -> str:
     """A file name as messages show it: as is when it prints on one line, else quoted with its
     control characters escaped (a name may hold a newline)."""

@@ -81,6 +81,10 @@ def test_jsonl_records_are_sorted_and_accept_string_or_int_ids(tmp_path):
         (record("5", 1, [[5, 1.0]]), "token position 5 is outside prompt 1 (length 5)"),
         (record("5", 1, [[1.5, 1.0]]), "token position 1.5 is outside prompt 1"),
         (b"[1, 2, 3]", "expected a JSON object, got list"),
+        (record("4294967296", 0, [[1, 1.0]]), "latent 4294967296 is beyond the largest feature id"),
+        (record("9" * 40, 0, [[1, 1.0]]), "is beyond the largest feature id the outputs hold"),
+        (record(2**40, 0, [[1, 1.0]]), "latent 1099511627776 is beyond the largest feature id"),
+        (record("5", 2**40, [[1, 1.0]]), "prompt id 1099511627776 is out of range"),
     ],
 )
 def test_a_bad_jsonl_line_is_reported_with_file_and_line_and_nothing_else_is_lost(tmp_path, bad_line, fragment):

@@ -233,3 +233,17 @@ def test_real_example_run_copied_with_extra_hidden_files(tmp_path):
     run, problems = discover(copy)
     assert [problem.kind for problem in problems] == ["foreign"]
     assert len(run.scores["fuzz"]) == 1
+
+
+def test_latent_ids_beyond_what_the_outputs_hold_are_refused_without_a_declared_width(tmp_path):
+    root = make_run(
+        tmp_path / "run",
+        run_config=CONFIG,
+        explanations={"layers.30_latent4294967296.txt": '"too far"', "layers.30_latent7.txt": '"fine"'},
+        scores={"fuzz/layers.30_latent4294967296.txt": [RECORD], "fuzz/layers.30_latent7.txt": [RECORD]},
+    )
+    run, problems = discover(root)
+    assert [entry.latent for entry in run.explanations] == [7]
+    assert [entry.latent for entry in run.scores["fuzz"]] == [7]
+    assert len(problems.items) == 2
+    assert all("latent 4294967296 is beyond the largest feature id" in item.message for item in problems.items)

@@ -24,7 +24,7 @@ import numpy as np
 import orjson
 import pyarrow as pa
 
-from sae_atlas.problems import Problems
+from sae_atlas.problems import MAX_LATENT_ID, Problems, latent_out_of_range
 from sae_atlas.sources import files
 
 SHARD_NAME = re.compile(r"(?P<start>[0-9]+)_(?P<end>[0-9]+)\.safetensors", re.ASCII)  # matched whole
@@ -106,8 +106,8 @@ def _validate_and_sort(
         dropped[mask] = True
 
     n_prompts = len(prompt_lengths)
-    if width is not None:
-        drop(feature_id >= width, lambda i: f"latent {feature_id[i]} is outside the SAE ({width:,} latents)")
+    limit = MAX_LATENT_ID + 1 if width is None else min(width, MAX_LATENT_ID + 1)
+    drop(feature_id >= limit, lambda i: latent_out_of_range(int(feature_id[i]), width))
     drop(prompt_id >= n_prompts, lambda i: f"prompt id {prompt_id[i]} is out of range (prompts has {n_prompts})")
     length = np.full(n_records, -1, dtype=np.int64)
     in_range = prompt_id < n_prompts
@@ -204,10 +204,14 @@ def read_prompts(path: Path, problems: Problems) -> pa.ListArray:
 
 def _parse_index(value) -> int:
     if type(value) is int and value >= 0:
-        return value
-    if isinstance(value, str) and value.isascii() and value.isdigit():
-        return int(value)
-    raise ValueError(f"index {value!r} is not a latent id")
+        latent = value
+    elif isinstance(value, str) and value.isascii() and value.isdigit():
+        latent = int(value)
+    else:
+        raise ValueError(f"index {value!r} is not a latent id")
+    if latent > MAX_LATENT_ID:  # checked here: the record buffers hold 64-bit integers
+        raise ValueError(latent_out_of_range(latent, None))
+    return latent
 
 
 def read_jsonl(directory: Path, problems: Problems, *, width: int | None = None) -> ActivationRecords:
@@ -249,6 +253,8 @@ def read_jsonl(directory: Path, problems: Problems, *, width: int | None = None)
                         raise ValueError(f"dataSetPromptId {prompt!r} is not an integer")
                     if prompt < 0:
                         raise ValueError(f"negative prompt id {prompt}")
+                    if prompt > MAX_LATENT_ID:
+                        raise ValueError(f"prompt id {prompt} is out of range")
                     pairs = record["sparseValues"]
                     if type(pairs) is not list or not all(type(pair) is list and len(pair) == 2 for pair in pairs):
                         raise ValueError("sparseValues is not a list of [position, value] pairs")
@@ -367,6 +373,9 @@ def read_delphi_cache(
                 problems.add(path, "shard name does not parse as {start}_{end}.safetensors; skipped", kind="foreign")
                 continue
             start, end = int(match.group("start")), int(match.group("end"))
+            if end > MAX_LATENT_ID:
+                problems.add(path, f"shard range {start}_{end} is beyond the largest feature id; skipped")
+                continue
             if start > end:
                 problems.add(path, f"shard range {start}_{end} is empty; skipped")
                 continue

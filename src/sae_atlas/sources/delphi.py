@@ -18,7 +18,7 @@ import polars as pl
 
 from sae_atlas import score_methods
 from sae_atlas.config import SourceConfig
-from sae_atlas.problems import Problems
+from sae_atlas.problems import Problems, latent_out_of_range
 from sae_atlas.score_methods import RECORD_COLUMNS
 from sae_atlas.sources import files
 
@@ -226,9 +226,9 @@ def list_run_files(run: DelphiRun, problems: Problems, *, width: int | None = No
         for hook, latent, path in found:
             if hook != primary:
                 continue
-            if width is not None and latent >= width:
-                message = f"latent {latent} is outside the SAE ({width:,} latents); skipped"
-                problems.add(path, message, latent=latent, kind="invalid")
+            refused = latent_out_of_range(latent, width)
+            if refused:
+                problems.add(path, f"{refused}; skipped", latent=latent, kind="invalid")
                 continue
             if latent in entries:
                 problems.add(
