@@ -186,7 +186,9 @@ def synth(
     ctx: Annotated[int, typer.Option(help="Tokens per prompt.")] = 127,
     d_model: Annotated[int, typer.Option("--d-model", help="Decoder dimension.")] = 256,
     seed: Annotated[int, typer.Option(help="Random seed; the corpus is a function of it.")] = 0,
-    activation_format: Annotated[str, typer.Option(help="jsonl or delphi.")] = "jsonl",
+    activation_format: Annotated[
+        str, typer.Option(help="jsonl, delphi, or both (the same records in both formats).")
+    ] = "jsonl",
     decoder_format: Annotated[str, typer.Option(help="npz, saelens or sparsify.")] = "npz",
 ) -> None:
     """Write a synthetic corpus in the real raw formats, with a ground truth and a ready config."""

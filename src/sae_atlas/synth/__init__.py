@@ -3,14 +3,16 @@
 Deterministic from the seed. Writes, under the output directory::
 
     raw/<explainer>_e-<scorer>_s/      one delphi run per (explainer, scorer) pair
-    raw/activation_examples/           activations.jsonl + prompts.json      (--activation-format jsonl)
-    raw/latents/layers.<L>/ + raw/tokenizer.json   delphi latent cache       (--activation-format delphi)
+    raw/activation_examples/           activations.jsonl + prompts.json      (--activation-format jsonl, both)
+    raw/latents/layers.<L>/ + raw/tokenizer.json   delphi latent cache       (--activation-format delphi, both)
     raw/sae/…                          decoder weights (npz | saelens | sparsify)
-    sae-atlas.toml                     a ready config
+    sae-atlas.toml                     a ready config (with both formats: the jsonl records;
+    sae-atlas-delphi.toml              the same with the delphi cache)
     ground_truth.parquet               concepts per latent, hit/miss per explanation
 
 The reference scale of the study is ``--features 16384 --explained 824 --explainers 3 --scorers 3
---prompts 24571 --ctx 127 --d-model 3584``.
+--prompts 24571 --ctx 127 --d-model 3584``. Activation records are generated and written a block of
+latents at a time, so memory stays bounded at any width (131,072 latents: under 4 GiB).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import orjson
 import polars as pl
 
 from sae_atlas.synth import delphi_runs, formats
-from sae_atlas.synth.latents import activations, assign_latents, concept_count, decoder_weights
+from sae_atlas.synth.latents import activation_blocks, assign_latents, concept_count, decoder_weights
 from sae_atlas.synth.text import build_prompts
 
 LAYER = 30
@@ -36,6 +38,8 @@ MISSING_SIMULATION_RATE = 0.03
 EMPTY_SCORE_FILE_RATE = 0.002
 UNEXPLAINED_RATE = 0.005
 UNSCORED_RATE = 0.005
+BLOCK_LATENTS = 8192  # activation records are generated and written this many latents at a time
+ACTIVATION_FORMATS = ("jsonl", "delphi", "both")
 
 
 @dataclass(frozen=True)
@@ -62,8 +66,8 @@ class SynthOptions:
             raise ValueError(f"--ctx must be at least {delphi_runs.EXAMPLE_TOKENS}")
         if self.prompts < 10 or self.d_model < 8:
             raise ValueError("--prompts must be at least 10 and --d-model at least 8")
-        if self.activation_format not in ("jsonl", "delphi"):
-            raise ValueError("--activation-format must be jsonl or delphi")
+        if self.activation_format not in ACTIVATION_FORMATS:
+            raise ValueError("--activation-format must be jsonl, delphi or both")
         if self.decoder_format not in ("npz", "saelens", "sparsify"):
             raise ValueError("--decoder-format must be npz, saelens or sparsify")
 
@@ -94,7 +98,12 @@ def _toml_string(value: str) -> str:
 
 
 def _write_config(
-    root: Path, sources: list[tuple[str, str, str]], activation_format: str, decoder_path: Path, sae_id: str
+    root: Path,
+    sources: list[tuple[str, str, str]],
+    activation_format: str,
+    decoder_path: Path,
+    sae_id: str,
+    file_name: str = "sae-atlas.toml",
 ) -> Path:
     lines = [
         "# Written by `sae-atlas synth`; paths are relative to this file.",
@@ -126,7 +135,7 @@ def _write_config(
         'model = "builtin:all-MiniLM-L6-v2"',
         "",
     ]
-    path = root / "sae-atlas.toml"
+    path = root / file_name
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
 
@@ -146,16 +155,35 @@ def synthesize(
     n_concepts = concept_count(options.features)
 
     say(f"prompts: {options.prompts:,} × {options.ctx} tokens")
-    corpus = build_prompts(options.prompts, options.ctx, n_concepts, rng, bos=options.activation_format == "jsonl")
+    jsonl = options.activation_format in ("jsonl", "both")
+    delphi = options.activation_format in ("delphi", "both")
+    # The jsonl shape (Neuronpedia-like) starts each prompt with <bos> and never activates on it.
+    corpus = build_prompts(options.prompts, options.ctx, n_concepts, rng, bos=jsonl)
     latents = assign_latents(options.features, corpus, n_concepts, rng)
 
     say(f"activations of {options.features:,} latents")
-    table = activations(corpus, latents, rng, skip_first=options.activation_format == "jsonl")
-    if options.activation_format == "jsonl":
-        formats.write_jsonl_activations(raw / "activation_examples", corpus, table)
-    else:
-        formats.write_delphi_cache(raw / "latents" / FILE_HOOK, corpus, table, options.features)
+    writers = []
+    if jsonl:
+        writers.append(formats.JsonlActivationWriter(raw / "activation_examples", corpus))
+    if delphi:
+        cache = formats.DelphiCacheWriter(raw / "latents" / FILE_HOOK, corpus, options.features)
         formats.write_tokenizer(raw / "tokenizer.json", corpus.vocabulary)
+    # Blocks never straddle a shard boundary, so each shard is written as soon as it is complete.
+    boundaries = sorted({*range(0, options.features, BLOCK_LATENTS), *formats.shard_boundaries(options.features)})
+    n_records = n_pairs = 0
+    for block, stop in zip(
+        activation_blocks(corpus, latents, rng, skip_first=jsonl, boundaries=boundaries),
+        boundaries[1:],
+        strict=True,
+    ):
+        n_records += len(block.feature)
+        n_pairs += int(block.offsets[-1])
+        for writer in writers:
+            writer.write(block)
+        if delphi:
+            cache.write(block, stop)
+    for writer in writers:
+        writer.close()
 
     say(f"decoder weights: {options.features:,} × {options.d_model} ({options.decoder_format})")
     label = width_label(options.features)
@@ -229,13 +257,13 @@ def synthesize(
                 formats.write_json(directory / method / f"{FILE_HOOK}_latent{latent}.txt", method_records)
 
     sae_id = f"{SPARSE_MODEL}/{hookpoint}"
-    config = _write_config(root, sources, options.activation_format, decoder_path, sae_id)
+    config = _write_config(root, sources, "delphi" if not jsonl else "jsonl", decoder_path, sae_id)
+    if jsonl and delphi:
+        _write_config(root, sources, "delphi", decoder_path, sae_id, file_name="sae-atlas-delphi.toml")
     ground_truth = root / "ground_truth.parquet"
     _write_ground_truth(ground_truth, latents, explained, explanations, unexplained)
     say(f"wrote {root}")
-    return SynthResult(
-        root, config, ground_truth, [name for name, _, _ in sources], len(table.feature), int(table.offsets[-1])
-    )
+    return SynthResult(root, config, ground_truth, [name for name, _, _ in sources], n_records, n_pairs)
 
 
 def _write_ground_truth(path: Path, latents, explained: np.ndarray, explanations, unexplained: set) -> None:

@@ -136,8 +136,8 @@ def _window(start: int, ctx: int) -> slice:
 def draw_examples(corpus: PromptCorpus, latents: Latents, latent: int, rng: np.random.Generator) -> Examples:
     """50 activating windows (5 per quantile, by rank) and 50 random non-activating ones."""
     n_prompts, ctx = corpus.tokens.shape
-    triggers = latents.trigger_pieces[latent]
-    hits = np.argwhere(np.isin(corpus.tokens, triggers))
+    triggers = latents.triggers(latent)
+    hits = corpus.positions_of(triggers)
     windows, activation_rows = [], []
     n_activating = QUANTILES * PER_QUANTILE
     if len(hits):

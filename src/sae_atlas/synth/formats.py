@@ -4,7 +4,6 @@ decoder weights (Gemma Scope ``params.npz``, SAELens, sparsify)."""
 
 from __future__ import annotations
 
-import itertools
 from pathlib import Path
 
 import numpy as np
@@ -70,22 +69,32 @@ def run_config(*, name: str, explainer: str, sparse_model: str, hookpoint: str, 
     }
 
 
-def write_jsonl_activations(directory: Path, corpus: PromptCorpus, table: ActivationTable) -> None:
-    """``activations.jsonl`` (one record per line, values rounded to 3 decimals) + ``prompts.json``."""
-    directory.mkdir(parents=True, exist_ok=True)
-    vocabulary = np.array(corpus.vocabulary, dtype=object)
-    write_json(directory / "prompts.json", vocabulary[corpus.tokens].tolist())
-    positions = table.positions.tolist()
-    values = np.round(table.values.astype(np.float64), 3).tolist()
-    offsets = table.offsets.tolist()
-    with (directory / "activations.jsonl").open("wb") as handle:
+class JsonlActivationWriter:
+    """``activations.jsonl`` (one record per line, values rounded to 3 decimals) + ``prompts.json``,
+    written a block of records at a time."""
+
+    def __init__(self, directory: Path, corpus: PromptCorpus):
+        directory.mkdir(parents=True, exist_ok=True)
+        vocabulary = np.array(corpus.vocabulary, dtype=object)
+        write_json(directory / "prompts.json", vocabulary[corpus.tokens].tolist())
+        self.handle = (directory / "activations.jsonl").open("wb")
+
+    def write(self, table: ActivationTable) -> None:
+        positions = table.positions.tolist()
+        values = np.round(table.values.astype(np.float64), 3).tolist()
+        offsets = table.offsets.tolist()
+        lines = []
         for record, (feature, prompt) in enumerate(zip(table.feature.tolist(), table.prompt.tolist(), strict=True)):
             start, stop = offsets[record], offsets[record + 1]
             pairs = [
                 [position, value] for position, value in zip(positions[start:stop], values[start:stop], strict=True)
             ]
-            handle.write(orjson.dumps({"index": str(feature), "dataSetPromptId": prompt, "sparseValues": pairs}))
-            handle.write(b"\n")
+            lines.append(orjson.dumps({"index": str(feature), "dataSetPromptId": prompt, "sparseValues": pairs}))
+        if lines:
+            self.handle.write(b"\n".join(lines) + b"\n")
+
+    def close(self) -> None:
+        self.handle.close()
 
 
 def write_tokenizer(path: Path, vocabulary: list[str]) -> None:
@@ -103,48 +112,66 @@ def write_tokenizer(path: Path, vocabulary: list[str]) -> None:
     tokenizer.save(str(path))
 
 
-def write_delphi_cache(
-    directory: Path, corpus: PromptCorpus, table: ActivationTable, n_features: int, n_splits: int = 5
-) -> None:
-    """``{start}_{end}.safetensors`` shards as ``LatentCache.save_splits`` writes them."""
-    from safetensors.numpy import save_file
+def shard_boundaries(n_features: int, n_splits: int = 5) -> list[int]:
+    """Where delphi's ``LatentCache.save_splits`` cuts the latents: ``linspace(0, width, n+1)``."""
+    return np.linspace(0, n_features, n_splits + 1).astype(np.int64).tolist()
 
-    directory.mkdir(parents=True, exist_ok=True)
-    n_prompts, ctx = corpus.tokens.shape
-    counts = np.diff(table.offsets)
-    latent = np.repeat(table.feature, counts)
-    sequence = np.repeat(table.prompt, counts)
-    boundaries = np.linspace(0, n_features, n_splits + 1).astype(np.int64)
-    tokens = corpus.tokens.astype(np.int64)
-    for start, stop in itertools.pairwise(boundaries):
-        keep = (latent >= start) & (latent < stop)
+
+class DelphiCacheWriter:
+    """``{start}_{end}.safetensors`` shards as ``LatentCache.save_splits`` writes them, each written
+    as soon as the blocks of its latent range have arrived (blocks must not straddle a boundary)."""
+
+    def __init__(self, directory: Path, corpus: PromptCorpus, n_features: int, n_splits: int = 5):
+        directory.mkdir(parents=True, exist_ok=True)
+        self.directory = directory
+        self.tokens = corpus.tokens.astype(np.int64)
+        self.boundaries = shard_boundaries(n_features, n_splits)
+        self.shard = 0
+        self.pending: list[ActivationTable] = []
+        n_prompts, ctx = corpus.tokens.shape
+        write_json(
+            directory / "config.json",
+            {
+                "dataset_repo": "EleutherAI/SmolLM2-135M-10B",
+                "dataset_split": "train[:1%]",
+                "dataset_name": "",
+                "dataset_column": "text",
+                "batch_size": 32,
+                "cache_ctx_len": ctx,
+                "n_tokens": n_prompts * ctx,
+                "n_splits": n_splits,
+                "model_name": "google/gemma-2-9b",
+            },
+            indent=True,
+        )
+
+    def write(self, table: ActivationTable, stop: int) -> None:
+        """Add a block of records of latents below ``stop``; write every shard it completes."""
+        self.pending.append(table)
+        while self.shard < len(self.boundaries) - 1 and stop >= self.boundaries[self.shard + 1]:
+            self._write_shard(ActivationTable.concatenate(self.pending))
+            self.pending = []
+            self.shard += 1
+
+    def _write_shard(self, table: ActivationTable) -> None:
+        from safetensors.numpy import save_file
+
+        start, stop = self.boundaries[self.shard], self.boundaries[self.shard + 1]
+        counts = np.diff(table.offsets)
+        latent = np.repeat(table.feature, counts)
+        sequence = np.repeat(table.prompt, counts)
         # torch.nonzero order: (sequence, position, latent)
-        order = np.lexsort((latent[keep], table.positions[keep], sequence[keep]))
-        locations = np.stack([sequence[keep][order], table.positions[keep][order], latent[keep][order] - start], axis=1)
+        order = np.lexsort((latent, table.positions, sequence))
+        locations = np.stack([sequence[order], table.positions[order], latent[order] - start], axis=1)
         small = locations[:, 0].max(initial=0) < 2**16 and locations[:, 2].max(initial=0) < 2**16
         save_file(
             {
                 "locations": locations.astype(np.uint16 if small else np.uint32),
-                "activations": table.values[keep][order].astype(np.float16),
-                "tokens": tokens,
+                "activations": table.values[order].astype(np.float16),
+                "tokens": self.tokens,
             },
-            str(directory / f"{start}_{stop - 1}.safetensors"),
+            str(self.directory / f"{start}_{stop - 1}.safetensors"),
         )
-    write_json(
-        directory / "config.json",
-        {
-            "dataset_repo": "EleutherAI/SmolLM2-135M-10B",
-            "dataset_split": "train[:1%]",
-            "dataset_name": "",
-            "dataset_column": "text",
-            "batch_size": 32,
-            "cache_ctx_len": ctx,
-            "n_tokens": n_prompts * ctx,
-            "n_splits": n_splits,
-            "model_name": "google/gemma-2-9b",
-        },
-        indent=True,
-    )
 
 
 def write_decoder(
@@ -152,7 +179,8 @@ def write_decoder(
 ) -> Path:
     """Decoder weights in ``decoder_format``; returns the path the config should name."""
     n_features, d_model = weights.shape
-    encoder = np.ascontiguousarray(weights.T)
+    # W_enc is W_dec transposed: a view (np.savez streams it), never a copy of a 1.9 GB matrix.
+    encoder = weights.T
     b_enc = rng.normal(0, 0.01, n_features).astype(np.float32)
     b_dec = rng.normal(0, 0.01, d_model).astype(np.float32)
     threshold = np.abs(rng.normal(0.5, 0.1, n_features)).astype(np.float32)
@@ -167,7 +195,13 @@ def write_decoder(
         path = directory / f"blocks.{layer}.hook_resid_post"
         path.mkdir(parents=True, exist_ok=True)
         save_file(
-            {"W_enc": encoder, "W_dec": weights, "b_enc": b_enc, "b_dec": b_dec, "threshold": threshold},
+            {
+                "W_enc": np.ascontiguousarray(encoder),
+                "W_dec": weights,
+                "b_enc": b_enc,
+                "b_dec": b_dec,
+                "threshold": threshold,
+            },
             str(path / "sae_weights.safetensors"),
         )
         write_json(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -135,6 +136,20 @@ class PromptCorpus:
 
     def pieces(self, prompt: int) -> list[str]:
         return [self.vocabulary[index] for index in self.tokens[prompt]]
+
+    @cached_property
+    def _piece_positions(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every token position (``prompt * ctx + position``) grouped by piece id, ascending."""
+        order = np.argsort(self.tokens.ravel(), kind="stable")
+        starts = np.searchsorted(self.tokens.ravel()[order], np.arange(len(self.vocabulary) + 1))
+        return order, starts
+
+    def positions_of(self, pieces: np.ndarray) -> np.ndarray:
+        """(prompt, position) of every occurrence of ``pieces``, in row-major order: what
+        ``np.argwhere(np.isin(tokens, pieces))`` gives, without scanning every token."""
+        order, starts = self._piece_positions
+        flat = np.sort(np.concatenate([order[starts[piece] : starts[piece + 1]] for piece in pieces] or [order[:0]]))
+        return np.stack([flat // self.tokens.shape[1], flat % self.tokens.shape[1]], axis=1)
 
 
 def _sentence(rng: random.Random, concept: Concept | None) -> list[str]:
