@@ -153,6 +153,55 @@ def test_a_stage_that_skips_keeps_going(small_corpus, embedder, tmp_path):
     )
 
 
+def test_a_streamed_stage_writes_its_outputs_together_or_not_at_all(small_corpus, embedder, tmp_path):
+    """Parts feed the output and an extra output in step, with a scratch directory that goes away;
+    a stage that finds its input unusable halfway publishes nothing and removes its old outputs."""
+    from sae_atlas.stage import Parts, Unusable
+
+    seen: dict = {}
+
+    def plan(context):
+        fail = context.config.sampling.per_quantile == 1
+
+        def execute(problems):
+            scratch = context.scratch()
+            (scratch / "spilled").write_text("temporary")
+            seen["scratch"] = scratch
+
+            def parts():
+                for start in range(0, 30, 10):
+                    if fail and start == 20:
+                        raise Unusable("the input turned out unusable halfway")
+                    ids = pl.DataFrame({"feature_id": range(start, start + 10)}, schema={"feature_id": pl.UInt32})
+                    yield Parts(ids, {"stages/squares.parquet": ids.with_columns(square=pl.col("feature_id") ** 2)})
+
+            return Product(data=parts(), rows=None, statistics={})
+
+        return Plan(key={"fail": fail}, execute=execute)
+
+    counted = Stage("counted", "stages/counted.parquet", 1, plan, extra_outputs=("stages/squares.parquet",))
+    config = load_config(small_corpus.config)
+    config.output_dir = tmp_path / "out"
+    report = Pipeline(config, embedder=embedder, stages=(*REGISTERED, counted)).run(only=["counted"])
+    assert report.outcomes[0].status == "ran"
+    assert pl.read_parquet(config.output_dir / "stages/counted.parquet").height == 30
+    squares = pl.read_parquet(config.output_dir / "stages/squares.parquet")
+    assert squares["square"].to_list() == [value**2 for value in range(30)]
+    assert not seen["scratch"].exists()
+
+    config.sampling.per_quantile = 1
+    report = Pipeline(config, embedder=embedder, stages=(*REGISTERED, counted)).run(only=["counted"])
+    outcome = report.outcomes[0]
+    assert (outcome.status, outcome.reason, outcome.removed) == (
+        "skipped",
+        "the input turned out unusable halfway",
+        True,
+    )
+    assert not (config.output_dir / "stages/counted.parquet").exists()
+    assert not (config.output_dir / "stages/squares.parquet").exists()
+    assert not [path for path in config.output_dir.rglob("*") if ".tmp-" in path.name]
+
+
 # -- metrics and the HTTP API -----------------------------------------------------------------------
 
 

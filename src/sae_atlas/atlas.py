@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import pyarrow.parquet as pq
 
 from sae_atlas import layout, metrics
 from sae_atlas.sampling import centre_positions, sample_examples, window_bounds
@@ -66,7 +67,39 @@ class _Examples:
     pair_offsets: np.ndarray
     positions: np.ndarray
     values: np.ndarray
-    prompts: list[list[str]]  # tokens by prompt id
+    prompts: list[list[str]] | dict[int, list[str]]  # tokens by prompt id
+
+
+SAMPLED_COLUMNS = (
+    "feature_id",
+    "prompt_id",
+    "quantile",
+    "max_activation",
+    "max_position",
+    "window_start",
+    "window_stop",
+    "activation_pairs",
+)
+
+
+def _examples_of(sampled: pl.DataFrame, prompts) -> _Examples:
+    """The look-up arrays of sampled examples (in their stored order: by feature, top first);
+    ``prompts[p]`` gives prompt p's tokens (a list, or a mapping for a few prompts)."""
+    flat = sampled["activation_pairs"].explode().drop_nulls().struct.unnest()
+    counts = sampled["activation_pairs"].list.len().to_numpy().astype(np.int64)
+    return _Examples(
+        feature_id=sampled["feature_id"].to_numpy().astype(np.int64),
+        prompt_id=sampled["prompt_id"].to_numpy().astype(np.int64),
+        quantile=sampled["quantile"].to_numpy(),
+        max_activation=sampled["max_activation"].to_numpy().astype(np.float64),
+        centre=sampled["max_position"].to_numpy().astype(np.int64),
+        window_start=sampled["window_start"].to_numpy().astype(np.int64),
+        window_stop=sampled["window_stop"].to_numpy().astype(np.int64),
+        pair_offsets=np.concatenate(([0], np.cumsum(counts))),
+        positions=flat["token_position"].to_numpy().astype(np.int64),
+        values=flat["activation_value"].to_numpy().astype(np.float64),
+        prompts=prompts,
+    )
 
 
 def _as_string(frame: pl.DataFrame, *columns: str) -> pl.DataFrame:
@@ -113,7 +146,10 @@ class Atlas:
         self._explanations_by_feature = self._index_explanations()
         self._table = self._flat_table()
         self._lock = threading.Lock()
-        self._examples: _Examples | None = None
+        self._examples: _Examples | bool | None = None  # False: no examples in this output
+        self._loader: threading.Thread | None = None
+        self.example_error: str | None = None
+        self._row_groups: list[tuple[int, int]] | None = None
         self._vectors: tuple[pl.DataFrame, np.ndarray] | None = None
         self._embedder = embedder
         self._stats: dict | None = None
@@ -284,19 +320,23 @@ class Atlas:
 
     # -- activation examples (loaded on first use) --------------------------------------------------
 
-    def _sampled(self, examples: Path) -> pl.DataFrame:
-        """The examples stage 4 sampled and embedded (stages/sampled_examples.parquet). An output
-        written by another tool has no such table: its examples are then sampled the way stage 4
-        does by default, so they can still be shown."""
+    def _sampled(self) -> pl.DataFrame | None:
+        """The examples stage 4 sampled and embedded, with their activations. An output written by
+        another tool has no stages/sampled_examples.parquet (or an older one without activations):
+        its examples are then sampled the way stage 4 does by default, so they can still be shown."""
         path = self.output_dir / layout.SAMPLED_EXAMPLES
-        if path.exists():
-            return pl.read_parquet(path)
+        if path.exists() and "activation_pairs" in pq.read_schema(path).names:
+            return pl.read_parquet(path, columns=list(SAMPLED_COLUMNS))
+        examples = self.output_dir / layout.ACTIVATION_EXAMPLES
+        if not examples.exists():
+            return None
         candidates = (
             pl.scan_parquet(examples)
             .select(
                 "feature_id",
                 "prompt_id",
                 "max_activation",
+                "activation_pairs",
                 centre=centre_positions(pl.col("activation_pairs")),
                 length=pl.col("prompt_tokens").list.len(),
             )
@@ -312,49 +352,59 @@ class Atlas:
             pl.col("centre").alias("max_position"),
             window_start=pl.Series(starts),
             window_stop=pl.Series(stops),
+            activation_pairs="activation_pairs",
         )
 
     def _load_examples(self) -> _Examples | None:
-        path = self.output_dir / layout.ACTIVATION_EXAMPLES
-        if not path.exists():
+        sampled = self._sampled()
+        if sampled is None:
             return None
-        sampled = self._sampled(path).with_row_index("_order")
-        keys = sampled.select(pl.col("feature_id").cast(pl.UInt32), pl.col("prompt_id").cast(pl.UInt32))
-        rows = (
-            pl.scan_parquet(path)
-            .select("feature_id", "prompt_id", "activation_pairs")
-            .join(keys.lazy(), on=["feature_id", "prompt_id"], how="semi")
-            .collect()
-            .join(sampled.select("_order", "feature_id", "prompt_id"), on=["feature_id", "prompt_id"])
-            .sort("_order")
-        )
-        flat = rows["activation_pairs"].explode().struct.unnest()
-        counts = rows["activation_pairs"].list.len().to_numpy().astype(np.int64)
-        return _Examples(
-            feature_id=sampled["feature_id"].to_numpy().astype(np.int64),
-            prompt_id=sampled["prompt_id"].to_numpy().astype(np.int64),
-            quantile=sampled["quantile"].to_numpy(),
-            max_activation=sampled["max_activation"].to_numpy().astype(np.float64),
-            centre=sampled["max_position"].to_numpy().astype(np.int64),
-            window_start=sampled["window_start"].to_numpy().astype(np.int64),
-            window_stop=sampled["window_stop"].to_numpy().astype(np.int64),
-            pair_offsets=np.concatenate(([0], np.cumsum(counts))),
-            positions=flat["token_position"].to_numpy().astype(np.int64),
-            values=flat["activation_value"].to_numpy().astype(np.float64),
-            prompts=layout.read_prompt_tokens(self.output_dir).to_list(),
-        )
+        return _examples_of(sampled, layout.read_prompt_tokens(self.output_dir).to_list())
 
-    def _examples_index(self) -> _Examples | None:
+    def _examples_index(self, wait: bool = True) -> _Examples | None:
+        """The complete example index; with ``wait=False``, None while it is still loading (it
+        starts loading in the background on the first call)."""
         if self._examples is None:
             with self._lock:
-                if self._examples is None:
-                    self._examples = self._load_examples() or False
+                if self._loader is None:
+                    self._loader = threading.Thread(target=self._load_index, name="example-index", daemon=True)
+                    self._loader.start()
+            if not wait:
+                return None
+            self._loader.join()
         return self._examples or None
 
+    def _load_index(self) -> None:
+        try:
+            self._examples = self._load_examples() or False
+        except Exception as error:  # a damaged file: look-ups go on without examples (validate says why)
+            self._examples = False
+            self.example_error = f"{type(error).__name__}: {error}"
+
+    def _examples_of_feature(self, feature_id: int) -> _Examples | None:
+        """One feature's examples before the index is loaded: only the row groups of
+        stages/sampled_examples.parquet that hold it (by their statistics), and its prompts."""
+        path = self.output_dir / layout.SAMPLED_EXAMPLES
+        if not path.exists() or "activation_pairs" not in pq.read_schema(path).names:
+            return self._examples_index()
+        if self._row_groups is None:
+            self._row_groups = layout.row_group_ranges(path, "feature_id")
+        groups = [group for group, (low, high) in enumerate(self._row_groups) if low <= feature_id <= high]
+        if not groups:
+            return None
+        rows = pl.from_arrow(pq.ParquetFile(path).read_row_groups(groups, columns=list(SAMPLED_COLUMNS)))
+        rows = rows.filter(pl.col("feature_id") == feature_id)
+        prompts = layout.read_prompt_tokens(self.output_dir, rows["prompt_id"].unique().to_list())
+        return _examples_of(rows, prompts)
+
     def _feature_examples(self, feature_id: int) -> list[dict]:
-        examples = self._examples_index()
+        examples = self._examples_index(wait=False)
         if examples is None:
-            return []
+            if self._examples is False:
+                return []
+            examples = self._examples_of_feature(feature_id)
+            if examples is None:
+                return []
         start, stop = np.searchsorted(examples.feature_id, [feature_id, feature_id + 1])
         if start == stop:
             return []

@@ -22,6 +22,7 @@ never leaves a half-written file, and a reader never sees one.
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -95,15 +96,19 @@ def _alive(pid: int) -> bool:
 
 
 def remove_stale_temporaries(directory: Path) -> list[Path]:
-    """Delete the temporary files under ``directory`` whose writing process is gone (a run killed
-    mid-write); those of a live process (a concurrent run) are left alone. Returns what went."""
+    """Delete the temporary files and scratch directories under ``directory`` whose writing
+    process is gone (a run killed mid-write); those of a live process (a concurrent run) are left
+    alone. Returns what went."""
     removed = []
-    for path in Path(directory).rglob(".*.tmp-*"):
+    for path in sorted(Path(directory).rglob(".*.tmp-*")):
         pid = path.name.rsplit(".tmp-", 1)[1]
-        if not pid.isascii() or not pid.isdigit() or _alive(int(pid)):
+        if not pid.isascii() or not pid.isdigit() or _alive(int(pid)) or not os.path.lexists(path):
             continue
         try:
-            path.unlink()
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
         except OSError:
             continue
         removed.append(path)
@@ -130,6 +135,53 @@ class NothingToWrite(ValueError):
     """A streamed output produced no part and no schema was given."""
 
 
+class ParquetStream:
+    """A Parquet file written part by part and published atomically: parts go to a temporary file,
+    which :meth:`commit` renames into place and :meth:`abort` removes. Memory is one part."""
+
+    def __init__(
+        self, path: Path, *, compression: str, schema: pa.Schema | None = None, row_group_size: int | None = None
+    ):
+        self.path = Path(path)
+        self.temporary = temporary_path(self.path)
+        self.compression = compression
+        self.schema = schema
+        self.row_group_size = row_group_size
+        self._writer: pq.ParquetWriter | None = None
+
+    def _open(self, schema: pa.Schema) -> pq.ParquetWriter:
+        if self._writer is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._writer = pq.ParquetWriter(self.temporary, schema, compression=self.compression)
+        return self._writer
+
+    def write(self, part: pl.DataFrame | pa.Table | pa.RecordBatch) -> None:
+        part = _arrow(part)
+        writer = self._open(self.schema or part.schema)
+        if isinstance(part, pa.Table):
+            writer.write_table(part.cast(writer.schema), row_group_size=self.row_group_size)
+        else:
+            writer.write_batch(part, row_group_size=self.row_group_size)
+
+    def commit(self) -> None:
+        """Close the file and move it into place (an empty file of ``schema`` when no part came)."""
+        if self._writer is None:
+            if self.schema is None:
+                self.abort()
+                raise NothingToWrite(f"{self.path}: nothing to write and no schema given")
+            self._open(self.schema)
+        self._writer.close()
+        self._writer = None
+        os.replace(self.temporary, self.path)
+
+    def abort(self) -> None:
+        """Forget the parts written: remove the temporary file."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        self.temporary.unlink(missing_ok=True)
+
+
 def write_parquet(
     path: Path,
     data: pl.DataFrame | pa.Table | Iterable[pa.RecordBatch | pa.Table | pl.DataFrame],
@@ -145,33 +197,24 @@ def write_parquet(
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = temporary_path(path)
+    if isinstance(data, pl.DataFrame | pa.Table):
+        temporary = temporary_path(path)
+        try:
+            if isinstance(data, pl.DataFrame):
+                data.write_parquet(temporary, compression=compression, statistics=True, row_group_size=row_group_size)
+            else:
+                pq.write_table(data, temporary, compression=compression, row_group_size=row_group_size)
+            os.replace(temporary, path)
+        finally:
+            temporary.unlink(missing_ok=True)
+        return
+    stream = ParquetStream(path, compression=compression, schema=schema, row_group_size=row_group_size)
     try:
-        if isinstance(data, pl.DataFrame):
-            data.write_parquet(temporary, compression=compression, statistics=True, row_group_size=row_group_size)
-        elif isinstance(data, pa.Table):
-            pq.write_table(data, temporary, compression=compression, row_group_size=row_group_size)
-        else:
-            writer = None
-            try:
-                for part in data:
-                    part = _arrow(part)
-                    if writer is None:
-                        writer = pq.ParquetWriter(temporary, schema or part.schema, compression=compression)
-                    if isinstance(part, pa.Table):
-                        writer.write_table(part.cast(writer.schema), row_group_size=row_group_size)
-                    else:
-                        writer.write_batch(part, row_group_size=row_group_size)
-                if writer is None:
-                    if schema is None:
-                        raise NothingToWrite(f"{path}: nothing to write and no schema given")
-                    writer = pq.ParquetWriter(temporary, schema, compression=compression)
-            finally:
-                if writer is not None:
-                    writer.close()
-        os.replace(temporary, path)
+        for part in data:
+            stream.write(part)
+        stream.commit()
     finally:
-        temporary.unlink(missing_ok=True)
+        stream.abort()
 
 
 def remove_output(path: Path) -> bool:
@@ -186,10 +229,36 @@ def remove_output(path: Path) -> bool:
 # -- the prompt table ----------------------------------------------------------------------------
 
 
-def read_prompt_tokens(output_dir: Path) -> pl.Series:
+def row_group_ranges(path: Path, column: str) -> list[tuple[int, int]]:
+    """(min, max) of ``column`` in each row group of a Parquet file, from its statistics (a row
+    group without statistics spans every value)."""
+    metadata = pq.ParquetFile(path).metadata
+    index = metadata.schema.to_arrow_schema().get_field_index(column)
+    ranges = []
+    for group in range(metadata.num_row_groups):
+        statistics = metadata.row_group(group).column(index).statistics
+        if statistics is not None and statistics.has_min_max:
+            ranges.append((statistics.min, statistics.max))
+        else:
+            ranges.append((0, 2**64))
+    return ranges
+
+
+def read_prompt_tokens(output_dir: Path, prompt_ids: list[int] | None = None):
     """Each prompt's tokens, indexed by prompt id: from stages/prompts.parquet, else rebuilt from
-    activation_examples.parquet (an output directory written by another tool)."""
+    activation_examples.parquet (an output directory written by another tool). With
+    ``prompt_ids``, only those prompts, as a {prompt id: tokens} mapping."""
     path = Path(output_dir) / PROMPTS
+    if prompt_ids is not None:
+        source = path if path.exists() else Path(output_dir) / ACTIVATION_EXAMPLES
+        rows = (
+            pl.scan_parquet(source)
+            .select("prompt_id", "prompt_tokens")
+            .filter(pl.col("prompt_id").is_in(prompt_ids))
+            .unique("prompt_id")
+            .collect()
+        )
+        return dict(zip(rows["prompt_id"].to_list(), rows["prompt_tokens"].to_list(), strict=True))
     if path.exists():
         return pl.read_parquet(path).sort("prompt_id")["prompt_tokens"]
     examples = pl.scan_parquet(Path(output_dir) / ACTIVATION_EXAMPLES)

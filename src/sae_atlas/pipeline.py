@@ -19,6 +19,7 @@ stage that reads it), so a run never serves results of an input it could not rea
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from pathlib import Path
 
 import orjson
 import polars as pl
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sae_atlas import __version__, layout
@@ -34,7 +36,7 @@ from sae_atlas.config import AtlasConfig
 from sae_atlas.embedding import Embedder
 from sae_atlas.problems import Problem, Problems
 from sae_atlas.sources import decoder, delphi
-from sae_atlas.stage import EmbedFunction, Product, Skip, Stage, Unusable, digest, fingerprint_files
+from sae_atlas.stage import EmbedFunction, Parts, Product, Skip, Stage, Unusable, digest, fingerprint_files
 from sae_atlas.stages import REGISTERED
 
 
@@ -230,6 +232,19 @@ class RunContext:
     def read(self, stage: str, columns: list[str] | None = None) -> pl.DataFrame:
         return pl.read_parquet(self.output_of(stage), columns=columns)
 
+    def read_batches(self, stage: str, columns: list[str] | None = None, rows: int = 65_536) -> Iterator[pl.DataFrame]:
+        parquet = pq.ParquetFile(self.output_of(stage))
+        groups: list[int] = []
+        gathered = 0
+        for group in range(parquet.num_row_groups):
+            groups.append(group)
+            gathered += parquet.metadata.row_group(group).num_rows
+            if gathered >= rows:
+                yield pl.from_arrow(parquet.read_row_groups(groups, columns=columns))
+                groups, gathered = [], 0
+        if groups:
+            yield pl.from_arrow(parquet.read_row_groups(groups, columns=columns))
+
     def prompt_tokens(self) -> pl.Series:
         return layout.read_prompt_tokens(self.output_dir)
 
@@ -279,12 +294,24 @@ class RunContext:
 
 
 class StageView:
-    """A stage's window on the run: the shared context, with reads limited to what it declared."""
+    """A stage's window on the run: the shared context, with reads limited to what it declared,
+    and a scratch directory of its own."""
 
     def __init__(self, context: RunContext, stage: Stage):
         self._context = context
         self._stage = stage
         self._readable = {*stage.reads, *stage.optional_reads}
+        self._scratch: Path | None = None
+
+    def scratch(self) -> Path:
+        if self._scratch is None:
+            self._scratch = layout.temporary_path(self._context.output_dir / f"{self._stage.name}.scratch")
+            self._scratch.mkdir(parents=True, exist_ok=True)
+        return self._scratch
+
+    def remove_scratch(self) -> None:
+        if self._scratch is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)
 
     def __getattr__(self, name: str):
         return getattr(self._context, name)
@@ -300,6 +327,10 @@ class StageView:
     def read(self, stage: str, columns: list[str] | None = None) -> pl.DataFrame:
         self._check(stage)
         return self._context.read(stage, columns)
+
+    def read_batches(self, stage: str, columns: list[str] | None = None, rows: int = 65_536) -> Iterator[pl.DataFrame]:
+        self._check(stage)
+        return self._context.read_batches(stage, columns, rows)
 
 
 def config_value(config: AtlasConfig, key: str):
@@ -418,10 +449,17 @@ class Pipeline:
         missing = self._upstream_missing(stage, outcomes)
         if missing is not None:
             return missing
+        view = StageView(self.context, stage)
+        try:
+            return self._plan_and_run(stage, view)
+        finally:
+            view.remove_scratch()
+
+    def _plan_and_run(self, stage: Stage, view: StageView) -> StageOutcome:
         problems = Problems(strict=self.strict)
         started = time.perf_counter()
         try:
-            plan = stage.plan(StageView(self.context, stage))
+            plan = stage.plan(view)
         except Unusable as skip:
             return self._unusable(stage, skip, problems, started)
         except Skip as skip:
@@ -439,15 +477,17 @@ class Pipeline:
         problems.items.extend(plan.problems)
         try:
             product = plan.execute(problems)
+            # A streamed product does its work while being written: it may still find its input
+            # unusable then, and nothing of it is published.
+            output, seconds, rows = self._write(
+                stage, product, fingerprint=fingerprint, key=key, started=started, problems=problems
+            )
         except Unusable as skip:
             return self._unusable(stage, skip, problems, started)
         except Skip as skip:
             return StageOutcome(
                 stage.name, "skipped", skip.reason, problems=problems, seconds=time.perf_counter() - started
             )
-        output, seconds, rows = self._write(
-            stage, product, fingerprint=fingerprint, key=key, started=started, problems=problems
-        )
         return StageOutcome(
             stage.name,
             "ran",
@@ -459,18 +499,51 @@ class Pipeline:
             output=output,
         )
 
+    def _write_data(self, stage: Stage, product: Product) -> None:
+        """The stage's output and extras, each published atomically once all of it is written."""
+        compression = self.config.output.compression
+        output = self.output_dir / stage.output
+        if isinstance(product.data, pl.DataFrame | pa.Table):
+            layout.write_parquet(output, product.data, compression=compression, row_group_size=product.row_group_size)
+        else:
+            streams = {
+                stage.output: layout.ParquetStream(
+                    output, compression=compression, schema=product.schema, row_group_size=product.row_group_size
+                )
+            }
+            try:
+                for part in product.data:
+                    if not isinstance(part, Parts):
+                        streams[stage.output].write(part)
+                        continue
+                    if part.output is not None:
+                        streams[stage.output].write(part.output)
+                    for name, extra in part.extra.items():
+                        if name not in streams:
+                            streams[name] = layout.ParquetStream(
+                                self.output_dir / name, compression=compression, schema=product.schemas.get(name)
+                            )
+                        streams[name].write(extra)
+                for name, schema in product.schemas.items():  # streamed outputs that got no part
+                    streams.setdefault(
+                        name, layout.ParquetStream(self.output_dir / name, compression=compression, schema=schema)
+                    )
+                # Extras first: once the stage's output is in place, everything it comes with is.
+                for name in sorted(streams, key=lambda name: name == stage.output):
+                    streams[name].commit()
+            finally:
+                for stream in streams.values():
+                    stream.abort()
+        for name, table in product.extra.items():
+            layout.write_parquet(self.output_dir / name, table, compression=compression)
+
     def _write(
         self, stage: Stage, product: Product, *, fingerprint: str, key: dict, started: float, problems: Problems
     ) -> tuple[Path, float, int]:
         """Write the stage output, its extras and its sidecar; return the path, the stage's seconds
         (the write included: streamed stages do their work while being written) and the rows."""
         output = self.output_dir / stage.output
-        compression = self.config.output.compression
-        layout.write_parquet(
-            output, product.data, compression=compression, schema=product.schema, row_group_size=product.row_group_size
-        )
-        for name, table in product.extra.items():
-            layout.write_parquet(self.output_dir / name, table, compression=compression)
+        self._write_data(stage, product)
         seconds = time.perf_counter() - started
         rows = pq.ParquetFile(output).metadata.num_rows
         schema = pl.read_parquet_schema(output)

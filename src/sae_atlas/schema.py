@@ -111,7 +111,8 @@ STAGE_SCORES = pl.Schema(
 STAGE_DECODER_SIMILARITY = pl.Schema({"feature_id": pl.UInt32, "decoder_similarity": pl.List(DECODER_NEIGHBOUR)})
 
 # The examples stage 4 sampled and embedded, in the order embedded (feature, then its top example
-# first): what the query layer shows, without sampling again.
+# first), with their activations: what the query layer shows, without sampling again and without
+# reading activation_examples.parquet.
 STAGE_SAMPLED_EXAMPLES = pl.Schema(
     {
         "feature_id": pl.UInt32,
@@ -121,6 +122,7 @@ STAGE_SAMPLED_EXAMPLES = pl.Schema(
         "max_position": pl.UInt32,  # the window's centre: position of the largest activation
         "window_start": pl.UInt32,
         "window_stop": pl.UInt32,
+        "activation_pairs": pl.List(ACTIVATION_PAIR),
     }
 )
 

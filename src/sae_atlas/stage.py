@@ -15,7 +15,7 @@ function and returns a :class:`Product` for the runner to write.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -57,11 +57,24 @@ def fingerprint_files(paths: Iterable[Path]) -> dict:
 
 
 @dataclass
+class Parts:
+    """One step of a stream that feeds several outputs at once: a part of the stage's output and
+    parts of its extra outputs (by ``layout`` name). A stage yields these when its extra outputs
+    are too big to hold until the end."""
+
+    output: pa.Table | pa.RecordBatch | pl.DataFrame | None = None
+    extra: dict[str, pa.Table | pa.RecordBatch | pl.DataFrame] = field(default_factory=dict)
+
+
+@dataclass
 class Product:
     """What a stage produced, before the runner writes it.
 
     ``data`` is a table or an iterator of parts (streamed into the file, memory bounded by one
-    part); ``extra`` holds further outputs of the stage, by ``layout`` name.
+    part; an iterator may yield :class:`Parts` to stream extra outputs alongside). ``extra`` holds
+    further outputs as whole tables, by ``layout`` name; ``schemas`` the schema of each streamed
+    output that may get no part. ``statistics`` and ``notes`` may be filled in while the stream is
+    consumed: the runner reads them after writing.
     """
 
     data: object
@@ -71,6 +84,7 @@ class Product:
     row_group_size: int | None = None
     extra: dict[str, pa.Table | pl.DataFrame] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    schemas: dict[str, pa.Schema] = field(default_factory=dict)
 
 
 @dataclass
@@ -126,6 +140,12 @@ class StageContext(Protocol):
 
     def read(self, stage: str, columns: list[str] | None = None) -> pl.DataFrame:
         """The output of an upstream stage this stage declared in ``reads``/``optional_reads``."""
+
+    def read_batches(self, stage: str, columns: list[str] | None = None, rows: int = 65_536) -> Iterator[pl.DataFrame]:
+        """An upstream stage's output in order, about ``rows`` rows at a time (whole row groups)."""
+
+    def scratch(self) -> Path:
+        """A directory for this stage's temporary files, removed when the stage ends."""
 
     def has(self, stage: str) -> bool:
         """Whether an upstream stage's output is there to read."""

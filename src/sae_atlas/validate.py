@@ -3,7 +3,9 @@
 Schemas as in DESIGN.md §2 (contract columns first, in order, with their types), and the
 invariants consumers rely on: one row per key, decoder neighbours sorted and never self, cosines in
 [-1, 1], every feature row backed by an explanation-embedding row, one ``sae_id`` everywhere, and
-sidecars that agree with their files. Every check is a vectorised Polars expression.
+sidecars that agree with their files. Every check is a vectorised Polars expression; the two big
+files (activation examples and embeddings) are checked a batch at a time, keeping only compact keys,
+so memory does not grow with them.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import pyarrow.parquet as pq
 
 from sae_atlas import layout
 from sae_atlas.schema import contract_columns, schema_differences
@@ -105,11 +108,32 @@ def _check_explanation_embeddings(validation: Validation, frame: pl.DataFrame) -
             validation.fail(name, f"{off} embeddings are not unit-norm within {TOLERANCE}")
 
 
-def _check_activation_examples(validation: Validation, path: Path) -> None:
+def _batches(path: Path, columns: list[str], rows: int = 262_144):
+    """``path`` a few row groups at a time, as Polars frames: the big files are never whole."""
+    parquet = pq.ParquetFile(path)
+    for batch in parquet.iter_batches(batch_size=rows, columns=columns):
+        yield pl.from_arrow(batch)
+
+
+def _pair_keys(feature_id: np.ndarray, prompt_id: np.ndarray) -> np.ndarray:
+    return (feature_id.astype(np.uint64) << np.uint64(32)) | prompt_id.astype(np.uint64)
+
+
+def _repeated(keys: list[np.ndarray]) -> tuple[int, np.ndarray]:
+    """How many keys repeat an earlier one, and the distinct keys (sorted)."""
+    joined = np.concatenate(keys) if keys else np.zeros(0, np.uint64)
+    distinct = np.unique(joined)
+    return len(joined) - len(distinct), distinct
+
+
+def _check_activation_examples(validation: Validation, path: Path) -> np.ndarray:
+    """Check activation_examples.parquet a batch at a time; return its (feature, prompt) keys."""
     name = layout.ACTIVATION_EXAMPLES
-    frame = (
-        pl.scan_parquet(path)
-        .select(
+    keys, counted, wrong_max, outside = [], 0, 0, 0
+    for batch in _batches(
+        path, ["feature_id", "prompt_id", "num_activations", "max_activation", "prompt_tokens", "activation_pairs"]
+    ):
+        frame = batch.select(
             "feature_id",
             "prompt_id",
             "num_activations",
@@ -119,16 +143,20 @@ def _check_activation_examples(validation: Validation, path: Path) -> None:
             pl.col("activation_pairs").list.eval(pl.element().struct.field("activation_value")).list.max().alias("top"),
             pl.col("activation_pairs").list.eval(pl.element().struct.field("token_position")).list.max().alias("last"),
         )
-        .collect()
-    )
-    _unique_keys(validation, name, frame, ["feature_id", "prompt_id"])
-    if _count(frame, pl.col("num_activations") != pl.col("pairs")):
+        keys.append(_pair_keys(frame["feature_id"].to_numpy(), frame["prompt_id"].to_numpy()))
+        counted += _count(frame, pl.col("num_activations") != pl.col("pairs"))
+        wrong_max += _count(frame, (pl.col("max_activation") - pl.col("top")).abs() > TOLERANCE)
+        outside += _count(frame, pl.col("last") >= pl.col("tokens"))
+    duplicated, distinct = _repeated(keys)
+    if duplicated:
+        validation.fail(name, f"{duplicated} rows repeat a (feature_id, prompt_id) key; expected one row per key")
+    if counted:
         validation.fail(name, "num_activations differs from the number of activation pairs")
-    if _count(frame, (pl.col("max_activation") - pl.col("top")).abs() > TOLERANCE):
+    if wrong_max:
         validation.fail(name, "max_activation differs from the largest activation value")
-    outside = _count(frame, pl.col("last") >= pl.col("tokens"))
     if outside:
         validation.fail(name, f"{outside} rows have a token position outside their prompt")
+    return distinct
 
 
 def _expected_schema(name: str, actual: pl.Schema, validation: Validation) -> pl.Schema:
@@ -145,40 +173,55 @@ def _expected_schema(name: str, actual: pl.Schema, validation: Validation) -> pl
     return pl.Schema({**expected, "embeddings": pl.List(pl.List(DTYPES[dtype]))})
 
 
-def _check_activation_embeddings(validation: Validation, frame: pl.DataFrame, examples: Path | None) -> None:
+def _check_activation_embeddings(validation: Validation, path: Path, examples: np.ndarray | None) -> pl.DataFrame:
+    """Check activation_embeddings.parquet a batch of features at a time; return each feature's
+    number of vectors. ``examples``: the (feature, prompt) keys of activation_examples.parquet."""
     name = layout.ACTIVATION_EMBEDDINGS
-    _unique_keys(validation, name, frame, ["feature_id"])
-    lengths = frame.select(
-        prompts=pl.col("prompt_ids").list.len(),
-        vectors=pl.col("embeddings").list.len(),
-        **({"scales": pl.col(SCALES_COLUMN).list.len()} if SCALES_COLUMN in frame.columns else {}),
-    )
-    misaligned = _count(lengths, pl.col("prompts") != pl.col("vectors"))
-    if "scales" in lengths.columns:
-        misaligned += _count(lengths, pl.col("scales") != pl.col("vectors"))
+    columns = pq.read_schema(path).names
+    features, counts, misaligned, off, strays = [], [], 0, 0, 0
+    for frame in _batches(
+        path, [c for c in ("feature_id", "prompt_ids", "embeddings", SCALES_COLUMN) if c in columns], 16_384
+    ):
+        lengths = frame.select(
+            prompts=pl.col("prompt_ids").list.len(),
+            vectors=pl.col("embeddings").list.len(),
+            **({"scales": pl.col(SCALES_COLUMN).list.len()} if SCALES_COLUMN in frame.columns else {}),
+        )
+        features.append(frame["feature_id"].to_numpy())
+        counts.append(lengths["vectors"].to_numpy())
+        wrong = _count(lengths, pl.col("prompts") != pl.col("vectors"))
+        if "scales" in lengths.columns:
+            wrong += _count(lengths, pl.col("scales") != pl.col("vectors"))
+        misaligned += wrong
+        if wrong:
+            continue
+        embeddings = activation_embeddings_from_frame(frame)
+        if len(embeddings.vectors):
+            norms = np.abs(np.linalg.norm(embeddings.vectors, axis=1) - 1.0)
+            off += int((norms > TOLERANCE).sum())
+        if examples is not None and len(embeddings.prompt_id):
+            sampled = _pair_keys(np.repeat(embeddings.feature_id, embeddings.counts()), embeddings.prompt_id)
+            position = np.minimum(np.searchsorted(examples, sampled), max(len(examples) - 1, 0))
+            strays += int((examples[position] != sampled).sum()) if len(examples) else len(sampled)
+    feature_ids = np.concatenate(features) if features else np.zeros(0, np.uint32)
+    duplicated = len(feature_ids) - len(np.unique(feature_ids))
+    if duplicated:
+        validation.fail(name, f"{duplicated} rows repeat a (feature_id) key; expected one row per key")
     if misaligned:
         validation.fail(name, f"{misaligned} rows have prompt_ids that do not align with their embeddings")
-        return
-    embeddings = activation_embeddings_from_frame(frame)
-    if len(embeddings.vectors):
-        norms = np.abs(np.linalg.norm(embeddings.vectors, axis=1) - 1.0)
-        off = int((norms > TOLERANCE).sum())
-        if off:
-            validation.fail(name, f"{off} vectors are not unit-norm within {TOLERANCE} after dequantising")
-    if examples is not None and len(embeddings.prompt_id):
-        sampled = pl.DataFrame(
-            {
-                "feature_id": np.repeat(embeddings.feature_id, embeddings.counts()),
-                "prompt_id": embeddings.prompt_id,
-            }
-        )
-        known = pl.scan_parquet(examples).select("feature_id", "prompt_id").collect()
-        strays = sampled.join(known, on=["feature_id", "prompt_id"], how="anti").height
-        if strays:
-            validation.fail(name, f"{strays} embedded prompts have no {layout.ACTIVATION_EXAMPLES} row")
+    if off:
+        validation.fail(name, f"{off} vectors are not unit-norm within {TOLERANCE} after dequantising")
+    if strays:
+        validation.fail(name, f"{strays} embedded prompts have no {layout.ACTIVATION_EXAMPLES} row")
+    return pl.DataFrame(
+        {
+            "feature_id": feature_ids,
+            "sampled": np.concatenate(counts).astype(np.uint32) if counts else np.zeros(0, np.uint32),
+        }
+    )
 
 
-def _check_activation_similarity(validation: Validation, frame: pl.DataFrame, embeddings: pl.DataFrame | None) -> None:
+def _check_activation_similarity(validation: Validation, frame: pl.DataFrame, counted: pl.DataFrame | None) -> None:
     name = layout.ACTIVATION_SIMILARITY
     _unique_keys(validation, name, frame, ["feature_id"])
     statistics = ["mean_pairwise_similarity", "min_pairwise_similarity", "max_pairwise_similarity"]
@@ -191,9 +234,10 @@ def _check_activation_similarity(validation: Validation, frame: pl.DataFrame, em
     wrong_nulls = _count(frame, pl.any_horizontal([pl.col(c).is_null() != few for c in columns]))
     if wrong_nulls:
         validation.fail(name, f"{wrong_nulls} rows have null statistics with 2+ examples or values with fewer")
-    if embeddings is not None:
-        counted = embeddings.select("feature_id", sampled=pl.col("embeddings").list.len().cast(pl.UInt32))
-        joined = frame.join(counted, on="feature_id", how="left")
+    if counted is not None:
+        joined = frame.join(
+            counted.with_columns(pl.col("feature_id").cast(frame.schema["feature_id"])), on="feature_id", how="left"
+        )
         mismatched = _count(joined, pl.col("sampled").is_null() | (pl.col("sampled") != pl.col("num_examples_sampled")))
         if mismatched:
             validation.fail(
@@ -210,6 +254,9 @@ def validate(output_dir: str | Path) -> Validation:
         return validation
     sae_ids: dict[str, set[str]] = {}
     frames: dict[str, pl.DataFrame] = {}
+    example_keys: np.ndarray | None = None
+    embedded: Path | None = None
+    counted: pl.DataFrame | None = None
     for name in layout.MASTER_FILES:
         path = output_dir / name
         if not path.exists():
@@ -237,7 +284,9 @@ def validate(output_dir: str | Path) -> Validation:
         elif sidecar.get("rows") != rows:
             validation.fail(name, f"sidecar says {sidecar.get('rows')} rows, the file has {rows}")
         if name == layout.ACTIVATION_EXAMPLES:
-            _check_activation_examples(validation, path)
+            example_keys = _check_activation_examples(validation, path)
+        elif name == layout.ACTIVATION_EMBEDDINGS:
+            embedded = path
         else:
             frames[name] = pl.read_parquet(path)
 
@@ -245,17 +294,10 @@ def validate(output_dir: str | Path) -> Validation:
         _check_explanation_embeddings(validation, frames[layout.EXPLANATION_EMBEDDINGS])
     if layout.FEATURES in frames:
         _check_features(validation, frames[layout.FEATURES], frames.get(layout.EXPLANATION_EMBEDDINGS))
-    if layout.ACTIVATION_EMBEDDINGS in frames:
-        examples = output_dir / layout.ACTIVATION_EXAMPLES
-        _check_activation_embeddings(
-            validation,
-            frames[layout.ACTIVATION_EMBEDDINGS],
-            examples if layout.ACTIVATION_EXAMPLES in sae_ids else None,
-        )
+    if embedded is not None:
+        counted = _check_activation_embeddings(validation, embedded, example_keys)
     if layout.ACTIVATION_SIMILARITY in frames:
-        _check_activation_similarity(
-            validation, frames[layout.ACTIVATION_SIMILARITY], frames.get(layout.ACTIVATION_EMBEDDINGS)
-        )
+        _check_activation_similarity(validation, frames[layout.ACTIVATION_SIMILARITY], counted)
 
     distinct = set().union(*sae_ids.values()) if sae_ids else set()
     if len(distinct) > 1:

@@ -224,3 +224,85 @@ def test_unreadable_tokenizer_is_one_problem(tmp_path):
     problems = Problems()
     assert token_strings(path, np.array([1, 2]), problems) is None
     assert problems.items[0].file == str(path)
+
+
+# -- streaming: any order, any size, memory bounded by the block -------------------------------
+
+
+def random_jsonl(directory: Path, n_features: int, records_per_feature: int, seed: int = 0) -> Path:
+    """A jsonl input in random line order, with a few duplicates and bad lines among them."""
+    rng = np.random.default_rng(seed)
+    prompts = [[f"▁t{index}" for index in range(12)] for _ in range(40)]
+    lines = []
+    for feature in range(n_features):
+        for prompt in rng.choice(40, records_per_feature, replace=False):
+            pairs = sorted(
+                {int(position): round(float(rng.uniform(0.1, 9)), 3) for position in rng.integers(0, 12, 3)}.items()
+            )
+            lines.append(record(str(feature), int(prompt), [list(pair) for pair in pairs]))
+    lines.append(record("3", int(lines[0]["dataSetPromptId"]) if lines[0]["index"] == "3" else 0, [[1, 1.0]]))
+    lines.append(record("2", 0, [[99, 1.0]]))  # outside its prompt
+    order = rng.permutation(len(lines))
+    return write_jsonl(directory, [lines[index] for index in order], prompts=prompts)
+
+
+def test_spilled_streams_give_the_records_an_in_memory_read_gives(tmp_path):
+    from sae_atlas.sources.activations import stream_jsonl
+    from sae_atlas.sources.buckets import FeatureBuckets
+
+    directory = random_jsonl(tmp_path / "input", n_features=300, records_per_feature=6)
+    whole_problems, spilled_problems = Problems(), Problems()
+    whole = read_jsonl(directory, whole_problems)
+    buckets = FeatureBuckets(tmp_path / "scratch", bucket_features=16, memory_pairs=200)
+    stream = stream_jsonl(directory, spilled_problems, lines_per_batch=37, buckets=buckets)
+    blocks = list(stream)
+    assert buckets.flushes > 10 and len(blocks) == 300 // 16 + 1
+    spilled = [row for block in blocks for row in as_rows(block)]
+    assert spilled == as_rows(whole)
+    # sorted by (feature, prompt) whatever the line order
+    keys = [(feature, prompt) for feature, prompt, _ in spilled]
+    assert keys == sorted(keys)
+    assert sorted(map(str, spilled_problems)) == sorted(map(str, whole_problems))
+    assert {problem.kind for problem in whole_problems} >= {"malformed"}
+    assert not (tmp_path / "scratch").exists() or not any((tmp_path / "scratch").iterdir())
+
+
+def test_delphi_shards_read_in_slices_give_the_same_records(wordlevel_tokenizer):
+    from sae_atlas.sources.activations import stream_delphi_cache
+    from sae_atlas.sources.buckets import FeatureBuckets
+
+    directory = PYTHIA_RUN / "latents" / "layers.3.mlp"
+    whole = read_delphi_cache(directory, wordlevel_tokenizer, Problems())
+    sliced = stream_delphi_cache(
+        directory,
+        wordlevel_tokenizer,
+        Problems(),
+        slice_rows=7,
+        buckets=FeatureBuckets(bucket_features=4, memory_pairs=50),
+    ).collect()
+    assert as_rows(sliced) == as_rows(whole) and len(whole) > 20
+
+
+def test_reader_peak_memory_does_not_grow_with_the_number_of_records(tmp_path):
+    """Reading 8× the records (8× the features, same density) peaks at about the same memory: the
+    reader holds one batch of lines, the in-memory budget of buckets and one block, never the input."""
+    import tracemalloc
+
+    from sae_atlas.sources.activations import stream_jsonl
+    from sae_atlas.sources.buckets import FeatureBuckets
+
+    def peak(n_features: int) -> tuple[int, int]:
+        directory = random_jsonl(tmp_path / f"input-{n_features}", n_features=n_features, records_per_feature=8)
+        buckets = FeatureBuckets(tmp_path / f"scratch-{n_features}", bucket_features=512, memory_pairs=20_000)
+        tracemalloc.start()
+        stream = stream_jsonl(directory, Problems(), lines_per_batch=2000, buckets=buckets)
+        records = sum(len(block) for block in stream)
+        _, highest = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        return records, highest
+
+    peak(64)  # imports and caches warmed, so they count in neither measurement
+    small_records, small_peak = peak(2000)
+    large_records, large_peak = peak(16000)
+    assert large_records >= 7.5 * small_records
+    assert large_peak < 1.3 * small_peak, (small_peak, large_peak)

@@ -107,3 +107,41 @@ def test_pairwise_statistics_match_a_loop_and_give_nulls_below_two():
         assert actual[0] == expected[0]
         for got, want in zip(actual[1:], expected[1:], strict=True):
             assert (got is None and want is None) or abs(got - want) < 1e-5
+
+
+def test_blocks_of_whole_features_select_the_windows_all_features_at_once_do():
+    from sae_atlas.stages.activation_embeddings import whole_features
+
+    rng = np.random.default_rng(1)
+    prompts = pl.Series([[f"▁w{index}" for index in range(30)] for _ in range(50)])
+    rows = [
+        (feature, prompt, pairs(*((int(p), float(rng.uniform(0.1, 9))) for p in sorted(rng.choice(30, 2, False)))))
+        for feature in range(40)
+        for prompt in sorted(rng.choice(50, int(rng.integers(1, 30)), replace=False).tolist())
+    ]
+    examples = pl.DataFrame(
+        {
+            "feature_id": [row[0] for row in rows],
+            "prompt_id": [row[1] for row in rows],
+            "activation_pairs": [row[2] for row in rows],
+        },
+        schema_overrides={
+            "feature_id": pl.UInt32,
+            "prompt_id": pl.UInt32,
+            "activation_pairs": pl.List(pl.Struct({"token_position": pl.UInt32, "activation_value": pl.Float32})),
+        },
+    ).with_columns(
+        max_activation=pl.col("activation_pairs").list.eval(pl.element().struct.field("activation_value")).list.max()
+    )
+    # frames of arbitrary sizes, cutting features in two
+    frames = [examples.slice(start, 37) for start in range(0, examples.height, 37)]
+    blocks = list(whole_features(iter(frames)))
+    assert pl.concat(blocks).equals(examples)
+    firsts = [block["feature_id"][0] for block in blocks]
+    lasts = [block["feature_id"][-1] for block in blocks]
+    assert len(blocks) > 3  # no feature is cut between two blocks:
+    assert all(previous < following for previous, following in zip(lasts, firsts[1:], strict=False))
+    options = {"quantiles": 4, "per_quantile": 5, "window": 8}
+    at_once = select_windows(examples, prompts, **options)
+    by_block = pl.concat([select_windows(block, prompts, **options) for block in blocks])
+    assert by_block.equals(at_once)

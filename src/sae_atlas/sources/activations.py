@@ -2,20 +2,25 @@
 
 (a) ``activations.jsonl`` — lines ``{"index": "877", "dataSetPromptId": 0, "sparseValues": [[pos,
     value], ...]}`` — with ``prompts.json``, a JSON list of token-string lists (SentencePiece ``▁``
-    word marks). The JSONL file is streamed: each line is parsed and immediately appended to flat
-    typed buffers, so half a million lines never exist as Python dicts at once.
+    word marks). The file is read a batch of lines at a time into flat typed buffers, so a batch
+    never exists as Python dicts at once.
 (b) a delphi latent cache, ``latents/<hook>/{start}_{end}.safetensors`` shards (``locations``,
-    ``activations``, ``tokens``), with a ``tokenizer.json`` that turns token ids into strings.
+    ``activations``, ``tokens``), with a ``tokenizer.json`` that turns token ids into strings. Shards
+    are read one at a time, a slice of locations at a time.
 
-Both produce the same :class:`ActivationRecords`: one row per (feature, prompt) with its
-activation pairs sorted by position, and the prompt token table. Bad lines or shards are reported
-with file and line and dropped; everything else is kept.
+Both give an :class:`ActivationStream`: the prompt token table, and the records as blocks of whole
+features in (feature, prompt) order, each an :class:`ActivationRecords` with its activation pairs
+sorted by position. Records may come in any order: they are partitioned by feature range
+(:mod:`sae_atlas.sources.buckets`), written to a scratch directory when they outgrow memory, and
+sorted one range at a time, so memory is bounded by the block size, not by the number of records.
+Bad lines or shards are reported with file and line and dropped; everything else is kept.
 """
 
 from __future__ import annotations
 
 import re
 from array import array
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
@@ -26,9 +31,12 @@ import pyarrow as pa
 
 from sae_atlas.problems import MAX_LATENT_ID, Problems, latent_out_of_range
 from sae_atlas.sources import files
+from sae_atlas.sources.buckets import FeatureBuckets, RecordChunk
 
 SHARD_NAME = re.compile(r"(?P<start>[0-9]+)_(?P<end>[0-9]+)\.safetensors", re.ASCII)  # matched whole
 ACTIVATION_PAIR_TYPE = pa.struct([("token_position", pa.uint32()), ("activation_value", pa.float32())])
+LINES_PER_BATCH = 65_536
+LOCATIONS_PER_SLICE = 4_000_000
 
 
 @dataclass
@@ -61,20 +69,58 @@ class ActivationRecords:
         return pa.ListArray.from_arrays(pa.array(self.offsets.astype(np.int32)), struct)
 
 
-def _empty_records(paths: list[Path]) -> ActivationRecords:
+def _no_records(prompts: pa.ListArray) -> ActivationRecords:
     none = np.zeros(0, dtype=np.uint32)
-    return ActivationRecords(
-        none,
-        none,
-        np.zeros(1, dtype=np.int64),
-        none,
-        np.zeros(0, dtype=np.float32),
-        prompts=pa.array([], pa.list_(pa.string())),
-        files=paths,
-    )
+    return ActivationRecords(none, none, np.zeros(1, dtype=np.int64), none, np.zeros(0, dtype=np.float32), prompts)
 
 
-def _validate_and_sort(
+@dataclass
+class ActivationStream:
+    """Activation records of one input, delivered a block of whole features at a time.
+
+    ``prompts`` and ``files`` are known at once; iterating yields the blocks in feature order
+    (each :class:`ActivationRecords` shares ``prompts``). ``records`` counts the entries read
+    (0: nothing usable was read); ``notes`` is complete once iteration ends.
+    """
+
+    prompts: pa.ListArray
+    files: list[Path]
+    records: int
+    _blocks: Callable[[], Iterator[ActivationRecords]] | None = None
+    notes: list[str] = field(default_factory=list)
+    _consumed: bool = False
+
+    def __iter__(self) -> Iterator[ActivationRecords]:
+        # Blocks are read from scratch files that are removed as they go: there is one pass.
+        if self._consumed:
+            raise RuntimeError("an activation stream can be iterated once")
+        self._consumed = True
+        if self._blocks is not None:
+            yield from self._blocks()
+
+    def collect(self) -> ActivationRecords:
+        """Every block in one :class:`ActivationRecords` (for inputs that fit in memory)."""
+        blocks = list(self)
+        if not blocks:
+            return ActivationRecords(*_arrays_of(_no_records(self.prompts)), self.prompts, self.files, self.notes)
+        counts = np.concatenate([np.diff(block.offsets) for block in blocks])
+        return ActivationRecords(
+            np.concatenate([block.feature_id for block in blocks]),
+            np.concatenate([block.prompt_id for block in blocks]),
+            np.concatenate(([0], np.cumsum(counts))).astype(np.int64),
+            np.concatenate([block.positions for block in blocks]),
+            np.concatenate([block.values for block in blocks]),
+            prompts=self.prompts,
+            files=self.files,
+            notes=self.notes,
+        )
+
+
+def _arrays_of(records: ActivationRecords) -> tuple[np.ndarray, ...]:
+    return records.feature_id, records.prompt_id, records.offsets, records.positions, records.values
+
+
+def _validate(
     feature_id: np.ndarray,
     prompt_id: np.ndarray,
     counts: np.ndarray,
@@ -86,13 +132,12 @@ def _validate_and_sort(
     problems: Problems,
     lines: np.ndarray | None = None,
     width: int | None = None,
-) -> tuple[tuple[np.ndarray, ...], int]:
-    """Drop records that point outside their prompt, hold bad values or repeat a (feature, prompt)
-    pair; sort records by (feature, prompt) and pairs by position.
+) -> tuple[np.ndarray, int]:
+    """Which records to keep: not those that point outside their prompt, hold bad values or belong
+    to a latent beyond ``width``, nor those without pairs (counted, not reported).
 
-    ``prompt_lengths[p]`` is -1 for a prompt that could not be read; records of latents at or
-    beyond ``width`` (the SAE's number of latents, when known) are dropped. Returns the arrays
-    (feature_id, prompt_id, offsets, positions, values) and the number of records without pairs.
+    ``prompt_lengths[p]`` is -1 for a prompt that could not be read. Returns the keep mask and the
+    number of records without pairs.
     """
     n_records = len(counts)
     record_of_pair = np.repeat(np.arange(n_records), counts)
@@ -137,37 +182,62 @@ def _validate_and_sort(
         lambda i: f"activation value {first_unusable[i]:g} is not a finite float32 number",
     )
     empty = (counts == 0) & ~dropped
-    dropped |= empty
+    return ~(dropped | empty), int(empty.sum())
 
+
+def _sort_unique(chunk: RecordChunk, *, path: Path, problems: Problems, lines: bool) -> tuple[np.ndarray, ...]:
+    """Sort records by (feature, prompt) and pairs by position; a second record of a (feature,
+    prompt) pair (by arrival order) is reported and dropped. Returns (feature_id, prompt_id,
+    offsets, positions, values)."""
+    feature_id, prompt_id = chunk.feature, chunk.prompt
     order = np.lexsort((prompt_id, feature_id))
-    order = order[~dropped[order]]
     repeated = np.zeros(len(order), dtype=bool)
     repeated[1:] = (feature_id[order][1:] == feature_id[order][:-1]) & (prompt_id[order][1:] == prompt_id[order][:-1])
     for index in order[repeated]:
         problems.add(
             path,
             f"second record for prompt {prompt_id[index]}; the first is kept",
-            line=None if lines is None else int(lines[index]),
+            line=int(chunk.line[index]) if lines else None,
             latent=int(feature_id[index]),
             kind="duplicate",
         )
-    order = order[~repeated]
-
-    starts = np.concatenate(([0], np.cumsum(counts)))[:-1]
-    kept_counts = counts[order]
-    offsets = np.concatenate(([0], np.cumsum(kept_counts))).astype(np.int64)
-    # Gather each kept record's pairs: position within the record + the record's old start.
-    pair_index = np.arange(offsets[-1]) - np.repeat(offsets[:-1], kept_counts) + np.repeat(starts[order], kept_counts)
-    kept_positions, kept_values = positions[pair_index], values[pair_index]
-    by_position = np.lexsort((kept_positions, np.repeat(np.arange(len(order)), kept_counts)))
-    arrays = (
-        feature_id[order].astype(np.uint32),
-        prompt_id[order].astype(np.uint32),
+    kept = chunk.take(order[~repeated])
+    offsets = np.concatenate(([0], np.cumsum(kept.counts))).astype(np.int64)
+    by_position = np.lexsort((kept.positions, np.repeat(np.arange(len(kept)), kept.counts)))
+    return (
+        kept.feature.astype(np.uint32),
+        kept.prompt.astype(np.uint32),
         offsets,
-        kept_positions[by_position].astype(np.uint32),
-        kept_values[by_position].astype(np.float32),
+        kept.positions[by_position].astype(np.uint32),
+        kept.values[by_position].astype(np.float32),
     )
-    return arrays, int(empty.sum())
+
+
+def _stream(
+    prompts: pa.ListArray,
+    paths: list[Path],
+    buckets: FeatureBuckets,
+    block: Callable[[RecordChunk], tuple[tuple[np.ndarray, ...], int]],
+    empty_note: Callable[[int], str],
+) -> ActivationStream:
+    """The stream of ``buckets``: each bucket turned into a block by ``block`` (which returns the
+    block's arrays and its number of records without pairs)."""
+
+    def blocks() -> Iterator[ActivationRecords]:
+        empty = 0
+        try:
+            for chunk in buckets.buckets():
+                arrays, without_pairs = block(chunk)
+                empty += without_pairs
+                if len(arrays[0]):
+                    yield ActivationRecords(*arrays, prompts=prompts, files=paths)
+        finally:
+            buckets.close()
+        if empty:
+            stream.notes.append(empty_note(empty))
+
+    stream = ActivationStream(prompts, paths, buckets.records, blocks)
+    return stream
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,21 +284,92 @@ def _parse_index(value) -> int:
     return latent
 
 
-def read_jsonl(directory: Path, problems: Problems, *, width: int | None = None) -> ActivationRecords:
-    """Stream ``activations.jsonl`` with ``prompts.json`` from ``directory``."""
+def _parse_lines(handle, path: Path, problems: Problems, batch: int) -> Iterator[RecordChunk]:
+    """The well-formed lines of ``activations.jsonl``, ``batch`` lines at a time (float64 positions
+    and values, so that validation can name what is wrong with them)."""
+    loads = orjson.loads
+    line_number = 0
+    while True:
+        features, prompt_ids, counts, lines = array("q"), array("q"), array("q"), array("q")
+        flat = array("d")
+        read = 0
+        for line in handle:
+            line_number += 1
+            read += 1
+            if not line.strip():
+                if read >= batch:
+                    break
+                continue
+            try:
+                record = loads(line)
+                if type(record) is not dict:
+                    raise ValueError(f"expected a JSON object, got {type(record).__name__}")
+                feature = _parse_index(record["index"])
+                prompt = record["dataSetPromptId"]
+                if type(prompt) is not int:
+                    raise ValueError(f"dataSetPromptId {prompt!r} is not an integer")
+                if prompt < 0:
+                    raise ValueError(f"negative prompt id {prompt}")
+                if prompt > MAX_LATENT_ID:
+                    raise ValueError(f"prompt id {prompt} is out of range")
+                pairs = record["sparseValues"]
+                if type(pairs) is not list or not all(type(pair) is list and len(pair) == 2 for pair in pairs):
+                    raise ValueError("sparseValues is not a list of [position, value] pairs")
+                numbers = array("d", chain.from_iterable(pairs))
+            except orjson.JSONDecodeError as error:
+                problems.add(path, f"invalid JSON ({error})", line=line_number)
+            except KeyError as error:
+                problems.add(path, f"missing key {error}", line=line_number)
+            except (TypeError, ValueError) as error:
+                message = str(error) if isinstance(error, ValueError) else "non-numeric position or value"
+                problems.add(path, message, line=line_number)
+            else:
+                features.append(feature)
+                prompt_ids.append(prompt)
+                counts.append(len(pairs))
+                lines.append(line_number)
+                flat.extend(numbers)
+            if read >= batch:
+                break
+        pairs_read = np.frombuffer(flat, dtype=np.float64).reshape(-1, 2)
+        yield RecordChunk(
+            np.frombuffer(features, dtype=np.int64),
+            np.frombuffer(prompt_ids, dtype=np.int64),
+            np.frombuffer(lines, dtype=np.int64),
+            np.frombuffer(counts, dtype=np.int64),
+            pairs_read[:, 0],
+            pairs_read[:, 1],
+        )
+        if read < batch:
+            return
+
+
+def stream_jsonl(
+    directory: Path,
+    problems: Problems,
+    *,
+    width: int | None = None,
+    scratch: Path | None = None,
+    lines_per_batch: int = LINES_PER_BATCH,
+    buckets: FeatureBuckets | None = None,
+) -> ActivationStream:
+    """``activations.jsonl`` with ``prompts.json`` from ``directory``, as a stream of blocks.
+
+    Lines are read and validated a batch at a time and put in their feature range's bucket
+    (written under ``scratch`` when they outgrow memory; ``buckets`` sets other budgets);
+    duplicates are found and records sorted one bucket at a time as the stream is iterated.
+    """
     directory = Path(directory)
     activations_path, prompts_path = directory / "activations.jsonl", directory / "prompts.json"
+    paths = [activations_path, prompts_path]
     prompts = read_prompts(prompts_path, problems)
     prompt_lengths = prompts.value_lengths().fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
 
     if len(prompts) == 0:
         if activations_path.exists():
             problems.add(activations_path, "not read: prompts.json has no usable prompts", kind="missing")
-        return _empty_records([activations_path, prompts_path])
+        return ActivationStream(prompts, paths, 0)
 
-    features, prompt_ids, counts, lines = array("q"), array("q"), array("q"), array("q")
-    flat = array("d")
-    loads = orjson.loads
     if not activations_path.exists():
         problems.add(activations_path, "activations.jsonl is missing", kind="missing")
         handle = None
@@ -238,58 +379,44 @@ def read_jsonl(directory: Path, problems: Problems, *, width: int | None = None)
         except OSError as error:
             problems.add(activations_path, f"file cannot be read ({files.reason(error)})", kind="unreadable")
             handle = None
+    buckets = buckets or FeatureBuckets(scratch)
+    empty = 0
     if handle is not None:
         with handle:
-            for line_number, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = loads(line)
-                    if type(record) is not dict:
-                        raise ValueError(f"expected a JSON object, got {type(record).__name__}")
-                    feature = _parse_index(record["index"])
-                    prompt = record["dataSetPromptId"]
-                    if type(prompt) is not int:
-                        raise ValueError(f"dataSetPromptId {prompt!r} is not an integer")
-                    if prompt < 0:
-                        raise ValueError(f"negative prompt id {prompt}")
-                    if prompt > MAX_LATENT_ID:
-                        raise ValueError(f"prompt id {prompt} is out of range")
-                    pairs = record["sparseValues"]
-                    if type(pairs) is not list or not all(type(pair) is list and len(pair) == 2 for pair in pairs):
-                        raise ValueError("sparseValues is not a list of [position, value] pairs")
-                    numbers = array("d", chain.from_iterable(pairs))
-                except orjson.JSONDecodeError as error:
-                    problems.add(activations_path, f"invalid JSON ({error})", line=line_number)
-                    continue
-                except KeyError as error:
-                    problems.add(activations_path, f"missing key {error}", line=line_number)
-                    continue
-                except (TypeError, ValueError) as error:
-                    message = str(error) if isinstance(error, ValueError) else "non-numeric position or value"
-                    problems.add(activations_path, message, line=line_number)
-                    continue
-                features.append(feature)
-                prompt_ids.append(prompt)
-                counts.append(len(pairs))
-                lines.append(line_number)
-                flat.extend(numbers)
+            for chunk in _parse_lines(handle, activations_path, problems, lines_per_batch):
+                keep, without_pairs = _validate(
+                    chunk.feature,
+                    chunk.prompt,
+                    chunk.counts,
+                    chunk.positions,
+                    chunk.values,
+                    prompt_lengths=prompt_lengths,
+                    path=activations_path,
+                    problems=problems,
+                    lines=chunk.line,
+                    width=width,
+                )
+                empty += without_pairs
+                kept = chunk.take(np.flatnonzero(keep))
+                kept.positions = kept.positions.astype(np.uint32)
+                kept.values = kept.values.astype(np.float32)
+                buckets.add(kept)
 
-    pairs = np.frombuffer(flat, dtype=np.float64).reshape(-1, 2)
-    arrays, empty = _validate_and_sort(
-        np.frombuffer(features, dtype=np.int64),
-        np.frombuffer(prompt_ids, dtype=np.int64),
-        np.frombuffer(counts, dtype=np.int64),
-        pairs[:, 0],
-        pairs[:, 1],
-        prompt_lengths=prompt_lengths,
-        path=activations_path,
-        problems=problems,
-        lines=np.frombuffer(lines, dtype=np.int64),
-        width=width,
+    stream = _stream(
+        prompts,
+        paths,
+        buckets,
+        lambda chunk: (_sort_unique(chunk, path=activations_path, problems=problems, lines=True), 0),
+        lambda _: "",
     )
-    notes = [f"{activations_path}: {empty} records without activations skipped"] if empty else []
-    return ActivationRecords(*arrays, prompts=prompts, files=[activations_path, prompts_path], notes=notes)
+    if empty:
+        stream.notes.append(f"{activations_path}: {empty} records without activations skipped")
+    return stream
+
+
+def read_jsonl(directory: Path, problems: Problems, *, width: int | None = None) -> ActivationRecords:
+    """:func:`stream_jsonl`, every block in memory at once (small inputs, tests)."""
+    return stream_jsonl(directory, problems, width=width).collect()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -342,90 +469,160 @@ def token_strings(tokenizer_path: Path, token_ids: np.ndarray, problems: Problem
     return pa.array(strings, pa.string()).take(pa.array(inverse.ravel()))
 
 
-def _shard_array(data: dict, key: str, ndim: int, path: Path, problems: Problems) -> np.ndarray | None:
-    value = data.get(key)
-    if value is None:
+def _shard_shape(handle, key: str, ndim: int, path: Path, problems: Problems) -> list[int] | None:
+    if key not in set(handle.keys()):
         problems.add(path, f"shard has no {key!r} tensor; skipped")
         return None
-    if value.ndim != ndim:
-        problems.add(path, f"{key!r} has shape {list(value.shape)}, expected {ndim} dimensions; shard skipped")
+    shape = list(handle.get_slice(key).get_shape())
+    if len(shape) != ndim:
+        problems.add(path, f"{key!r} has shape {shape}, expected {ndim} dimensions; shard skipped")
         return None
-    return value
+    return shape
 
 
-def read_delphi_cache(
-    directory: Path, tokenizer_path: Path | None, problems: Problems, *, width: int | None = None
-) -> ActivationRecords:
-    """Read every ``{start}_{end}.safetensors`` shard of one delphi hookpoint cache directory."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-
-    directory = Path(directory)
+def _shards(directory: Path, problems: Problems) -> list[tuple[int, int, Path]]:
+    """The ``{start}_{end}.safetensors`` shards of ``directory`` by latent range."""
     shards = []
     if not directory.is_dir():
         problems.add(directory, "activation cache directory does not exist", kind="missing")
-    else:
-        for path in files.list_directory(directory, problems):
-            if path.is_dir() or path.name == "config.json":
-                continue
-            match = SHARD_NAME.fullmatch(path.name)
-            if match is None:
-                problems.add(path, "shard name does not parse as {start}_{end}.safetensors; skipped", kind="foreign")
-                continue
-            start, end = int(match.group("start")), int(match.group("end"))
-            if end > MAX_LATENT_ID:
-                problems.add(path, f"shard range {start}_{end} is beyond the largest feature id; skipped")
-                continue
-            if start > end:
-                problems.add(path, f"shard range {start}_{end} is empty; skipped")
-                continue
-            shards.append((start, end, path))
-    shards.sort()
-
-    tokens = None
-    parts: list[tuple[np.ndarray, ...]] = []
-    read = []
-    for start, end, path in shards:
-        try:
-            data = load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as error:
-            problems.add(path, f"unreadable safetensors file ({str(error).splitlines()[0]})")
+        return shards
+    for path in files.list_directory(directory, problems):
+        if path.is_dir() or path.name == "config.json":
             continue
-        read.append(path)
-        locations = _shard_array(data, "locations", 2, path, problems)
-        activations = _shard_array(data, "activations", 1, path, problems)
+        match = SHARD_NAME.fullmatch(path.name)
+        if match is None:
+            problems.add(path, "shard name does not parse as {start}_{end}.safetensors; skipped", kind="foreign")
+            continue
+        start, end = int(match.group("start")), int(match.group("end"))
+        if end > MAX_LATENT_ID:
+            problems.add(path, f"shard range {start}_{end} is beyond the largest feature id; skipped")
+            continue
+        if start > end:
+            problems.add(path, f"shard range {start}_{end} is empty; skipped")
+            continue
+        shards.append((start, end, path))
+    return sorted(shards)
+
+
+def _read_shard(
+    start: int,
+    end: int,
+    path: Path,
+    problems: Problems,
+    tokens_shape: list[int] | None,
+    slice_rows: int,
+    opened: list[Path],
+) -> Iterator[RecordChunk | np.ndarray]:
+    """One shard: its ``tokens`` matrix first when it is the first shard to have one (an ndarray),
+    then its locations a slice at a time, each location one pair (a record of one). ``opened``
+    gets ``path`` when the file could be opened."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        handle_context = safe_open(str(path), framework="numpy")
+        handle = handle_context.__enter__()
+    except (SafetensorError, OSError, ValueError) as error:
+        problems.add(path, f"unreadable safetensors file ({str(error).splitlines()[0]})")
+        return
+    opened.append(path)
+    try:
+        locations = _shard_shape(handle, "locations", 2, path, problems)
+        activations = _shard_shape(handle, "activations", 1, path, problems)
         if locations is None or activations is None:
-            continue
-        if locations.shape[1] != 3 or len(locations) != len(activations):
-            problems.add(
-                path,
-                f"locations {list(locations.shape)} do not match activations {list(activations.shape)}; shard skipped",
+            return
+        if locations[1] != 3 or locations[0] != activations[0]:
+            problems.add(path, f"locations {locations} do not match activations {activations}; shard skipped")
+            return
+        if "tokens" in set(handle.keys()):
+            shape = list(handle.get_slice("tokens").get_shape())
+            if len(shape) != 2:
+                problems.add(path, f"tokens has shape {shape}, expected [n_seq, ctx]")
+            elif tokens_shape is None:
+                yield handle.get_tensor("tokens")
+            elif shape != tokens_shape:
+                message = f"tokens shape {shape} differs from {tokens_shape} in the first shard; shard skipped"
+                problems.add(path, message)
+                return
+        location_slice, activation_slice = handle.get_slice("locations"), handle.get_slice("activations")
+        beyond_total = 0
+        for begin in range(0, locations[0], slice_rows):
+            stop = min(begin + slice_rows, locations[0])
+            location = location_slice[begin:stop].astype(np.int64)
+            latent = location[:, 2] + start
+            beyond = latent > end
+            beyond_total += int(beyond.sum())
+            keep = ~beyond
+            n = int(keep.sum())
+            yield RecordChunk(
+                latent[keep],
+                location[keep, 0],
+                np.zeros(n, dtype=np.int64),
+                np.ones(n, dtype=np.int64),
+                location[keep, 1].astype(np.uint32),
+                activation_slice[begin:stop][keep].astype(np.float32),
             )
-            continue
-        shard_tokens = data.get("tokens")
-        if shard_tokens is not None:
-            if shard_tokens.ndim != 2:
-                problems.add(path, f"tokens has shape {list(shard_tokens.shape)}, expected [n_seq, ctx]")
-            elif tokens is None:
-                tokens = shard_tokens
-            elif shard_tokens.shape != tokens.shape:
-                problems.add(
-                    path,
-                    f"tokens shape {list(shard_tokens.shape)} differs from "
-                    f"{list(tokens.shape)} in the first shard; shard skipped",
-                )
-                continue
-        locations = locations.astype(np.int64)
-        latent = locations[:, 2] + start
-        beyond = latent > end
-        if beyond.any():
-            problems.add(
-                path, f"{int(beyond.sum())} locations name latents beyond the shard range {start}_{end}; dropped"
-            )
-        keep = ~beyond
-        parts.append((latent[keep], locations[keep, 0], locations[keep, 1], activations[keep].astype(np.float32)))
+        if beyond_total:
+            problems.add(path, f"{beyond_total} locations name latents beyond the shard range {start}_{end}; dropped")
+    except (SafetensorError, OSError, ValueError) as error:
+        problems.add(path, f"unreadable safetensors file ({str(error).splitlines()[0]})")
+    finally:
+        handle_context.__exit__(None, None, None)
 
-    if shards and tokens is None and parts:
+
+def _delphi_block(
+    chunk: RecordChunk, *, ctx: int, n_seq: int, path: Path, problems: Problems, width: int | None
+) -> tuple[tuple[np.ndarray, ...], int]:
+    """One bucket of shard locations grouped into (latent, sequence) records, validated, sorted."""
+    latent, seq, pos, act = chunk.feature, chunk.prompt, chunk.positions, chunk.values
+    order = np.lexsort((pos, seq, latent))
+    latent, seq, pos, act = latent[order], seq[order], pos[order], act[order]
+    boundary = np.flatnonzero((np.diff(latent) != 0) | (np.diff(seq) != 0)) + 1
+    starts = np.concatenate(([0], boundary)) if len(latent) else np.zeros(0, dtype=np.int64)
+    counts = np.diff(np.concatenate((starts, [len(latent)]))) if len(latent) else np.zeros(0, dtype=np.int64)
+    keep, empty = _validate(
+        latent[starts],
+        seq[starts],
+        counts,
+        pos.astype(np.float64),
+        act.astype(np.float64),
+        prompt_lengths=np.full(n_seq, ctx, dtype=np.int64),
+        path=path,
+        problems=problems,
+        width=width,
+    )
+    records = RecordChunk(latent[starts], seq[starts], np.zeros(len(starts), dtype=np.int64), counts, pos, act).take(
+        np.flatnonzero(keep)
+    )
+    return _sort_unique(records, path=path, problems=problems, lines=False), empty
+
+
+def stream_delphi_cache(
+    directory: Path,
+    tokenizer_path: Path | None,
+    problems: Problems,
+    *,
+    width: int | None = None,
+    scratch: Path | None = None,
+    slice_rows: int = LOCATIONS_PER_SLICE,
+    buckets: FeatureBuckets | None = None,
+) -> ActivationStream:
+    """Every ``{start}_{end}.safetensors`` shard of one delphi hookpoint cache directory, as a
+    stream of blocks: shards are read one at a time, ``slice_rows`` locations at a time, and put in
+    their feature range's bucket; records are formed and sorted one bucket at a time."""
+    directory = Path(directory)
+    buckets = buckets or FeatureBuckets(scratch)
+    tokens = None
+    read: list[Path] = []
+    shards = _shards(directory, problems)
+    for start, end, path in shards:
+        shape = None if tokens is None else list(tokens.shape)
+        for part in _read_shard(start, end, path, problems, shape, slice_rows, read):
+            if isinstance(part, np.ndarray):
+                tokens = part
+            else:
+                buckets.add(part)
+
+    if shards and tokens is None and buckets.records:
         problems.add(directory, "no shard has a 'tokens' matrix (a legacy cache?); prompts cannot be rebuilt")
     n_seq, ctx = tokens.shape if tokens is not None else (0, 0)
     if tokens is not None and tokenizer_path is not None:
@@ -435,39 +632,37 @@ def read_delphi_cache(
         if tokens is not None:
             problems.add(directory, "no tokenizer configured; prompts cannot be rebuilt", kind="missing")
     if strings is None:
-        return _empty_records(read)
+        buckets.close()
+        return ActivationStream(pa.array([], pa.list_(pa.string())), read, 0)
     prompts = pa.ListArray.from_arrays(pa.array(np.arange(0, n_seq * ctx + 1, ctx, dtype=np.int32)), strings)
-
-    if parts:
-        latent, seq, pos, act = (np.concatenate(column) for column in zip(*parts, strict=True))
-    else:
-        latent = seq = pos = np.zeros(0, dtype=np.int64)
-        act = np.zeros(0, dtype=np.float32)
-    order = np.lexsort((pos, seq, latent))
-    latent, seq, pos, act = latent[order], seq[order], pos[order], act[order]
-    boundary = np.flatnonzero((np.diff(latent) != 0) | (np.diff(seq) != 0)) + 1
-    starts = np.concatenate(([0], boundary)) if len(latent) else np.zeros(0, dtype=np.int64)
-    counts = np.diff(np.concatenate((starts, [len(latent)]))) if len(latent) else np.zeros(0, dtype=np.int64)
-    prompt_lengths = np.full(n_seq, ctx, dtype=np.int64)
-    arrays, _ = _validate_and_sort(
-        latent[starts],
-        seq[starts],
-        counts,
-        pos.astype(np.float64),
-        act.astype(np.float64),
-        prompt_lengths=prompt_lengths,
-        path=directory,
-        problems=problems,
-        width=width,
+    return _stream(
+        prompts,
+        read,
+        buckets,
+        lambda chunk: _delphi_block(chunk, ctx=ctx, n_seq=n_seq, path=directory, problems=problems, width=width),
+        lambda empty: f"{directory}: {empty} records without activations skipped",
     )
-    return ActivationRecords(*arrays, prompts=prompts, files=read)
 
 
-def read_activations(
-    format: str, path: Path, tokenizer: Path | None, problems: Problems, *, width: int | None = None
+def read_delphi_cache(
+    directory: Path, tokenizer_path: Path | None, problems: Problems, *, width: int | None = None
 ) -> ActivationRecords:
-    """Read activation records in ``format`` ("jsonl" or "delphi") from ``path``; records of latents
-    at or beyond ``width`` (the SAE's number of latents, when known) are reported and dropped."""
+    """:func:`stream_delphi_cache`, every block in memory at once (small inputs, tests)."""
+    return stream_delphi_cache(directory, tokenizer_path, problems, width=width).collect()
+
+
+def stream_activations(
+    format: str,
+    path: Path,
+    tokenizer: Path | None,
+    problems: Problems,
+    *,
+    width: int | None = None,
+    scratch: Path | None = None,
+) -> ActivationStream:
+    """Activation records in ``format`` ("jsonl" or "delphi") from ``path``, a block of features
+    at a time; records of latents at or beyond ``width`` (the SAE's number of latents, when known)
+    are reported and dropped; ``scratch`` takes what does not fit in memory."""
     if format == "delphi":
-        return read_delphi_cache(path, tokenizer, problems, width=width)
-    return read_jsonl(path, problems, width=width)
+        return stream_delphi_cache(path, tokenizer, problems, width=width, scratch=scratch)
+    return stream_jsonl(path, problems, width=width, scratch=scratch)

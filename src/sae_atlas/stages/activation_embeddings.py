@@ -1,10 +1,12 @@
 """Stage 4, ``activation_embeddings``: each feature's sampled activation windows, embedded.
 
-The windows of all features are selected at once (``sampling``); the runner then streams them
-through the embedding model a chunk of features at a time, so memory stays bounded by the chunk,
-and writes one row per feature: the sampled prompt ids (top example first) and their vectors in
-the configured storage dtype. The sampled examples themselves (prompt, quantile, window) go to
-``stages/sampled_examples.parquet``, so the query layer shows exactly what was embedded.
+``activation_examples.parquet`` is sorted by feature: it is read a block of whole features at a
+time, and each block's windows are selected (``sampling``: sampling is per feature, so blocks give
+the same result as all at once), embedded a chunk at a time and written as they come: memory is
+bounded by the block, at any number of features. One row per feature: the sampled prompt ids (top
+example first) and their vectors in the configured storage dtype. The sampled examples themselves
+(prompt, quantile, window, activations) go to ``stages/sampled_examples.parquet``, so the query
+layer shows exactly what was embedded.
 """
 
 from __future__ import annotations
@@ -18,10 +20,12 @@ from sae_atlas import layout
 from sae_atlas.problems import Problems
 from sae_atlas.sampling import centre_positions, sample_examples, window_texts
 from sae_atlas.schema import STAGE_SAMPLED_EXAMPLES
-from sae_atlas.stage import EmbedFunction, Plan, Product, Stage, StageContext
+from sae_atlas.stage import EmbedFunction, Parts, Plan, Product, Stage, StageContext
 from sae_atlas.vector_storage import DTYPES, SCALES_COLUMN, quantise
 
 CHUNK_WINDOWS = 16_384
+BLOCK_ROWS = 131_072  # activation-example rows read per block (whole features)
+EXAMPLE_COLUMNS = ["feature_id", "prompt_id", "max_activation", "activation_pairs"]
 
 
 def select_windows(
@@ -33,10 +37,30 @@ def select_windows(
     (the activation-examples table); ``prompts[p]`` holds prompt p's tokens.
     """
     candidates = examples.select(
-        "feature_id", "prompt_id", "max_activation", centre=centre_positions(pl.col("activation_pairs"))
+        "feature_id",
+        "prompt_id",
+        "max_activation",
+        "activation_pairs",
+        centre=centre_positions(pl.col("activation_pairs")),
     )
     sampled = sample_examples(candidates, quantiles=quantiles, per_quantile=per_quantile)
     return window_texts(sampled, prompts, window)
+
+
+def whole_features(frames: Iterator[pl.DataFrame]) -> Iterator[pl.DataFrame]:
+    """``frames`` of a table sorted by feature, regrouped so that no feature is split between two:
+    a frame's last feature moves to the next frame when there is one."""
+    pending: pl.DataFrame | None = None
+    for frame in frames:
+        if pending is not None and not pending.is_empty():
+            last = pending["feature_id"][-1]
+            boundary = pending.height - int((pending["feature_id"] == last).sum())
+            if boundary:
+                yield pending.slice(0, boundary)
+            frame = pl.concat([pending.slice(boundary), frame])
+        pending = frame
+    if pending is not None and not pending.is_empty():
+        yield pending
 
 
 def feature_chunks(windows: pl.DataFrame, rows: int = CHUNK_WINDOWS) -> Iterator[pl.DataFrame]:
@@ -78,6 +102,7 @@ def sampled_examples(windows: pl.DataFrame) -> pl.DataFrame:
         pl.col("centre").alias("max_position"),
         pl.col("window_start"),
         pl.col("window_stop"),
+        pl.col("activation_pairs"),
     ).cast(dict(STAGE_SAMPLED_EXAMPLES))
 
 
@@ -103,21 +128,21 @@ def embed_windows(windows: pl.DataFrame, *, sae_id: str, embed: EmbedFunction, d
     return grouped.select(empty_table(dtype).columns).cast(empty_table(dtype).schema)
 
 
-def statistics(windows: pl.DataFrame) -> dict:
-    """Windows per feature, for the sidecar."""
-    per_feature = windows.group_by("feature_id").len()["len"]
-    histogram = per_feature.value_counts().sort("len")
-    return {
-        "features": per_feature.len(),
-        "windows": windows.height,
-        "distinct_texts": windows["text"].n_unique(),
-        "windows_per_feature": {
-            "mean": round(float(per_feature.mean() or 0.0), 3),
-            "min": int(per_feature.min() or 0),
-            "max": int(per_feature.max() or 0),
-            "histogram": {str(count): int(features) for count, features in histogram.iter_rows()},
-        },
-    }
+def windows_upper_bound(feature_ids: Iterator[np.ndarray], per_feature: int) -> int:
+    """At most how many windows stage 4 embeds: each feature's rows, capped at ``per_feature``
+    (its quantiles × per quantile); ``feature_ids`` come sorted, in parts. For progress bars."""
+    total, carry_feature, carry_count = 0, None, 0
+    for ids in feature_ids:
+        if not len(ids):
+            continue
+        features, counts = np.unique(ids, return_counts=True)
+        if features[0] == carry_feature:
+            counts[0] += carry_count
+        elif carry_feature is not None:
+            total += min(carry_count, per_feature)
+        total += int(np.minimum(counts[:-1], per_feature).sum())
+        carry_feature, carry_count = features[-1], int(counts[-1])
+    return total + (min(carry_count, per_feature) if carry_feature is not None else 0)
 
 
 def plan(context: StageContext) -> Plan:
@@ -125,28 +150,39 @@ def plan(context: StageContext) -> Plan:
     dtype = context.config.output.embedding_dtype
 
     def execute(problems: Problems) -> Product:
-        columns = ["feature_id", "prompt_id", "max_activation", "activation_pairs"]
-        examples = context.read("activation_examples", columns)
-        windows = select_windows(
-            examples,
-            context.prompt_tokens(),
-            quantiles=sampling.quantiles,
-            per_quantile=sampling.per_quantile,
-            window=sampling.window,
+        prompts = context.prompt_tokens()
+        per_feature = sampling.quantiles * sampling.per_quantile
+        total = windows_upper_bound(
+            (frame["feature_id"].to_numpy() for frame in context.read_batches("activation_examples", ["feature_id"])),
+            per_feature,
         )
-        del examples
-        stats = statistics(windows)
-        embed = context.embed(STAGE.name, total=windows.height)
+        embed = context.embed(STAGE.name, total=total)
         before = context.embedder.stats.snapshot()
+        per_feature_counts: list[np.ndarray] = []
+        text_hashes: list[np.ndarray] = []
+        stats: dict = {}
 
-        def parts():
+        def parts() -> Iterator[Parts]:
             dimension = None
-            for chunk in feature_chunks(windows):
-                part = embed_windows(chunk, sae_id=context.sae_id, embed=embed, dtype=dtype)
-                dimension = dimension or len(part["embeddings"][0][0])
-                yield part
+            examples = whole_features(context.read_batches("activation_examples", EXAMPLE_COLUMNS, rows=BLOCK_ROWS))
+            for block in examples:
+                windows = select_windows(
+                    block,
+                    prompts,
+                    quantiles=sampling.quantiles,
+                    per_quantile=sampling.per_quantile,
+                    window=sampling.window,
+                )
+                del block
+                per_feature_counts.append(windows.group_by("feature_id", maintain_order=True).len()["len"].to_numpy())
+                text_hashes.append(windows["text"].hash(seed=0).to_numpy())
+                for chunk in feature_chunks(windows):
+                    part = embed_windows(chunk, sae_id=context.sae_id, embed=embed, dtype=dtype)
+                    dimension = dimension or len(part["embeddings"][0][0])
+                    yield Parts(part, {layout.SAMPLED_EXAMPLES: sampled_examples(chunk)})
             work = context.embedder.stats.since(before)
             stats.update(
+                window_statistics(per_feature_counts, text_hashes),
                 model=settings.model,
                 quantize=settings.quantize,
                 dimension=dimension,
@@ -158,19 +194,37 @@ def plan(context: StageContext) -> Plan:
 
         return Product(
             data=parts(),
-            rows=stats["features"],
+            rows=None,
             statistics=stats,
             schema=empty_table(dtype).to_arrow().schema,
-            extra={layout.SAMPLED_EXAMPLES: sampled_examples(windows)},
+            schemas={layout.SAMPLED_EXAMPLES: pl.DataFrame(schema=STAGE_SAMPLED_EXAMPLES).to_arrow().schema},
         )
 
     return Plan(key={}, execute=execute)
 
 
+def window_statistics(per_feature_counts: list[np.ndarray], text_hashes: list[np.ndarray]) -> dict:
+    """Windows per feature and distinct texts, for the sidecar, from every block's counts."""
+    per_feature = np.concatenate(per_feature_counts) if per_feature_counts else np.zeros(0, np.int64)
+    hashes = np.concatenate(text_hashes) if text_hashes else np.zeros(0, np.uint64)
+    counts, features = np.unique(per_feature, return_counts=True)
+    return {
+        "features": len(per_feature),
+        "windows": int(per_feature.sum()),
+        "distinct_texts": len(np.unique(hashes)),
+        "windows_per_feature": {
+            "mean": round(float(per_feature.mean()) if len(per_feature) else 0.0, 3),
+            "min": int(per_feature.min(initial=0) if len(per_feature) else 0),
+            "max": int(per_feature.max(initial=0)),
+            "histogram": {str(count): int(number) for count, number in zip(counts, features, strict=True)},
+        },
+    }
+
+
 STAGE = Stage(
     name="activation_embeddings",
     output=layout.ACTIVATION_EMBEDDINGS,
-    version=2,
+    version=3,
     plan=plan,
     reads=("activation_examples",),
     config=("sampling", "embedding.model", "embedding.quantize", "output.embedding_dtype"),

@@ -1,8 +1,11 @@
 """Stage 0a, ``activation_examples``: one row per (feature, prompt) with activations.
 
 The output repeats each prompt's tokens for every feature that fires on it (the contract's
-schema), which at reference scale means ~70 M token strings. The stage therefore yields record
-batches that the runner streams into the Parquet file, so memory stays bounded by the batch size.
+schema), which at reference scale means ~70 M token strings. The reader delivers the records a
+block of features at a time, sorted (:mod:`sae_atlas.sources.activations`), and the stage turns each
+block into record batches that the runner streams into the Parquet file: memory is bounded by the
+block, at any number of records. The file is sorted by feature, in row groups whose statistics let
+a reader fetch one feature's rows without scanning the rest.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from sae_atlas import layout
 from sae_atlas.problems import Problems
 from sae_atlas.sources import activations as activation_source
 from sae_atlas.sources import files
-from sae_atlas.sources.activations import ACTIVATION_PAIR_TYPE, ActivationRecords
+from sae_atlas.sources.activations import ACTIVATION_PAIR_TYPE, ActivationRecords, ActivationStream
 from sae_atlas.stage import Plan, Product, Skip, Stage, StageContext, Unusable, fingerprint_files
 
 ARROW_SCHEMA = pa.schema(
@@ -68,22 +71,25 @@ def build_activation_examples(
         )
 
 
-def build_prompts(records: ActivationRecords) -> pa.Table:
+def build_prompts(prompts: pa.ListArray) -> pa.Table:
     """``stages/prompts.parquet``: each prompt's tokens once, for fast look-ups by prompt id."""
     return pa.table(
-        {"prompt_id": pa.array(np.arange(len(records.prompts), dtype=np.uint32)), "prompt_tokens": records.prompts},
+        {"prompt_id": pa.array(np.arange(len(prompts), dtype=np.uint32)), "prompt_tokens": prompts},
         schema=PROMPTS_SCHEMA,
     )
 
 
-def statistics(records: ActivationRecords) -> dict:
-    """Counts for the sidecar."""
-    return {
-        "records": len(records),
-        "features": len(np.unique(records.feature_id)),
-        "prompts": len(records.prompts),
-        "activation_pairs": int(records.offsets[-1]) if len(records.offsets) else 0,
-    }
+def stream_examples(
+    stream: ActivationStream, sae_id: str, statistics: dict, rows_per_batch: int = ROWS_PER_BATCH
+) -> Iterator[pa.RecordBatch]:
+    """Record batches of ``activation_examples.parquet`` from every block of ``stream``, counting
+    into ``statistics`` as they go."""
+    statistics.update(records=0, features=0, prompts=len(stream.prompts), activation_pairs=0)
+    for block in stream:
+        statistics["records"] += len(block)
+        statistics["features"] += len(np.unique(block.feature_id))
+        statistics["activation_pairs"] += int(block.offsets[-1])
+        yield from build_activation_examples(block, sae_id, rows_per_batch)
 
 
 def plan(context: StageContext) -> Plan:
@@ -101,20 +107,31 @@ def plan(context: StageContext) -> Plan:
     width = context.sae_width
 
     def execute(problems: Problems) -> Product:
-        records = activation_source.read_activations(
-            settings.format, path, settings.tokenizer, problems, width=width
+        stream = activation_source.stream_activations(
+            settings.format, path, settings.tokenizer, problems, width=width, scratch=context.scratch()
         )
-        if len(records) == 0:
+
+        def unusable() -> Unusable:
             problems.add(path, "no usable activation records", kind="missing")
-            raise Unusable(f"no usable activation records in {path}")
+            return Unusable(f"no usable activation records in {path}")
+
+        if stream.records == 0:
+            raise unusable()
+        statistics: dict = {}
+
+        def batches() -> Iterator[pa.RecordBatch]:
+            yield from stream_examples(stream, context.sae_id, statistics, ROW_GROUP_ROWS)
+            if statistics["records"] == 0:  # every record was refused
+                raise unusable()
+
         return Product(
-            data=build_activation_examples(records, context.sae_id, ROW_GROUP_ROWS),
-            rows=len(records),
-            statistics=statistics(records),
+            data=batches(),
+            rows=None,
+            statistics=statistics,
             schema=ARROW_SCHEMA,
             row_group_size=ROW_GROUP_ROWS,
-            extra={layout.PROMPTS: build_prompts(records)},
-            notes=records.notes,
+            extra={layout.PROMPTS: build_prompts(stream.prompts)},
+            notes=stream.notes,
         )
 
     return Plan(key={"inputs": fingerprint_files(inputs), "sae_width": width}, execute=execute)

@@ -1,9 +1,10 @@
 """Stage 5, ``activation_similarity``: how coherent each feature's activating examples are.
 
 For every feature, the cosine of every pair i < j of its sampled window embeddings: mean, std
-(population, NumPy's default), min and max. All features are computed together: their vectors are
-padded to the largest sample size into a [features, n, dim] block, one batched matrix product gives
-every Gram matrix, and masked reductions give the statistics. No per-feature Python loop.
+(population, NumPy's default), min and max. Features are computed a block at a time: their vectors
+are padded to the largest sample size into a [features, n, dim] block, one batched matrix product
+gives every Gram matrix, and masked reductions give the statistics. No per-feature Python loop;
+the embeddings file is read a batch of features at a time, so memory is bounded by the batch.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from sae_atlas.stage import Plan, Product, Stage, StageContext
 from sae_atlas.vector_storage import ActivationEmbeddings, activation_embeddings_from_frame
 
 FEATURES_PER_BLOCK = 1024
+FEATURES_PER_READ = 16_384
 
 
 def _block_statistics(vectors: np.ndarray, offsets: np.ndarray, counts: np.ndarray) -> np.ndarray:
@@ -78,16 +80,27 @@ def pairwise_statistics(embeddings: ActivationEmbeddings, *, sae_id: str) -> pl.
 
 def plan(context: StageContext) -> Plan:
     def execute(problems: Problems) -> Product:
-        embeddings = activation_embeddings_from_frame(context.read("activation_embeddings"))
-        table = pairwise_statistics(embeddings, sae_id=context.sae_id)
-        counts = table["num_examples_sampled"]
-        statistics = {
-            "features": table.height,
-            "features_with_fewer_than_2_examples": int((counts < 2).sum()),
-            "stored_dtype": embeddings.dtype,
-            "mean_of_mean_pairwise_similarity": table["mean_pairwise_similarity"].mean(),
-        }
-        return Product(data=table, rows=table.height, statistics=statistics)
+        statistics = {"features": 0, "features_with_fewer_than_2_examples": 0, "stored_dtype": None}
+        means = []
+
+        def parts():
+            for frame in context.read_batches("activation_embeddings", rows=FEATURES_PER_READ):
+                embeddings = activation_embeddings_from_frame(frame)
+                table = pairwise_statistics(embeddings, sae_id=context.sae_id)
+                statistics["features"] += table.height
+                statistics["features_with_fewer_than_2_examples"] += int((table["num_examples_sampled"] < 2).sum())
+                statistics["stored_dtype"] = embeddings.dtype
+                means.append(table["mean_pairwise_similarity"].drop_nulls().to_numpy().astype(np.float64))
+                yield table
+            values = np.concatenate(means) if means else np.zeros(0)
+            statistics["mean_of_mean_pairwise_similarity"] = float(values.mean()) if len(values) else None
+
+        return Product(
+            data=parts(),
+            rows=None,
+            statistics=statistics,
+            schema=pl.DataFrame(schema=ACTIVATION_EXAMPLE_SIMILARITY).to_arrow().schema,
+        )
 
     return Plan(key={}, execute=execute)
 
