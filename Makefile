@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench chromium clean
+.PHONY: demo test lint bench bench-scale chromium clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,11 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	cd bench && for script in pipeline_stages.py activation_pipeline.py queries.py load.py; do ../$(BIN)/python $$script || exit 1; done
+
+# 131,072 latents end to end (about 1.5 hours here); `python bench/scale.py --features N` for other widths.
+bench-scale: $(STAMP)
+	$(BIN)/pip install --quiet -e '.[bench]'
+	cd bench && ../$(BIN)/python scale.py
 
 clean:
 	rm -rf $(VENV) demo bench/out artifacts .pytest_cache

@@ -317,7 +317,7 @@ def test_pages_and_api_refuse_the_same_values_with_the_same_message(client):
 # The data path, bottom to top: a module may import modules of its own layer or below, never above.
 LAYERS = [
     # foundations: the contract, the config, bookkeeping, registries
-    {"problems", "config", "layout", "schema", "metrics", "devices", "score_methods"},
+    {"problems", "config", "layout", "schema", "metrics", "devices", "score_methods", "engine"},
     # readers of the raw formats, and the synthetic corpus written in them
     {"sources", "synth"},
     # computation shared by stages and queries

@@ -221,3 +221,35 @@ def test_outputs_can_be_copied_elsewhere_and_stay_valid(small_run, tmp_path):
     config, _ = small_run
     copy = shutil.copytree(config.output_dir, tmp_path / "copy", ignore=shutil.ignore_patterns(".cache"))
     assert validate(copy).ok
+
+
+def test_files_read_by_worker_processes_give_the_same_outputs_and_problems(corpus, embedder, monkeypatch, tmp_path):
+    from sae_atlas.engine import LocalEngine
+    from sae_atlas.stages import explanation_embeddings, scores
+
+    # Small chunks, so that the 2-worker run really spreads many tasks over two processes.
+    monkeypatch.setattr(scores, "FILES_PER_TASK", 7)
+    monkeypatch.setattr(explanation_embeddings, "FILES_PER_TASK", 5)
+    broken = next((corpus.root / "raw").rglob("scores/fuzz/*.txt"))
+    broken.write_bytes(broken.read_bytes()[:40])  # a truncated score file, reported by a worker
+    outputs = {}
+    for workers in (1, 2):
+        config = load_config(corpus.config)
+        config.output_dir = tmp_path / f"workers-{workers}"
+        engine = LocalEngine(workers)
+        report = Pipeline(config, embedder=embedder, engine=engine).run(only=["scores", "explanation_embeddings"])
+        assert engine._pool is None  # closed with the run
+        problems = sorted(str(problem) for outcome in report.outcomes for problem in outcome.problems)
+        outputs[workers] = (
+            pl.read_parquet(config.output_dir / "stages/scores.parquet"),
+            pl.read_parquet(config.output_dir / "explanation_embeddings.parquet"),
+            problems,
+        )
+    (scores_one, explanations_one, problems_one), (scores_two, explanations_two, problems_two) = outputs.values()
+    assert scores_one.equals(scores_two) and explanations_one.equals(explanations_two)
+    assert problems_one == problems_two and any(str(broken) in problem for problem in problems_two)
+
+    strict = load_config(corpus.config)
+    strict.output_dir = tmp_path / "strict"
+    with pytest.raises(StrictModeError, match="truncated or invalid JSON"):
+        Pipeline(strict, strict=True, embedder=embedder, engine=LocalEngine(2)).run(only=["scores"])

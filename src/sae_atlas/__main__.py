@@ -2,4 +2,6 @@
 
 from sae_atlas.cli import app
 
-app(prog_name="sae-atlas")
+# Guarded: worker processes (spawned, see sae_atlas.engine) import this module as __mp_main__.
+if __name__ == "__main__":
+    app(prog_name="sae-atlas")

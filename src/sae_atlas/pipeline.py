@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 from sae_atlas import __version__, layout
 from sae_atlas.config import AtlasConfig
 from sae_atlas.embedding import Embedder
+from sae_atlas.engine import Engine, LocalEngine
 from sae_atlas.problems import Problem, Problems
 from sae_atlas.sources import decoder, delphi
 from sae_atlas.stage import EmbedFunction, Parts, Product, Skip, Stage, Unusable, digest, fingerprint_files
@@ -144,6 +145,7 @@ class RunContext:
         stages: Sequence[Stage],
         embedder: Embedder | None,
         progress: ProgressReporter | None,
+        engine: Engine | None = None,
     ):
         self.config = config
         self.output_dir = Path(config.output_dir)
@@ -156,6 +158,23 @@ class RunContext:
         self._listed = False
         self._sae_id: str | None = None
         self._width: tuple[int | None] | None = None
+        self._engine: Engine | None = engine
+
+    # -- the engine -----------------------------------------------------------------------------
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            self._engine = LocalEngine()
+        return self._engine
+
+    def map(self, function: Callable, tasks: Sequence) -> Iterator:
+        return self.engine.map(function, tasks)
+
+    def close(self) -> None:
+        """Stop the engine's workers (a new run starts them again)."""
+        if self._engine is not None:
+            self._engine.close()
 
     # -- delphi runs ----------------------------------------------------------------------------
 
@@ -359,6 +378,7 @@ class Pipeline:
         log: Logger | None = None,
         progress: ProgressReporter | None = None,
         stages: Sequence[Stage] = REGISTERED,
+        engine: Engine | None = None,
     ):
         self.config = config
         self.output_dir = Path(config.output_dir)
@@ -367,7 +387,9 @@ class Pipeline:
         self.log = log or (lambda message: None)
         self.stages = order_stages(stages)
         self._by_name = {stage.name: stage for stage in self.stages}
-        self.context = RunContext(config, strict=strict, stages=self.stages, embedder=embedder, progress=progress)
+        self.context = RunContext(
+            config, strict=strict, stages=self.stages, embedder=embedder, progress=progress, engine=engine
+        )
 
     @property
     def embedder(self) -> Embedder:
@@ -584,13 +606,16 @@ class Pipeline:
         if removed:
             self.log(f"removed {len(removed)} temporary file(s) left by interrupted runs")
         outcomes: dict[str, StageOutcome] = {}
-        for stage in self.stages:
-            if only and stage.name not in only:
-                continue
-            self.log(f"stage {stage.name} …")
-            outcome = self._run_stage(stage, outcomes)
-            outcomes[stage.name] = outcome
-            self.log(describe(outcome))
+        try:
+            for stage in self.stages:
+                if only and stage.name not in only:
+                    continue
+                self.log(f"stage {stage.name} …")
+                outcome = self._run_stage(stage, outcomes)
+                outcomes[stage.name] = outcome
+                self.log(describe(outcome))
+        finally:
+            self.context.close()
         report = RunReport(self.output_dir, list(outcomes.values()), time.perf_counter() - started)
         layout.write_atomic_bytes(
             self.output_dir / layout.RUN_REPORT, orjson.dumps(report.to_dict(), option=orjson.OPT_INDENT_2)

@@ -87,6 +87,13 @@ class Problems:
             raise StrictModeError(problem)
         self.items.append(problem)
 
+    def extend(self, items: list[Problem]) -> None:
+        """Record problems found elsewhere (e.g. by a worker process); strict mode raises the first."""
+        for problem in items:
+            if self.strict:
+                raise StrictModeError(problem)
+            self.items.append(problem)
+
     def __len__(self) -> int:
         return len(self.items)
 

@@ -147,6 +147,10 @@ class StageContext(Protocol):
     def scratch(self) -> Path:
         """A directory for this stage's temporary files, removed when the stage ends."""
 
+    def map(self, function: Callable, tasks: Sequence) -> Iterator:
+        """``function`` over ``tasks`` on the run's engine (every core, or a cluster), results in
+        task order. ``function`` must be module-level and its tasks picklable."""
+
     def has(self, stage: str) -> bool:
         """Whether an upstream stage's output is there to read."""
 

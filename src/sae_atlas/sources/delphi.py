@@ -287,14 +287,10 @@ def parse_explanation(raw: bytes) -> str:
     return text
 
 
-def read_explanations(run: DelphiRun, problems: Problems) -> pl.DataFrame:
-    """One row per explained latent: ``feature_id``, ``explanation_text``, ``explanation_ok``.
-
-    Latents that have score files but no explanation file were scored by delphi with the sentinel
-    ``"No explanation found"``; they get a row with that text so their scores are kept.
-    """
+def read_explanation_files(entries: list[LatentFile], problems: Problems) -> tuple[list[int], list[str]]:
+    """The latent and text of each readable explanation file of ``entries``."""
     latents, texts = [], []
-    for entry in run.explanations:
+    for entry in entries:
         raw = files.read_bytes(entry.path, problems, latent=entry.latent)
         if raw is None:
             continue
@@ -305,10 +301,20 @@ def read_explanations(run: DelphiRun, problems: Problems) -> pl.DataFrame:
             continue
         latents.append(entry.latent)
         texts.append(text)
+    return latents, texts
+
+
+def explanations_frame(run: DelphiRun, latents: list[int], texts: list[str]) -> pl.DataFrame:
+    """One row per explained latent of ``run`` (``feature_id``, ``explanation_text``,
+    ``explanation_ok``) from the texts read.
+
+    Latents that have score files but no explanation file were scored by delphi with the sentinel
+    ``"No explanation found"``; they get a row with that text so their scores are kept.
+    """
     explained = set(latents)
     scored = sorted({entry.latent for files in run.scores.values() for entry in files} - explained)
-    latents.extend(scored)
-    texts.extend([MISSING_EXPLANATION] * len(scored))
+    latents = [*latents, *scored]
+    texts = [*texts, *[MISSING_EXPLANATION] * len(scored)]
     frame = pl.DataFrame(
         {"feature_id": latents, "explanation_text": texts},
         schema={"feature_id": pl.UInt32, "explanation_text": pl.String},
@@ -316,6 +322,11 @@ def read_explanations(run: DelphiRun, problems: Problems) -> pl.DataFrame:
     return frame.with_columns(explanation_ok=~pl.col("explanation_text").is_in(list(SENTINEL_EXPLANATIONS))).sort(
         "feature_id"
     )
+
+
+def read_explanations(run: DelphiRun, problems: Problems) -> pl.DataFrame:
+    """Every explanation of ``run`` (:func:`explanations_frame` of all its files)."""
+    return explanations_frame(run, *read_explanation_files(run.explanations, problems))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -356,37 +367,46 @@ def _load_records(entry: LatentFile, problems: Problems) -> list[dict] | None:
     return records
 
 
-def read_score_records(run: DelphiRun, problems: Problems) -> ScoreRecords:
-    """Parse every score file of ``run``, each with the parser of its method."""
+def read_score_files(method: str, entries: list[LatentFile], problems: Problems) -> ScoreRecords:
+    """Parse the score files ``entries`` of one method with that method's parser."""
     listing = {"method": [], "feature_id": [], "n_records": []}
     columns: dict[str, list] = {"method": [], "feature_id": [], **{name: [] for name in RECORD_COLUMNS}}
-    for method, entries in run.scores.items():
-        score_method = score_methods.METHODS[method]
-        for entry in entries:
-            records = _load_records(entry, problems)
-            if records is None:
-                continue
-            n = len(records)
-            listing["method"].append(method)
-            listing["feature_id"].append(entry.latent)
-            listing["n_records"].append(n)
-            columns["method"].extend([method] * n)
-            columns["feature_id"].extend([entry.latent] * n)
-            parsed = score_method.parse(records)
-            outside = score_method.out_of_range(parsed["outcome"])
-            if outside:
-                problems.add(
-                    entry.path,
-                    f"{len(outside)} {score_method.outcome_name} value(s) outside {list(score_method.outcome_range)} "
-                    f"(e.g. {parsed['outcome'][outside[0]]:g}); counted as failed",
-                    latent=entry.latent,
-                    kind="invalid",
-                )
-                for index in outside:
-                    parsed["outcome"][index] = None
-            for name, values in parsed.items():
-                columns[name].extend(values)
+    score_method = score_methods.METHODS[method]
+    for entry in entries:
+        records = _load_records(entry, problems)
+        if records is None:
+            continue
+        n = len(records)
+        listing["method"].append(method)
+        listing["feature_id"].append(entry.latent)
+        listing["n_records"].append(n)
+        columns["method"].extend([method] * n)
+        columns["feature_id"].extend([entry.latent] * n)
+        parsed = score_method.parse(records)
+        outside = score_method.out_of_range(parsed["outcome"])
+        if outside:
+            problems.add(
+                entry.path,
+                f"{len(outside)} {score_method.outcome_name} value(s) outside {list(score_method.outcome_range)} "
+                f"(e.g. {parsed['outcome'][outside[0]]:g}); counted as failed",
+                latent=entry.latent,
+                kind="invalid",
+            )
+            for index in outside:
+                parsed["outcome"][index] = None
+        for name, values in parsed.items():
+            columns[name].extend(values)
     return ScoreRecords(
         files=pl.DataFrame(listing, schema={"method": pl.String, "feature_id": pl.UInt32, "n_records": pl.UInt32}),
         records=pl.DataFrame(columns, schema={"method": pl.String, "feature_id": pl.UInt32, **RECORD_COLUMNS}),
+    )
+
+
+def read_score_records(run: DelphiRun, problems: Problems) -> ScoreRecords:
+    """Parse every score file of ``run``, each with the parser of its method."""
+    parts = [read_score_files(method, entries, problems) for method, entries in run.scores.items()]
+    if not parts:
+        return read_score_files("fuzz", [], problems)
+    return ScoreRecords(
+        files=pl.concat([part.files for part in parts]), records=pl.concat([part.records for part in parts])
     )

@@ -66,17 +66,26 @@ def whole_features(frames: Iterator[pl.DataFrame]) -> Iterator[pl.DataFrame]:
 def feature_chunks(windows: pl.DataFrame, rows: int = CHUNK_WINDOWS) -> Iterator[pl.DataFrame]:
     """Consecutive slices of ``windows`` (sorted by feature) of about ``rows`` rows, never
     splitting a feature."""
-    features = windows["feature_id"].to_numpy()
-    boundaries = np.flatnonzero(np.diff(features)) + 1 if len(features) else np.zeros(0, np.int64)
-    start = 0
-    while start < len(features):
-        stop = start + rows
-        if stop < len(features):
-            following = boundaries[boundaries >= stop]
-            stop = int(following[0]) if len(following) else len(features)
-        stop = min(stop, len(features))
-        yield windows.slice(start, stop - start)
-        start = stop
+    return streamed_chunks(iter([windows]), rows)
+
+
+def streamed_chunks(blocks: Iterator[pl.DataFrame], rows: int = CHUNK_WINDOWS) -> Iterator[pl.DataFrame]:
+    """The windows of ``blocks`` (each whole features, in feature order) cut into chunks the way
+    they would be cut all at once: each chunk ends at the first feature boundary at or after
+    ``rows`` windows. Where a chunk ends decides which texts share an embedding batch, and with
+    it the vectors (to rounding): streaming must not move it."""
+    pending: pl.DataFrame | None = None
+    for block in blocks:
+        pending = block if pending is None else pl.concat([pending, block])
+        while pending.height >= rows:
+            features = pending["feature_id"].to_numpy()
+            # a block ends with a whole feature: its end is a boundary too
+            boundaries = np.append(np.flatnonzero(np.diff(features)) + 1, len(features))
+            stop = int(boundaries[boundaries >= rows][0])
+            yield pending.slice(0, stop)
+            pending = pending.slice(stop)
+    if pending is not None and pending.height:
+        yield pending
 
 
 def empty_table(dtype: str) -> pl.DataFrame:
@@ -162,24 +171,25 @@ def plan(context: StageContext) -> Plan:
         text_hashes: list[np.ndarray] = []
         stats: dict = {}
 
-        def parts() -> Iterator[Parts]:
-            dimension = None
-            examples = whole_features(context.read_batches("activation_examples", EXAMPLE_COLUMNS, rows=BLOCK_ROWS))
-            for block in examples:
-                windows = select_windows(
+        def windows() -> Iterator[pl.DataFrame]:
+            for block in whole_features(context.read_batches("activation_examples", EXAMPLE_COLUMNS, rows=BLOCK_ROWS)):
+                selected = select_windows(
                     block,
                     prompts,
                     quantiles=sampling.quantiles,
                     per_quantile=sampling.per_quantile,
                     window=sampling.window,
                 )
-                del block
-                per_feature_counts.append(windows.group_by("feature_id", maintain_order=True).len()["len"].to_numpy())
-                text_hashes.append(windows["text"].hash(seed=0).to_numpy())
-                for chunk in feature_chunks(windows):
-                    part = embed_windows(chunk, sae_id=context.sae_id, embed=embed, dtype=dtype)
-                    dimension = dimension or len(part["embeddings"][0][0])
-                    yield Parts(part, {layout.SAMPLED_EXAMPLES: sampled_examples(chunk)})
+                per_feature_counts.append(selected.group_by("feature_id", maintain_order=True).len()["len"].to_numpy())
+                text_hashes.append(selected["text"].hash(seed=0).to_numpy())
+                yield selected
+
+        def parts() -> Iterator[Parts]:
+            dimension = None
+            for chunk in streamed_chunks(windows()):
+                part = embed_windows(chunk, sae_id=context.sae_id, embed=embed, dtype=dtype)
+                dimension = dimension or len(part["embeddings"][0][0])
+                yield Parts(part, {layout.SAMPLED_EXAMPLES: sampled_examples(chunk)})
             work = context.embedder.stats.since(before)
             stats.update(
                 window_statistics(per_feature_counts, text_hashes),

@@ -34,9 +34,12 @@ def non_finite_rows(weights: np.ndarray, block_rows: int = 8192) -> np.ndarray:
     return np.concatenate(bad) if bad else np.zeros(0, dtype=np.int64)
 
 
-def normalise_rows(weights: np.ndarray) -> np.ndarray:
-    """Unit-length rows as float32; all-zero (dead) rows stay zero, so their cosines are 0."""
-    weights = np.array(weights, dtype=np.float32, copy=True)
+def normalise_rows(weights: np.ndarray, *, overwrite: bool = False) -> np.ndarray:
+    """Unit-length rows as C-ordered float32; all-zero (dead) rows stay zero, so their cosines are
+    0. With ``overwrite``, a float32 C-ordered writable ``weights`` is normalised in place (at
+    131k × 3584 a copy is 1.9 GB)."""
+    reusable = overwrite and weights.dtype == np.float32 and weights.flags.c_contiguous and weights.flags.writeable
+    weights = weights if reusable else np.array(weights, dtype=np.float32, order="C", copy=True)
     norms = np.sqrt(np.einsum("ij,ij->i", weights, weights))
     norms[norms == 0] = 1.0
     weights /= norms[:, None]
@@ -71,16 +74,17 @@ def _select(similarities, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def top_k_neighbours(
-    weights: np.ndarray, k: int = 10, *, block_rows: int = BLOCK_ROWS, device: str = "cpu"
+    weights: np.ndarray, k: int = 10, *, block_rows: int = BLOCK_ROWS, device: str = "cpu", overwrite: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
     """(ids [d_sae, k] uint32, cosines [d_sae, k] float32) of each row's nearest other rows.
 
     On "cpu" the products are NumPy matmuls into one reused block buffer; on any other torch
-    device (e.g. "cuda") they run there. Selection is the same exact procedure on both.
+    device (e.g. "cuda") they run there. Selection is the same exact procedure on both. With
+    ``overwrite``, ``weights`` may be normalised in place rather than copied.
     """
     import torch
 
-    normalised = normalise_rows(weights)
+    normalised = normalise_rows(weights, overwrite=overwrite)
     n = normalised.shape[0]
     k = max(0, min(k, n - 1))
     ids = np.zeros((n, k), dtype=np.uint32)
@@ -149,11 +153,14 @@ def plan(context: StageContext) -> Plan:
                 weights.weights = weights.weights.copy()
             weights.weights[bad] = 0.0
         device = resolve_device(settings.device)
-        ids, cosines = top_k_neighbours(weights.weights, settings.top_k, device=device)
+        # The weights were read for this stage alone: normalise them in place, not in a copy.
+        d_sae, d_model = weights.weights.shape
+        ids, cosines = top_k_neighbours(weights.weights, settings.top_k, device=device, overwrite=True)
+        del weights.weights
         table = neighbours_table(ids, cosines)
         statistics = {
-            "d_sae": weights.d_sae,
-            "d_model": int(weights.weights.shape[1]),
+            "d_sae": int(d_sae),
+            "d_model": int(d_model),
             "format": weights.format,
             "top_k": int(ids.shape[1]),
             "device": device,

@@ -12,6 +12,7 @@ import numpy as np
 import polars as pl
 
 from sae_atlas import layout
+from sae_atlas.engine import chunks
 from sae_atlas.problems import Problems
 from sae_atlas.schema import EXPLANATION_EMBEDDINGS
 from sae_atlas.sources import delphi
@@ -62,6 +63,34 @@ def build_explanation_embeddings(
     return table, statistics
 
 
+FILES_PER_TASK = 2000
+
+
+def explanation_chunk(entries: list[delphi.LatentFile]) -> tuple[list[int], list[str], list]:
+    """Read one chunk of explanation files: latents, texts and problems (run in a worker)."""
+    problems = Problems()
+    latents, texts = delphi.read_explanation_files(entries, problems)
+    return latents, texts, problems.items
+
+
+def read_all(context: StageContext, runs: list[delphi.DelphiRun], problems: Problems) -> pl.DataFrame:
+    """Every run's explanations, the files read in chunks on the run's engine."""
+    tasks = [(run, chunk) for run in runs for chunk in chunks(run.explanations, FILES_PER_TASK)]
+    read: dict[str, tuple[list[int], list[str]]] = {run.name: ([], []) for run in runs}
+    for (run, _), (latents, texts, found) in zip(
+        tasks, context.map(explanation_chunk, [chunk for _, chunk in tasks]), strict=True
+    ):
+        problems.extend(found)
+        read[run.name][0].extend(latents)
+        read[run.name][1].extend(texts)
+    return pl.concat(
+        delphi.explanations_frame(run, *read[run.name]).with_columns(
+            data_source=pl.lit(run.name, pl.String), llm_explainer=pl.lit(run.explainer, pl.String)
+        )
+        for run in runs
+    )
+
+
 def plan(context: StageContext) -> Plan:
     runs_with_files = context.listed_runs()
     files = [entry.path for run in runs_with_files for entry in run.explanations]
@@ -73,12 +102,7 @@ def plan(context: StageContext) -> Plan:
     runs = context.runs_table()
 
     def execute(problems: Problems) -> Product:
-        explanations = pl.concat(
-            delphi.read_explanations(run, problems).with_columns(
-                data_source=pl.lit(run.name, pl.String), llm_explainer=pl.lit(run.explainer, pl.String)
-            )
-            for run in runs_with_files
-        )
+        explanations = read_all(context, runs_with_files, problems)
         before = context.embedder.stats.snapshot()
         table, statistics = build_explanation_embeddings(
             explanations, sae_id=context.sae_id, embed=context.embed(STAGE.name)

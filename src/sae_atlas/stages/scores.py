@@ -1,15 +1,19 @@
 """Stage 1, ``scores``: one row per feature × explainer × scorer × method.
 
 Each score file's records are parsed by its method's parser and aggregated per latent by its
-method's aggregator (:mod:`sae_atlas.score_methods`); this stage only groups the long record frame
-by method and joins the results to the file listing and the runs.
+method's aggregator (:mod:`sae_atlas.score_methods`). A score file holds one latent's records, so
+files are read and aggregated in independent chunks (on the run's engine: every core, or a
+cluster); this stage joins the per-latent results to the file listing and the runs.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import polars as pl
 
 from sae_atlas import layout, score_methods
+from sae_atlas.engine import chunks
 from sae_atlas.problems import Problems
 from sae_atlas.schema import STAGE_SCORES
 from sae_atlas.score_methods import AGGREGATE_COLUMNS
@@ -51,9 +55,15 @@ def build_scores(*, files: pl.DataFrame, records: pl.DataFrame, runs: pl.DataFra
     ``n_records``), ``records`` one row per record (``data_source``, ``method``, ``feature_id`` and
     the record columns), and ``runs`` maps ``data_source`` to ``llm_explainer`` and ``llm_scorer``.
     """
+    return join_scores(files=files, aggregates=aggregate_records(records), runs=runs)
+
+
+def join_scores(*, files: pl.DataFrame, aggregates: pl.DataFrame, runs: pl.DataFrame) -> pl.DataFrame:
+    """The ``stages/scores.parquet`` table from the file listing and the per-latent aggregates
+    (one row per ``data_source``, ``method``, ``feature_id``)."""
     table = (
         _conform(files.rename({"n_records": "n_examples"}), FILE_COLUMNS)
-        .join(aggregate_records(records), on=KEYS, how="left")
+        .join(aggregates, on=KEYS, how="left")
         .join(runs.with_columns(pl.col("data_source").cast(pl.String)), on="data_source", how="left")
         .with_columns(pl.col("n_failed").fill_null(0))
     )
@@ -65,6 +75,29 @@ def build_scores(*, files: pl.DataFrame, records: pl.DataFrame, runs: pl.DataFra
     )
 
 
+FILES_PER_TASK = 500
+
+
+@dataclass(frozen=True)
+class ScoreTask:
+    """One chunk of one run's score files of one method."""
+
+    data_source: str
+    method: str
+    entries: list[delphi.LatentFile]
+
+
+def score_chunk(task: ScoreTask) -> tuple[pl.DataFrame, pl.DataFrame, int, list]:
+    """Read and aggregate one chunk: its file listing, per-latent aggregates, record count and
+    problems (run in a worker process)."""
+    problems = Problems()
+    read = delphi.read_score_files(task.method, task.entries, problems)
+    source = pl.lit(task.data_source, pl.String)
+    listing = read.files.with_columns(data_source=source)
+    aggregates = aggregate_records(read.records.with_columns(data_source=source))
+    return listing, aggregates, read.records.height, problems.items
+
+
 def plan(context: StageContext) -> Plan:
     runs_with_files = context.listed_runs()
     files = [entry.path for run in runs_with_files for entries in run.scores.values() for entry in entries]
@@ -72,17 +105,27 @@ def plan(context: StageContext) -> Plan:
     runs = context.runs_table()
 
     def execute(problems: Problems) -> Product:
-        listings, record_frames = [], []
-        for run in runs_with_files:
-            read = delphi.read_score_records(run, problems)
-            source = pl.lit(run.name, pl.String)
-            listings.append(read.files.with_columns(data_source=source))
-            record_frames.append(read.records.with_columns(data_source=source))
-        listing, records = pl.concat(listings), pl.concat(record_frames)
-        table = build_scores(files=listing, records=records, runs=runs)
+        tasks = [
+            ScoreTask(run.name, method, list(chunk))
+            for run in runs_with_files
+            for method, entries in run.scores.items()
+            for chunk in chunks(entries, FILES_PER_TASK)
+        ]
+        listings, aggregates, records = [], [], 0
+        for listing, aggregated, count, found in context.map(score_chunk, tasks):
+            problems.extend(found)
+            listings.append(listing)
+            aggregates.append(aggregated)
+            records += count
+        empty = pl.DataFrame(schema={**FILE_COLUMNS, "n_records": pl.UInt32}).drop("n_examples")
+        listing = pl.concat(listings) if listings else empty
+        aggregated = (
+            pl.concat(aggregates) if aggregates else pl.DataFrame(schema={**AGGREGATE_COLUMNS, "method": pl.String})
+        )
+        table = join_scores(files=listing, aggregates=aggregated, runs=runs)
         statistics = {
             "score_files_read": listing.height,
-            "records": records.height,
+            "records": records,
             "rows_by_method": dict(table.group_by(pl.col("method").cast(pl.String)).len().iter_rows()),
             "rows_without_score": int(table["score"].is_null().sum()),
         }
