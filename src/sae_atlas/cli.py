@@ -335,14 +335,15 @@ def show(
     if as_json:
         _print_json(record)
         return
-    from sae_atlas.metrics import SCORE_METRICS
+    from sae_atlas.metrics import HEADLINE_SCORE_METRICS
 
     console.print(f"[bold]feature {record['feature_id']}[/bold]  {escape(str(record['sae_id']))}")
     explanations = Table(title="explanations", title_justify="left", show_lines=True)
-    # Only the score metrics some scorer has a value for: a run without intruder files shows none.
+    # Only the headline score metrics some scorer has a value for: a run without intruder files shows
+    # none (--json has every metric).
     shown = [
         metric
-        for metric in SCORE_METRICS
+        for metric in HEADLINE_SCORE_METRICS
         if any(row[metric.name] is not None for item in record["explanations"] for row in item["metrics"])
     ]
     heading = f"scores ({' / '.join(metric.label for metric in shown)})" if shown else "scores"

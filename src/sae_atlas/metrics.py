@@ -6,8 +6,12 @@ show`` and the feature page all read this list; adding a metric is one entry her
 kind of source, the code that computes its column in :mod:`sae_atlas.atlas`).
 
 Score metrics (``per_scorer``) come from ``stages/scores.parquet``: the value of ``column`` on the
-rows of score method ``method``. They have one value per scorer; without a chosen scorer a
-feature's value is the mean over its scorers.
+rows of score method ``method`` (any method's row when ``method`` is None). They have one value per
+scorer; without a chosen scorer a feature's value is the mean over its scorers.
+
+``headline`` metrics are the columns of tables and score matrices; the others (delphi's
+classification metrics, firing frequency) are there for filters, sorting, plots, comparisons and
+the JSON API, and shown on request.
 """
 
 from __future__ import annotations
@@ -29,29 +33,74 @@ class Metric:
     source: str  # the output file it comes from (a ``layout`` name)
     direction: Literal["higher", "lower"] = "higher"  # which way is better
     per_scorer: bool = False
-    method: str | None = None  # score metrics: the method in stages/scores.parquet
+    method: str | None = None  # score metrics: the method in stages/scores.parquet (None: any)
     column: str = "score"  # score metrics: the column of stages/scores.parquet
+    headline: bool = True
 
 
-def _score(name: str, label: str, description: str, low: float = 0.5, *, method: str | None = None, column="score"):
+def _score(
+    name: str,
+    label: str,
+    description: str,
+    low: float = 0.5,
+    *,
+    method: str | None = None,
+    column="score",
+    headline: bool = True,
+    high: float = 1.0,
+):
     return Metric(
         name=name,
         label=label,
         description=description,
-        range=(low, 1.0),
+        range=(low, high),
         source=layout.SCORES,
         per_scorer=True,
-        method=method or name,
+        method=method,
         column=column,
+        headline=headline,
+    )
+
+
+def _classification(method: str, column: str, label: str, description: str, low: float = 0.5) -> Metric:
+    """One of delphi's per-latent classification metrics of fuzz or detection."""
+    return _score(
+        f"{method}_{column}",
+        f"{method[:3]}. {label}",
+        f"{method} {description} (delphi's result_analysis definition, per latent)",
+        low,
+        method=method,
+        column=column,
+        headline=False,
     )
 
 
 METRICS: tuple[Metric, ...] = (
-    _score("fuzz", "fuzz", "fuzz score: accuracy of the scorer on highlighted examples (study's definition)"),
-    _score("detection", "detection", "detection score: accuracy of the scorer on plain examples (study's definition)"),
-    _score("simulation", "simulation", "simulation score: mean correlation of simulated and true activations", 0.0),
-    _score("embedding", "embedding", "embedding score: ROC-AUC of example similarity to the explanation"),
-    _score("intruder", "intruder", "intruder score: share of intruder examples the scorer found", 0.2),
+    _score(
+        "fuzz", "fuzz", "fuzz score: accuracy of the scorer on highlighted examples (study's definition)", method="fuzz"
+    ),
+    _score(
+        "detection",
+        "detection",
+        "detection score: accuracy of the scorer on plain examples (study's definition)",
+        method="detection",
+    ),
+    _score(
+        "simulation",
+        "simulation",
+        "simulation score: mean correlation of simulated and true activations",
+        0.0,
+        method="simulation",
+    ),
+    _score(
+        "embedding",
+        "embedding",
+        "embedding score: ROC-AUC of example similarity to the explanation",
+        method="embedding",
+    ),
+    _score(
+        "intruder", "intruder", "intruder score: share of intruder examples the scorer found", 0.2, method="intruder"
+    ),
     Metric(
         "semantic_similarity",
         "agreement",
@@ -75,9 +124,35 @@ METRICS: tuple[Metric, ...] = (
     ),
 )
 
+for _method in ("fuzz", "detection"):
+    METRICS += (
+        _classification(
+            _method, "balanced_accuracy", "bal. acc.", "balanced accuracy: (TP/positives + TN/negatives) / 2"
+        ),
+        _classification(_method, "precision", "precision", "precision: TP / (TP + FP)", 0.0),
+        _classification(_method, "recall", "recall", "recall: TP / positives", 0.0),
+        _classification(_method, "f1", "F1", "F1: 2 · precision · recall / (precision + recall)", 0.0),
+        _classification(
+            _method, "probability_auc", "prob. AUC", "ROC-AUC of the scorer's probability (log_probs runs)"
+        ),
+    )
+METRICS += (
+    _score(
+        "firing_frequency",
+        "firing",
+        "share of cached tokens the latent fires on (delphi's log/hookpoint_firing_counts.pt)",
+        0.0,
+        column="firing_frequency",
+        headline=False,
+        high=0.01,
+    ),
+)
+
 BY_NAME: dict[str, Metric] = {metric.name: metric for metric in METRICS}
 NAMES: tuple[str, ...] = tuple(BY_NAME)
 SCORE_METRICS: tuple[Metric, ...] = tuple(metric for metric in METRICS if metric.per_scorer)
+HEADLINE: tuple[Metric, ...] = tuple(metric for metric in METRICS if metric.headline)
+HEADLINE_SCORE_METRICS: tuple[Metric, ...] = tuple(metric for metric in SCORE_METRICS if metric.headline)
 
 
 def get(name: str) -> Metric:

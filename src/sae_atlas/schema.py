@@ -105,6 +105,20 @@ STAGE_SCORES = pl.Schema(
         "n_examples": pl.UInt32,
         "n_failed": pl.UInt32,
         "variance": pl.Float64,
+        # fuzz / detection: delphi's per-latent classification metrics (score_methods.classification)
+        "true_positives": pl.UInt32,
+        "true_negatives": pl.UInt32,
+        "false_positives": pl.UInt32,
+        "false_negatives": pl.UInt32,
+        "balanced_accuracy": pl.Float64,
+        "precision": pl.Float64,
+        "recall": pl.Float64,
+        "f1": pl.Float64,
+        "probability_auc": pl.Float64,
+        # from the run's log/hookpoint_firing_counts.pt: tokens the latent fired on, and that count
+        # over the tokens cached (run_config cache_cfg.n_tokens)
+        "firing_count": pl.UInt64,
+        "firing_frequency": pl.Float64,
     }
 )
 

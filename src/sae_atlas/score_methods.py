@@ -17,6 +17,12 @@ Every parser yields the same long columns, one row per record:
 Definitions are the study's (DESIGN.md §2): accuracy = correct / (records − failed); embedding =
 ROC-AUC of the similarity against the activating label (ties counted half, null with one class);
 simulation = mean and sample variance of the finite top-level correlations.
+
+fuzz and detection also get delphi's classification metrics per latent, as
+``delphi/log/result_analysis.py`` (EleutherAI/delphi 3c2e139) defines them over non-failed records:
+the confusion counts, balanced accuracy ``(TP/pos + TN/neg) / 2``, precision ``TP/(TP+FP)``,
+recall ``TP/pos`` and ``F1 = 2PR/(P+R)``, each 0 where its denominator is 0 (null when no record
+is valid), and the ROC-AUC of the scorer's probability where records carry one.
 """
 
 from __future__ import annotations
@@ -33,13 +39,26 @@ RECORD_COLUMNS = {
     "probability": pl.Float64,
     "quantile": pl.Int16,
 }
-# What every aggregator returns, per (data_source, feature_id).
+# What every aggregator returns, per (data_source, feature_id); the classification columns are
+# null for methods whose records are not classifications.
+CLASSIFICATION_COLUMNS = {
+    "true_positives": pl.UInt32,
+    "true_negatives": pl.UInt32,
+    "false_positives": pl.UInt32,
+    "false_negatives": pl.UInt32,
+    "balanced_accuracy": pl.Float64,
+    "precision": pl.Float64,
+    "recall": pl.Float64,
+    "f1": pl.Float64,
+    "probability_auc": pl.Float64,
+}
 AGGREGATE_COLUMNS = {
     "data_source": pl.String,
     "feature_id": pl.UInt32,
     "score": pl.Float64,
     "n_failed": pl.UInt32,
     "variance": pl.Float64,
+    **CLASSIFICATION_COLUMNS,
 }
 GROUP = ["data_source", "feature_id"]
 
@@ -198,26 +217,67 @@ def accuracy(records: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def roc_auc(records: pl.DataFrame) -> pl.DataFrame:
-    """ROC-AUC of ``outcome`` against ``activating`` per latent (Mann–Whitney, ties count half)."""
-    failed = pl.col("outcome").is_null() | pl.col("activating").is_null()
-    counts = records.group_by(GROUP).agg(n_failed=failed.sum())
-    valid = records.filter(~failed).with_columns(rank=pl.col("outcome").rank("average").over(GROUP))
-    auc = (
-        valid.group_by(GROUP)
+def _auc(records: pl.DataFrame, values: str, name: str) -> pl.DataFrame:
+    """ROC-AUC of ``values`` against ``activating`` per latent (Mann–Whitney, ties count half;
+    null with one class or no values), as column ``name``."""
+    valid = records.filter(pl.col(values).is_not_null() & pl.col("activating").is_not_null())
+    return (
+        valid.with_columns(rank=pl.col(values).rank("average").over(GROUP))
+        .group_by(GROUP)
         .agg(
             positives=pl.col("activating").sum(),
             negatives=(~pl.col("activating")).sum(),
             positive_rank_sum=pl.col("rank").filter(pl.col("activating")).sum(),
         )
-        .with_columns(
-            score=pl.when((pl.col("positives") > 0) & (pl.col("negatives") > 0)).then(
+        .select(
+            *GROUP,
+            pl.when((pl.col("positives") > 0) & (pl.col("negatives") > 0))
+            .then(
                 (pl.col("positive_rank_sum") - pl.col("positives") * (pl.col("positives") + 1) / 2)
                 / (pl.col("positives") * pl.col("negatives"))
             )
+            .alias(name),
         )
     )
-    return counts.join(auc.select([*GROUP, "score"]), on=GROUP, how="left")
+
+
+def roc_auc(records: pl.DataFrame) -> pl.DataFrame:
+    """ROC-AUC of ``outcome`` against ``activating`` per latent (Mann–Whitney, ties count half)."""
+    failed = pl.col("outcome").is_null() | pl.col("activating").is_null()
+    counts = records.group_by(GROUP).agg(n_failed=failed.sum())
+    return counts.join(_auc(records, "outcome", "score"), on=GROUP, how="left")
+
+
+def _ratio(numerator: pl.Expr, denominator: pl.Expr) -> pl.Expr:
+    """delphi's guarded ratio: 0 where the denominator is 0."""
+    return pl.when(denominator > 0).then(numerator / denominator).otherwise(0.0)
+
+
+def classification(records: pl.DataFrame) -> pl.DataFrame:
+    """The study's accuracy per latent, with delphi's confusion counts and classification metrics
+    (module docstring) and the ROC-AUC of the scorer's probability."""
+    valid = pl.col("outcome").is_not_null() & pl.col("activating").is_not_null()
+    right, activating = pl.col("outcome") == 1.0, pl.col("activating")
+    counts = records.group_by(GROUP).agg(
+        n_failed=pl.col("outcome").null_count(),
+        score=pl.col("outcome").mean(),
+        true_positives=(valid & activating & right).sum(),
+        true_negatives=(valid & ~activating & right).sum(),
+        false_positives=(valid & ~activating & ~right).sum(),
+        false_negatives=(valid & activating & ~right).sum(),
+    )
+    tp, tn, fp, fn = (
+        pl.col(name) for name in ("true_positives", "true_negatives", "false_positives", "false_negatives")
+    )
+    positives, negatives = tp + fn, tn + fp
+    precision, recall = _ratio(tp, tp + fp), _ratio(tp, positives)
+    scored = pl.when(positives + negatives > 0)
+    return counts.with_columns(
+        balanced_accuracy=scored.then((_ratio(tp, positives) + _ratio(tn, negatives)) / 2),
+        precision=scored.then(precision),
+        recall=scored.then(recall),
+        f1=scored.then(_ratio(2 * precision * recall, precision + recall)),
+    ).join(_auc(records, "probability", "probability_auc"), on=GROUP, how="left")
 
 
 def mean_and_variance(records: pl.DataFrame) -> pl.DataFrame:
@@ -232,8 +292,8 @@ def mean_and_variance(records: pl.DataFrame) -> pl.DataFrame:
 METHODS: dict[str, ScoreMethod] = {
     method.name: method
     for method in (
-        ScoreMethod("fuzz", parse_classifier, accuracy, "accuracy on highlighted examples"),
-        ScoreMethod("detection", parse_classifier, accuracy, "accuracy on plain examples"),
+        ScoreMethod("fuzz", parse_classifier, classification, "accuracy on highlighted examples"),
+        ScoreMethod("detection", parse_classifier, classification, "accuracy on plain examples"),
         ScoreMethod(
             "simulation",
             parse_simulation,

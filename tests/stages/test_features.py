@@ -56,8 +56,13 @@ def score_table():
     frame = pl.DataFrame(
         rows, schema=["feature_id", "data_source", "llm_explainer", "llm_scorer", "method", "score"], orient="row"
     )
-    return frame.with_columns(n_examples=pl.lit(100), n_failed=pl.lit(0), variance=pl.lit(None, pl.Float64)).select(
-        [pl.col(name).cast(dtype) for name, dtype in STAGE_SCORES.items()]
+    frame = frame.with_columns(n_examples=pl.lit(100), n_failed=pl.lit(0), variance=pl.lit(None, pl.Float64))
+    # the stage table's other columns (classification metrics, firing counts) are empty here
+    return frame.select(
+        [
+            pl.col(name).cast(dtype) if name in frame.columns else pl.lit(None, dtype).alias(name)
+            for name, dtype in STAGE_SCORES.items()
+        ]
     )
 
 

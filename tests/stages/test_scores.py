@@ -157,3 +157,68 @@ def test_example_run_scores():
     assert scores["intruder"] == (1.0, 2, 1)
     assert scores["simulation"][1:] == (2, 0)
     assert math.isclose(scores["simulation"][0], (0.987 + 0.842) / 2)
+
+
+def with_probability(record: dict, probability: float) -> dict:
+    return {**record, "probability": probability}
+
+
+def test_classification_metrics_follow_delphi_result_analysis(tmp_path):
+    """Counted by hand: latent 7 has TP 2, FN 1, TN 1, FP 1 and a failed batch of 5; latent 8 has
+    only activating examples, both right (delphi scores an empty class's rate as 0)."""
+    files = {
+        f"fuzz/{HOOK}7.txt": [
+            with_probability(gen3(True), 0.9),
+            with_probability(gen3(True), 0.8),
+            with_probability(gen3(False), 0.3),
+            with_probability(gen3(True, distance=-1.0, activating=False), 0.2),
+            with_probability(gen3(False, distance=-1.0, activating=False), 0.6),
+        ]
+        + [gen3(None)] * 5,
+        f"detection/{HOOK}8.txt": [gen3(True), gen3(True, distance=3)],
+    }
+    table = score_table(make_run(tmp_path / "run", run_config={}, scores=files))
+    fuzz = table.filter(pl.col("method") == "fuzz").row(0, named=True)
+    assert (fuzz["true_positives"], fuzz["false_negatives"], fuzz["true_negatives"], fuzz["false_positives"]) == (
+        2,
+        1,
+        1,
+        1,
+    )
+    assert fuzz["n_failed"] == 5 and fuzz["score"] == pytest.approx(3 / 5)  # the study's accuracy
+    assert fuzz["balanced_accuracy"] == pytest.approx((2 / 3 + 1 / 2) / 2)
+    assert fuzz["precision"] == pytest.approx(2 / 3) and fuzz["recall"] == pytest.approx(2 / 3)
+    assert fuzz["f1"] == pytest.approx(2 / 3)
+    # probabilities: activating 0.9, 0.8, 0.3 against 0.2, 0.6: 5 of 6 pairs ordered
+    assert fuzz["probability_auc"] == pytest.approx(5 / 6)
+    detection = table.filter(pl.col("method") == "detection").row(0, named=True)
+    assert detection["balanced_accuracy"] == pytest.approx(0.5)
+    assert (detection["precision"], detection["recall"], detection["f1"]) == (1.0, 1.0, 1.0)
+    assert detection["probability_auc"] is None
+    # methods that are not classifications have no confusion counts
+    assert table.filter(pl.col("method") != "fuzz").filter(pl.col("method") != "detection").is_empty()
+
+
+def test_firing_counts_from_the_delphi_log(tmp_path):
+    import torch
+
+    from sae_atlas.stages.scores import firing_table
+
+    root = make_run(
+        tmp_path / "run",
+        run_config={"cache_cfg": {"n_tokens": 1000}},
+        scores={f"fuzz/{HOOK}1.txt": [gen3(True)], f"fuzz/{HOOK}2.txt": [gen3(False)]},
+    )
+    (root / "log").mkdir()
+    torch.save({"layers.30": torch.tensor([0, 50, 7], dtype=torch.int64)}, root / "log" / "hookpoint_firing_counts.pt")
+    problems = Problems()
+    run = delphi.discover_run(SourceConfig(path=root, explainer="E", scorer="S"), problems)
+    counts = delphi.read_firing_counts(run, problems)
+    assert not problems.items and counts.tolist() == [0, 50, 7]
+    firing = firing_table(run.name, counts, run.settings["cache_cfg.n_tokens"])
+    assert firing.filter(pl.col("feature_id") == 1)["firing_frequency"].item() == pytest.approx(0.05)
+
+    (root / "log" / "hookpoint_firing_counts.pt").write_bytes(b"not a torch file")
+    damaged = Problems()
+    assert delphi.read_firing_counts(run, damaged) is None
+    assert "not a readable torch file" in damaged.items[0].message

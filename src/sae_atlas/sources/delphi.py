@@ -13,6 +13,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import orjson
 import polars as pl
 
@@ -26,6 +27,38 @@ from sae_atlas.sources import files
 # full-width digits, is not a latent's file.
 LATENT_FILE = re.compile(r"(?P<hook>.+)_(?:latent|feature)(?P<latent>[0-9]+)\.txt", re.ASCII)
 SENTINEL_EXPLANATIONS = frozenset({"Explanation could not be parsed.", "No explanation found"})
+# run_config.json fields that change what a score means (raw-formats.md §1.2, §1.5): compared runs
+# should agree on them. Older generations name the context length ``ctx_len``.
+SCORE_SETTINGS = (
+    "explainer_model",
+    "explainer_provider",
+    "explainer",
+    "model",
+    "sparse_model",
+    "hookpoints",
+    "fuzz_type",
+    "num_examples_per_scorer_prompt",
+    "log_probs",
+    "filter_bos",
+    "seed",
+    "sampler_cfg.n_examples_train",
+    "sampler_cfg.n_examples_test",
+    "sampler_cfg.n_quantiles",
+    "sampler_cfg.train_type",
+    "sampler_cfg.test_type",
+    "sampler_cfg.ratio_top",
+    "constructor_cfg.example_ctx_len",
+    "constructor_cfg.min_examples",
+    "constructor_cfg.n_non_activating",
+    "constructor_cfg.center_examples",
+    "constructor_cfg.non_activating_source",
+    "constructor_cfg.neighbours_type",
+    "cache_cfg.dataset_repo",
+    "cache_cfg.dataset_split",
+    "cache_cfg.cache_ctx_len",
+    "cache_cfg.n_tokens",
+)
+FIRING_COUNTS = Path("log") / "hookpoint_firing_counts.pt"
 MISSING_EXPLANATION = "No explanation found"
 DEFAULT_EXPLANATION_METHOD = "quantiles"  # delphi's SamplerConfig.train_type default
 
@@ -53,6 +86,8 @@ class DelphiRun:
     explanations: list[LatentFile] = field(default_factory=list)
     scores: dict[str, list[LatentFile]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    settings: dict = field(default_factory=dict)  # run_config fields that change scores
+    file_hook: str | None = None  # the hookpoint the per-latent file names use
 
 
 def _walk_files(root: Path, problems: Problems) -> list[Path]:
@@ -135,6 +170,52 @@ def discover_run(source: SourceConfig, problems: Problems) -> DelphiRun:
     return run
 
 
+def score_settings(run_config: dict) -> dict:
+    """The :data:`SCORE_SETTINGS` of a run config (None where it does not say)."""
+    settings = {}
+    for key in SCORE_SETTINGS:
+        value = run_config
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if key == "cache_cfg.cache_ctx_len" and value is None:
+            cache = run_config.get("cache_cfg")
+            value = cache.get("ctx_len") if isinstance(cache, dict) else None
+        settings[key] = value if isinstance(value, str | int | float | bool | list) or value is None else str(value)
+    return settings
+
+
+def read_firing_counts(run: DelphiRun, problems: Problems) -> np.ndarray | None:
+    """Tokens each latent fired on, from ``log/hookpoint_firing_counts.pt`` (a ``torch.save``d
+    ``{hookpoint: LongTensor[num_latents]}``), or None when the run has none."""
+    path = run.path / FIRING_COUNTS
+    if not path.exists():
+        return None
+    raw = files.read_bytes(path, problems, what="firing counts")
+    if raw is None:
+        return None
+    import io
+
+    import torch
+
+    try:
+        counts = torch.load(io.BytesIO(raw), weights_only=True, map_location="cpu")
+    except Exception as error:  # torch raises many kinds for a damaged file
+        problems.add(path, f"not a readable torch file ({type(error).__name__}: {str(error).splitlines()[0]})")
+        return None
+    if not isinstance(counts, dict) or not all(isinstance(value, torch.Tensor) for value in counts.values()):
+        problems.add(path, "expected a dict of hookpoint -> tensor of firing counts")
+        return None
+    key = run.file_hook if run.file_hook in counts else (next(iter(counts)) if len(counts) == 1 else None)
+    if key is None:
+        problems.add(path, f"no firing counts for hookpoint {run.file_hook!r} (has: {', '.join(map(str, counts))})")
+        return None
+    values = counts[key].reshape(-1)
+    if values.dtype.is_floating_point or (values < 0).any():
+        problems.add(path, f"firing counts of {key!r} are not non-negative integers")
+        return None
+    return values.numpy().astype(np.uint64)
+
+
 def describe_run(source: SourceConfig, problems: Problems) -> DelphiRun:
     """Who explained and scored a run, and for which SAE: the config and ``run_config.json`` only.
 
@@ -173,6 +254,7 @@ def describe_run(source: SourceConfig, problems: Problems) -> DelphiRun:
         explanation_method=train_type if isinstance(train_type, str) else DEFAULT_EXPLANATION_METHOD,
         sae_id=sae_id,
         hookpoint=hookpoints[0] if hookpoints else None,
+        settings=score_settings(run_config),
     )
     if not root.is_dir():
         problems.add(root, "source directory does not exist", kind="missing")
@@ -217,6 +299,7 @@ def list_run_files(run: DelphiRun, problems: Problems, *, width: int | None = No
     if hooks:
         matching = [hook for hook in hooks if run.hookpoint and _hooks_match(hook, run.hookpoint)]
         primary = max(matching or hooks, key=lambda hook: (hooks[hook], hook))
+        run.file_hook = primary
         others = sorted(set(hooks) - {primary})
         if others:
             run.notes.append(f"{root}: files of other hookpoints skipped ({', '.join(others)}); using {primary!r}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import polars as pl
 
 from sae_atlas import layout, score_methods
@@ -58,13 +59,41 @@ def build_scores(*, files: pl.DataFrame, records: pl.DataFrame, runs: pl.DataFra
     return join_scores(files=files, aggregates=aggregate_records(records), runs=runs)
 
 
-def join_scores(*, files: pl.DataFrame, aggregates: pl.DataFrame, runs: pl.DataFrame) -> pl.DataFrame:
+FIRING_COLUMNS = {
+    "data_source": pl.String,
+    "feature_id": pl.UInt32,
+    "firing_count": pl.UInt64,
+    "firing_frequency": pl.Float64,
+}
+
+
+def firing_table(data_source: str, counts: np.ndarray, n_tokens) -> pl.DataFrame:
+    """One run's firing count per latent, and that count over the tokens its cache holds."""
+    tokens = n_tokens if isinstance(n_tokens, int) and n_tokens > 0 else None
+    return pl.DataFrame(
+        {
+            "data_source": [data_source] * len(counts),
+            "feature_id": np.arange(len(counts), dtype=np.uint32),
+            "firing_count": counts,
+        },
+        schema={name: dtype for name, dtype in FIRING_COLUMNS.items() if name != "firing_frequency"},
+    ).with_columns(firing_frequency=pl.col("firing_count") / tokens if tokens else pl.lit(None, pl.Float64))
+
+
+def join_scores(
+    *, files: pl.DataFrame, aggregates: pl.DataFrame, runs: pl.DataFrame, firing: pl.DataFrame | None = None
+) -> pl.DataFrame:
     """The ``stages/scores.parquet`` table from the file listing and the per-latent aggregates
-    (one row per ``data_source``, ``method``, ``feature_id``)."""
+    (one row per ``data_source``, ``method``, ``feature_id``), with each run's firing counts."""
     table = (
         _conform(files.rename({"n_records": "n_examples"}), FILE_COLUMNS)
-        .join(aggregates, on=KEYS, how="left")
+        .join(_conform(aggregates, {**AGGREGATE_COLUMNS, "method": pl.String}), on=KEYS, how="left")
         .join(runs.with_columns(pl.col("data_source").cast(pl.String)), on="data_source", how="left")
+        .join(
+            _conform(firing, FIRING_COLUMNS) if firing is not None else pl.DataFrame(schema=FIRING_COLUMNS),
+            on=["data_source", "feature_id"],
+            how="left",
+        )
         .with_columns(pl.col("n_failed").fill_null(0))
     )
     source_order = {name: position for position, name in enumerate(runs["data_source"].cast(pl.String))}
@@ -102,6 +131,7 @@ def plan(context: StageContext) -> Plan:
     runs_with_files = context.listed_runs()
     files = [entry.path for run in runs_with_files for entries in run.scores.values() for entry in entries]
     files += [run.path / "run_config.json" for run in runs_with_files]
+    files += [run.path / delphi.FIRING_COUNTS for run in runs_with_files]
     runs = context.runs_table()
 
     def execute(problems: Problems) -> Product:
@@ -122,12 +152,22 @@ def plan(context: StageContext) -> Plan:
         aggregated = (
             pl.concat(aggregates) if aggregates else pl.DataFrame(schema={**AGGREGATE_COLUMNS, "method": pl.String})
         )
-        table = join_scores(files=listing, aggregates=aggregated, runs=runs)
+        firing = [
+            firing_table(run.name, counts, run.settings.get("cache_cfg.n_tokens"))
+            for run in runs_with_files
+            if (counts := delphi.read_firing_counts(run, problems)) is not None
+        ]
+        table = join_scores(
+            files=listing, aggregates=aggregated, runs=runs, firing=pl.concat(firing) if firing else None
+        )
         statistics = {
             "score_files_read": listing.height,
             "records": records,
             "rows_by_method": dict(table.group_by(pl.col("method").cast(pl.String)).len().iter_rows()),
             "rows_without_score": int(table["score"].is_null().sum()),
+            "runs_with_firing_counts": len(firing),
+            # what each run's scores depend on, for the comparability check of `sae-atlas compare`
+            "run_settings": {run.name: run.settings for run in runs_with_files},
         }
         notes = [note for run in runs_with_files for note in run.notes]
         return Product(data=table, rows=table.height, statistics=statistics, notes=notes)
@@ -142,7 +182,7 @@ def plan(context: StageContext) -> Plan:
 STAGE = Stage(
     name="scores",
     output=layout.SCORES,
-    version=1,
+    version=2,
     plan=plan,
     config=("sources",),
     description="per-latent fuzz, detection, simulation, embedding and intruder scores of every run",

@@ -35,8 +35,13 @@ HEADERS = [
     ("feature_id", "feature", "latent index"),
     ("explainer", "explainer", "the LLM that wrote the explanation"),
     ("explanation_text", "explanation", "the explanation"),
-    *[(metric.name, metric.label, metric.description) for metric in metrics.METRICS],
 ]
+
+
+def shown_metrics(query: FeatureQuery) -> list[metrics.Metric]:
+    """The metric columns of the table: the headline ones, and any other it is sorted or filtered by."""
+    wanted = {query.sort, *query.filters()}
+    return [metric for metric in metrics.METRICS if metric.headline or metric.name in wanted]
 
 
 def short_name(name: str) -> str:
@@ -227,7 +232,9 @@ def mount_browser(app: FastAPI, atlas: Atlas) -> None:
         display_tokens=display_tokens,
         metric_range=metric_range,
         METRICS=metrics.METRICS,
+        HEADLINE=metrics.HEADLINE,
         SCORE_METRICS=metrics.SCORE_METRICS,
+        HEADLINE_SCORE_METRICS=metrics.HEADLINE_SCORE_METRICS,
         label_of=lambda name: metrics.BY_NAME[name].label,
         description_of=lambda name: metrics.BY_NAME[name].description,
         sae_id=atlas.sae_id,
@@ -242,6 +249,7 @@ def mount_browser(app: FastAPI, atlas: Atlas) -> None:
 
     def index_page(request: Request, query: FeatureQuery, error: str | None = None) -> HTMLResponse:
         data = pages.feature_table(atlas, query)
+        shown = shown_metrics(query)
         params = request.query_params
         kept = {key: value for key, value in params.items() if value not in ("", None) and key != "offset"}
 
@@ -271,7 +279,9 @@ def mount_browser(app: FastAPI, atlas: Atlas) -> None:
             link=link,
             page_sizes=PAGE_SIZES,
             stats=atlas.stats(),
-            headers=HEADERS,
+            headers=[*HEADERS, *[(metric.name, metric.label, metric.description) for metric in shown]],
+            shown=shown,
+            filtered=list(query.filters()),
             filtering=bool(query.explainer or query.scorer or query.contains or query.filters()),
         )
 
@@ -342,6 +352,13 @@ def mount_browser(app: FastAPI, atlas: Atlas) -> None:
             agreement=agreement,
             groups=sorted(groups.items(), reverse=True),
             neighbours=record["decoder_neighbours"],
+            # the detail metrics some scorer has a value for
+            detail=[
+                metric
+                for metric in metrics.SCORE_METRICS
+                if not metric.headline
+                and any(row[metric.name] is not None for item in record["explanations"] for row in item["metrics"])
+            ],
         )
 
     @app.get("/plots", response_class=HTMLResponse, tags=["pages"], responses=PAGE_RESPONSES)
