@@ -206,3 +206,18 @@ def test_prompts_are_rebuilt_when_the_prompt_table_is_missing(outputs, tmp_path,
     rebuilt = Atlas(copy, embedder=atlas.embedder).feature(feature_id)["activation_examples"]
     assert [example["tokens"] for example in rebuilt] == [
         example["tokens"] for example in atlas.feature(feature_id)["activation_examples"]]
+
+
+def test_delphi_classification_metrics_and_firing_frequency_reach_the_table(atlas, outputs):
+    table = atlas.features(limit=None)
+    for name in ("fuzz_balanced_accuracy", "detection_precision", "detection_recall", "fuzz_f1"):
+        values = table[name].drop_nulls()
+        assert values.len() > 0.9 * table.height and values.is_between(0, 1).all(), name
+    # no probabilities in these runs (log_probs off): no probability AUC
+    assert table["fuzz_probability_auc"].null_count() == table.height
+    # synth logs each latent's firing count (its activation pairs) over prompts × ctx tokens
+    examples = pl.read_parquet(outputs / "activation_examples.parquet", columns=["feature_id", "num_activations"])
+    fired = examples.group_by("feature_id").agg(pl.col("num_activations").sum()).sort("feature_id")
+    expected = dict(zip(fired["feature_id"].to_list(), (fired["num_activations"] / (600 * 64)).to_list(), strict=True))
+    for feature, frequency in table.select("feature_id", "firing_frequency").unique().rows():
+        assert frequency == pytest.approx(expected.get(feature, 0.0)), feature

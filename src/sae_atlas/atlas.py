@@ -167,8 +167,19 @@ class Atlas:
         keys = ["feature_id", "explainer", "scorer"]
         path = self.output_dir / layout.SCORES
         if path.exists():
-            columns = {metric.column for metric in metrics.SCORE_METRICS}
+            present = set(pq.read_schema(path).names)
+            # An output of an earlier version lacks the newer columns: their metrics are null.
+            columns = sorted({metric.column for metric in metrics.SCORE_METRICS} & present)
             long = pl.read_parquet(path, columns=["feature_id", "llm_explainer", "llm_scorer", "method", *columns])
+
+            def value(metric: metrics.Metric) -> pl.Expr:
+                if metric.column not in present:
+                    return pl.lit(None, pl.Float64).alias(metric.name)
+                chosen = pl.col(metric.column).cast(pl.Float64)
+                if metric.method is not None:
+                    chosen = chosen.filter(pl.col("method") == metric.method)
+                return chosen.drop_nulls().first().alias(metric.name)
+
             table = (
                 long.select(
                     pl.col("feature_id").cast(pl.Int64),
@@ -178,10 +189,7 @@ class Atlas:
                     *columns,
                 )
                 .group_by(keys, maintain_order=True)
-                .agg(
-                    pl.col(metric.column).filter(pl.col("method") == metric.method).first().alias(metric.name)
-                    for metric in metrics.SCORE_METRICS
-                )
+                .agg(value(metric) for metric in metrics.SCORE_METRICS)
             )
         else:
             table = (

@@ -2,7 +2,8 @@
 
 Deterministic from the seed. Writes, under the output directory::
 
-    raw/<explainer>_e-<scorer>_s/      one delphi run per (explainer, scorer) pair
+    raw/<explainer>_e-<scorer>_s/      one delphi run per (explainer, scorer) pair (with its
+                                       log/hookpoint_firing_counts.pt)
     raw/activation_examples/           activations.jsonl + prompts.json      (--activation-format jsonl, both)
     raw/latents/layers.<L>/ + raw/tokenizer.json   delphi latent cache       (--activation-format delphi, both)
     raw/sae/…                          decoder weights (npz | saelens | sparsify)
@@ -171,6 +172,8 @@ def synthesize(
     # Blocks never straddle a shard boundary, so each shard is written as soon as it is complete.
     boundaries = sorted({*range(0, options.features, BLOCK_LATENTS), *formats.shard_boundaries(options.features)})
     n_records = n_pairs = 0
+    # tokens each latent fires on: what delphi logs in log/hookpoint_firing_counts.pt
+    firing = np.zeros(options.features, dtype=np.int64)
     for block, stop in zip(
         activation_blocks(corpus, latents, rng, skip_first=jsonl, boundaries=boundaries),
         boundaries[1:],
@@ -178,6 +181,9 @@ def synthesize(
     ):
         n_records += len(block.feature)
         n_pairs += int(block.offsets[-1])
+        firing += np.bincount(block.feature, weights=np.diff(block.offsets), minlength=options.features).astype(
+            np.int64
+        )
         for writer in writers:
             writer.write(block)
         if delphi:
@@ -222,9 +228,12 @@ def synthesize(
                 sparse_model=SPARSE_MODEL,
                 hookpoint=hookpoint,
                 max_latents=candidates,
+                n_prompts=options.prompts,
+                ctx=options.ctx,
             ),
             indent=True,
         )
+        formats.write_firing_counts(run_root / "log" / "hookpoint_firing_counts.pt", FILE_HOOK, firing)
         for latent in explained.tolist():
             if (latent, explainer.short) not in unexplained:
                 formats.write_json(

@@ -18,7 +18,9 @@ def write_json(path: Path, value, *, indent: bool = False) -> None:
     path.write_bytes(orjson.dumps(value, option=orjson.OPT_INDENT_2 if indent else 0))
 
 
-def run_config(*, name: str, explainer: str, sparse_model: str, hookpoint: str, max_latents: int) -> dict:
+def run_config(
+    *, name: str, explainer: str, sparse_model: str, hookpoint: str, max_latents: int, n_prompts: int, ctx: int
+) -> dict:
     """A delphi 0.1.3 ``run_config.json``; ``explainer_model`` names the explainer, as in the study."""
     return {
         "cache_cfg": {
@@ -27,8 +29,8 @@ def run_config(*, name: str, explainer: str, sparse_model: str, hookpoint: str, 
             "dataset_name": "",
             "dataset_column": "text",
             "batch_size": 32,
-            "cache_ctx_len": 256,
-            "n_tokens": 10_000_000,
+            "cache_ctx_len": ctx,
+            "n_tokens": n_prompts * ctx,
             "n_splits": 5,
         },
         "constructor_cfg": {
@@ -110,6 +112,14 @@ def write_tokenizer(path: Path, vocabulary: list[str]) -> None:
     tokenizer.add_special_tokens(list(SPECIAL_TOKENS))
     path.parent.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(path))
+
+
+def write_firing_counts(path: Path, hookpoint: str, counts: np.ndarray) -> None:
+    """delphi's ``log/hookpoint_firing_counts.pt``: ``torch.save({hookpoint: LongTensor[latents]})``."""
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({hookpoint: torch.from_numpy(counts.astype(np.int64))}, path)
 
 
 def shard_boundaries(n_features: int, n_splits: int = 5) -> list[int]:
