@@ -327,9 +327,9 @@ LAYERS = [
     # the runner
     {"pipeline"},
     # reading outputs back
-    {"atlas", "summary", "sql", "validate"},
+    {"comparison", "atlas", "summary", "sql", "validate"},
     # interfaces
-    {"queries", "pages", "guard", "server", "web", "cli", "__main__"},
+    {"queries", "pages", "guard", "server", "web", "report", "cli", "__main__"},
 ]
 
 

@@ -206,7 +206,7 @@ def test_values_that_would_make_outputs_wrong_are_refused(corpus):
     no_traceback(result)
     assert result.returncode == 0
     output = result.stdout
-    assert "ev_correlation_score value(s) outside [-1.0, 1.0] (e.g. 1.7e+308); counted as failed" in output
+    assert "ev_correlation_score value(s) outside [-2.0, 2.0] (e.g. 1.7e+308); counted as failed" in output
     assert "activation value 1e+308 is not a finite float32 number" in output
     assert "decoder rows of 1 latent(s) hold NaN or infinite values (first: latent 11)" in output
     assert "latent 99999 is outside the SAE (512 latents); skipped" in output

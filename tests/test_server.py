@@ -37,9 +37,11 @@ def test_health_and_docs(client):
         "/api/search",
         "/api/histogram",
         "/api/plots",  # the JSON twin of the /plots page
+        "/api/compare",  # the JSON twin of the /compare page
         "/",  # the HTML pages, so that the schemathesis run covers them too
         "/features/{feature_id}",
         "/plots",
+        "/compare",
     }
     assert all(set(operations) == {"get"} for operations in paths.values())  # read-only
 
@@ -130,7 +132,7 @@ def test_api_conforms_to_its_schema_and_never_fails(app):
         ):
             conformance(operation, mode, checks)()
             checked.append((operation.label, mode.value))
-    assert len(checked) == 18, checked  # /health and /api/stats take no parameters
+    assert len(checked) == 22, checked  # /health and /api/stats take no parameters
 
 
 def test_the_same_metric_on_both_axes_is_a_plot_not_a_server_error(client):

@@ -24,7 +24,7 @@ import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 
-from sae_atlas import layout, metrics
+from sae_atlas import comparison, layout, metrics
 from sae_atlas.sampling import centre_positions, sample_examples, window_bounds
 from sae_atlas.schema import CONTRACT_SCORE_FIELDS
 from sae_atlas.summary import mean_scores, mean_semantic_similarity
@@ -153,6 +153,7 @@ class Atlas:
         self._vectors: tuple[pl.DataFrame, np.ndarray] | None = None
         self._embedder = embedder
         self._stats: dict | None = None
+        self._comparisons: dict[tuple, dict] = {}
 
     # -- opening ----------------------------------------------------------------------------------
 
@@ -551,6 +552,95 @@ class Atlas:
                 else None
             ),
         }
+
+    # -- comparing explainers and scorers ---------------------------------------------------------
+
+    def comparable_metrics(self) -> list[str]:
+        """The score metrics a comparison covers by default: the headline ones and delphi's
+        balanced accuracy (which its result_analysis reports as "accuracy"), where there are values."""
+        wanted = [
+            metric.name for metric in metrics.SCORE_METRICS if metric.headline or metric.column == "balanced_accuracy"
+        ]
+        return [name for name in wanted if self._scores[name].null_count() < self._scores.height]
+
+    def compare(
+        self,
+        metric_names: list[str] | None = None,
+        *,
+        resamples: int = comparison.DEFAULT_RESAMPLES,
+        seed: int = comparison.DEFAULT_SEED,
+        confidence: float = 0.95,
+    ) -> dict:
+        """Explainers and scorers compared (see :mod:`sae_atlas.comparison`): per explainer × scorer
+        × metric summaries with bootstrap CIs, paired differences between explainers, scorer and
+        explainer agreement, and the comparability of the runs. Plain data, JSON-ready."""
+        chosen = list(dict.fromkeys(metric_names)) if metric_names else self.comparable_metrics()
+        for name in chosen:
+            if name not in SCORE_NAMES:
+                raise QueryError(f"cannot compare {name!r}; score metrics are {', '.join(SCORE_NAMES)}")
+        if not 0 < confidence < 1:
+            raise QueryError(f"confidence must be between 0 and 1, not {confidence}")
+        key = (tuple(chosen), resamples, seed, confidence)
+        cached = self._comparisons.get(key)
+        if cached is not None:
+            return cached
+        scores = self._scores.select("feature_id", "explainer", "scorer", *chosen)
+        options = {"resamples": resamples, "seed": seed, "confidence": confidence}
+        firing = (
+            self._scores.group_by("feature_id")
+            .agg(weight=pl.col("firing_frequency").drop_nulls().first())
+            .drop_nulls("weight")
+        )
+        similarity = (
+            self._rows.select("feature_id", explainer="llm_explainer", pairs="semantic_similarity")
+            .explode("pairs")
+            .drop_nulls("pairs")
+            .select(
+                "feature_id",
+                "explainer",
+                other=pl.col("pairs").struct.field("explainer").cast(pl.String),
+                cosine=pl.col("pairs").struct.field("cosine_similarity"),
+            )
+        )
+        texts = self._rows.select("feature_id", explainer="llm_explainer", explanation_text="explanation_text")
+        result = {
+            "settings": {
+                **options,
+                "metrics": chosen,
+                "holm_family": "every paired row of this comparison",
+                "weights": "firing frequency" if firing.height else None,
+            },
+            "explainers": self.explainers,
+            "scorers": self.scorers,
+            "metrics": {name: metrics.BY_NAME[name].description for name in chosen},
+            "summary": comparison.summary(
+                scores, chosen, self.explainers, self.scorers, weights=firing if firing.height else None, **options
+            ),
+            "paired": comparison.paired_differences(scores, chosen, self.explainers, self.scorers, **options),
+            "scorer_agreement": comparison.scorer_agreement(scores, chosen, self.scorers),
+            "explainer_agreement": comparison.explainer_agreement(similarity, scores, texts, chosen, self.explainers),
+            "comparability": comparison.comparability(*self._run_settings()),
+        }
+        self._comparisons[key] = result
+        return result
+
+    def _run_settings(self) -> tuple[dict, list[dict]]:
+        """Each run's score-relevant settings (from the scores sidecar) and which runs there are."""
+        path = self.output_dir / layout.SCORES
+        if not path.exists():
+            return {}, []
+        runs = (
+            pl.read_parquet(path, columns=["data_source", "llm_explainer", "llm_scorer"])
+            .unique(maintain_order=True)
+            .select(
+                pl.col("data_source").cast(pl.String),
+                explainer=pl.col("llm_explainer").cast(pl.String),
+                scorer=pl.col("llm_scorer").cast(pl.String),
+            )
+        )
+        sidecar = layout.read_sidecar(path) or {}
+        settings = (sidecar.get("statistics") or {}).get("run_settings") or {}
+        return settings, runs.to_dicts()
 
     # -- semantic search --------------------------------------------------------------------------
 

@@ -448,6 +448,119 @@ def sql(
         console.print(f"… {result.height - max_rows:,} more (use --json or LIMIT)")
 
 
+def _p(value: float | None) -> str:
+    if value is None:
+        return "–"
+    return "< 0.001" if value < 0.001 else f"{value:.3f}"
+
+
+def _n(value: float | None, digits: int = 3) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+@app.command()
+@_fail_cleanly
+def compare(
+    output_dir: Annotated[Path, typer.Argument(help="A sae-atlas output directory.")],
+    metric: Annotated[
+        list[str] | None,
+        typer.Option(help="A score metric to compare (repeatable; default: headline metrics and balanced accuracy)."),
+    ] = None,
+    resamples: Annotated[int, typer.Option(help="Bootstrap resamples.", min=100, max=20_000)] = 2000,
+    seed: Annotated[int, typer.Option(help="Seed of the resampling.", min=0)] = 0,
+    confidence: Annotated[float, typer.Option(help="Coverage of the intervals.", min=0.5, max=0.999)] = 0.95,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the comparison as JSON.")] = False,
+) -> None:
+    """Which explainer explains better and how far each scorer can be trusted: means with bootstrap
+    intervals, paired differences (Wilcoxon, Holm), scorer and explainer agreement, comparability."""
+    data = _open_atlas(output_dir).compare(metric, resamples=resamples, seed=seed, confidence=confidence)
+    if as_json:
+        _print_json(data)
+        return
+    settings = data["settings"]
+    for warning in data["comparability"]["warnings"]:
+        console.print(f"[yellow]warning[/yellow]: {escape(warning['message'])}", soft_wrap=True)
+    level = f"{settings['confidence']:.0%}"
+    summary = Table(title=f"means over latents, {level} bootstrap interval", title_justify="left")
+    for column in ("metric", "explainer", "scorer", "latents", "mean", "interval", "median"):
+        numeric = column in ("latents", "mean", "median", "interval")
+        summary.add_column(column, justify="right" if numeric else "left", no_wrap=numeric)
+    order = {name: index for index, name in enumerate(settings["metrics"])}
+    for row in sorted(data["summary"], key=lambda row: order[row["metric"]]):
+        summary.add_row(
+            row["metric"],
+            _short(row["explainer"]),
+            _short(row["scorer"]),
+            f"{row['latents']:,}",
+            _n(row["mean"]),
+            f"[{_n(row['ci_low'])}, {_n(row['ci_high'])}]",
+            _n(row["median"]),
+        )
+    console.print(summary)
+    if data["paired"]:
+        paired = Table(title="paired differences, first − second (latents both explained)", title_justify="left")
+        for column in ("metric", "first − second", "scorer", "latents", "difference", "interval", "Holm p", "W/T/L"):
+            paired.add_column(column, no_wrap=column in ("interval", "Holm p", "W/T/L", "difference"))
+        for row in sorted(data["paired"], key=lambda row: order[row["metric"]]):
+            excludes = row["ci_low"] is not None and (row["ci_low"] > 0 or row["ci_high"] < 0)
+            paired.add_row(
+                row["metric"],
+                f"{_short(row['first'])} − {_short(row['second'])}",
+                _short(row["scorer"]),
+                f"{row['latents']:,}",
+                f"[bold]{_n(row['mean_difference'])}[/bold]" if excludes else _n(row["mean_difference"]),
+                f"[{_n(row['ci_low'])}, {_n(row['ci_high'])}]",
+                _p(row["holm_p"]),
+                f"{row['wins']}/{row['ties']}/{row['losses']}",
+            )
+        console.print(paired)
+    if data["scorer_agreement"]:
+        agreement = Table(title="scorer agreement on the same explanations", title_justify="left")
+        for column in ("metric", "scorers", "explanations", "Spearman", "Kendall", "top-decile overlap", "RV"):
+            agreement.add_column(column)
+        for row in data["scorer_agreement"]:
+            agreement.add_row(
+                row["metric"],
+                f"{_short(row['first'])} · {_short(row['second'])}",
+                f"{row['explanations']:,}",
+                _n(row["spearman"]),
+                _n(row["kendall"]),
+                _n(row["top_decile_overlap"], 2),
+                _n(row["rv"]),
+            )
+        console.print(agreement)
+    for pair in data["explainer_agreement"]:
+        console.print(
+            f"explanations of {_short(pair['first'])} and {_short(pair['second'])}: cosine median "
+            f"{_n(pair['median'])} (quartiles {_n(pair['q1'])}–{_n(pair['q3'])}) over {pair['latents']:,} latents; "
+            f"most different: latents {', '.join(str(row['feature_id']) for row in pair['disagreements'][:5])}",
+            highlight=False,
+            soft_wrap=True,
+        )
+
+
+@app.command()
+@_fail_cleanly
+def report(
+    output_dir: Annotated[Path, typer.Argument(help="A sae-atlas output directory.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="The report file to write.")],
+    format: Annotated[str | None, typer.Option(help="html or md (default: from the file's suffix, else html).")] = None,
+    metric: Annotated[list[str] | None, typer.Option(help="A score metric to compare (repeatable).")] = None,
+    resamples: Annotated[int, typer.Option(help="Bootstrap resamples.", min=100, max=20_000)] = 2000,
+    seed: Annotated[int, typer.Option(help="Seed of the resampling.", min=0)] = 0,
+) -> None:
+    """Write the comparison as one self-contained HTML file (inline SVG and CSS, no network) or as
+    Markdown tables, with the score distributions and the run's provenance."""
+    from sae_atlas.report import FORMATS, write_report
+
+    chosen = format or ("md" if output.suffix.lower() in (".md", ".markdown") else "html")
+    if chosen not in FORMATS:
+        raise CommandError(f"unknown report format {chosen!r}; formats are {', '.join(FORMATS)}")
+    atlas = _open_atlas(output_dir)
+    write_report(atlas, atlas.compare(metric, resamples=resamples, seed=seed), output, chosen)
+    console.print(f"wrote {output} ({chosen})", highlight=False)
+
+
 @app.command()
 @_fail_cleanly
 def serve(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from sae_atlas.atlas import Atlas
-from sae_atlas.queries import FeatureQuery, PlotQuery
+from sae_atlas.queries import CompareQuery, FeatureQuery, PlotQuery
 
 SEARCH_HITS = 25
 MAX_SCATTER_POINTS = 5000
@@ -18,6 +18,7 @@ TWINS = {
     "/": "/api/features",
     "/features/{feature_id}": "/api/features/{feature_id}",
     "/plots": "/api/plots",
+    "/compare": "/api/compare",
 }
 
 
@@ -65,3 +66,8 @@ def plots(atlas: Atlas, query: PlotQuery) -> dict:
     histogram = atlas.histogram(query.metric, query.bins, explainer=query.explainer, scorer=query.scorer)
     rows = atlas.features(explainer=query.explainer, scorer=query.scorer, limit=None)
     return {"histogram": histogram, "scatter": scatter(rows, query.x, query.y)}
+
+
+def compare(atlas: Atlas, query: CompareQuery) -> dict:
+    """Explainers and scorers compared, with their uncertainty (:meth:`Atlas.compare`)."""
+    return atlas.compare(**query.arguments())

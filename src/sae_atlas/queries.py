@@ -111,14 +111,49 @@ def plot_query_model(explainers: list[str], scorers: list[str]) -> type[PlotQuer
     )
 
 
-def without_blanks(params: Mapping[str, str]) -> dict[str, str] | None:
+class CompareQuery(_Query):
+    """Query parameters of the comparison (``GET /api/compare`` and the compare page)."""
+
+    metric: list[str] | None = None
+    resamples: int = 2000
+    seed: int = 0
+    confidence: float = 0.95
+
+    def arguments(self) -> dict:
+        """The arguments of :meth:`Atlas.compare`."""
+        return {
+            "metric_names": self.metric,
+            "resamples": self.resamples,
+            "seed": self.seed,
+            "confidence": self.confidence,
+        }
+
+
+def compare_query_model() -> type[CompareQuery]:
+    """The comparison query: the score metrics of the registry, bootstrap settings within bounds."""
+    score_metric = Literal[tuple(metric.name for metric in metrics.SCORE_METRICS)]  # type: ignore[valid-type]
+    return create_model(
+        "CompareQuery",
+        __base__=CompareQuery,
+        metric=(
+            list[score_metric] | None,
+            Field(None, description="score metrics to compare (default: the headline ones and balanced accuracy)"),
+        ),
+        resamples=(int, Field(2000, ge=100, le=20_000, description="bootstrap resamples")),
+        seed=(int, Field(0, ge=0, le=2**32 - 1, description="seed of the resampling")),
+        confidence=(float, Field(0.95, gt=0.5, lt=1.0, allow_inf_nan=False, description="interval coverage")),
+    )
+
+
+def without_blanks(params: Mapping[str, str]) -> list[tuple[str, str]] | None:
     """``params`` without its empty values when it has any (an HTML form sends its empty fields as
-    ``name=``, meaning "not set"), else None. The pages redirect to that canonical query, so the
-    API and the pages see the same parameters and apply the same rule to them."""
+    ``name=``, meaning "not set"), else None; repeated names keep every value. The pages redirect
+    to that canonical query, so the API and the pages see the same parameters and apply the same
+    rule to them."""
     items = list(params.multi_items()) if hasattr(params, "multi_items") else list(params.items())
     if all(value != "" for _, value in items):
         return None
-    return {key: value for key, value in items if value != ""}
+    return [(key, value) for key, value in items if value != ""]
 
 
 def validation_message(error: ValidationError, *, skip_location: int = 0) -> str:

@@ -26,7 +26,13 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 from sae_atlas import __version__, metrics, pages
 from sae_atlas.atlas import METRICS, Atlas, FeatureNotFound, QueryError
 from sae_atlas.guard import Guard
-from sae_atlas.queries import feature_query_model, names_type, plot_query_model, validation_message
+from sae_atlas.queries import (
+    compare_query_model,
+    feature_query_model,
+    names_type,
+    plot_query_model,
+    validation_message,
+)
 
 MAX_FEATURE_ID = 2**32 - 1
 
@@ -61,9 +67,7 @@ def _metric_fields(chosen) -> dict:
 
 
 # Every score metric of the registry, per scorer.
-ScorerMetrics = create_model(
-    "ScorerMetrics", scorer=(str, ...), **_metric_fields(metrics.SCORE_METRICS)
-)
+ScorerMetrics = create_model("ScorerMetrics", scorer=(str, ...), **_metric_fields(metrics.SCORE_METRICS))
 
 
 class SemanticSimilarity(BaseModel):
@@ -195,6 +199,106 @@ class Stats(BaseModel):
     mean_activation_similarity: float | None
 
 
+class ComparisonSettings(BaseModel):
+    resamples: int
+    seed: int
+    confidence: float
+    metrics: list[str]
+    holm_family: str
+    weights: str | None = Field(description="what the weighted means are weighted by (None: no firing counts)")
+
+
+class SummaryRow(BaseModel):
+    explainer: str
+    scorer: str
+    metric: str
+    latents: int
+    mean: float
+    median: float
+    ci_low: float | None
+    ci_high: float | None
+    weighted_mean: float | None = Field(description="mean weighted by firing frequency, as delphi weights F1")
+
+
+class PairedRow(BaseModel):
+    first: str
+    second: str
+    scorer: str
+    metric: str
+    latents: int = Field(description="latents both explainers explained and the scorer scored")
+    mean_difference: float = Field(description="first minus second")
+    ci_low: float | None
+    ci_high: float | None
+    wilcoxon_p: float | None
+    holm_p: float | None
+    wins: int
+    ties: int
+    losses: int
+
+
+class ScorerAgreementRow(BaseModel):
+    first: str
+    second: str
+    metric: str
+    explanations: int
+    spearman: float | None
+    kendall: float | None
+    top_decile_overlap: float | None
+    rv: float | None = Field(description="RV coefficient of the two scorers' profiles over rv_metrics")
+    rv_metrics: list[str]
+
+
+class Disagreement(BaseModel):
+    feature_id: int
+    cosine: float
+    first_text: str | None
+    second_text: str | None
+
+
+class ExplainerAgreementRow(BaseModel):
+    first: str
+    second: str
+    latents: int
+    mean: float
+    min: float
+    q1: float
+    median: float
+    q3: float
+    max: float
+    correlation_with_scores: dict[str, float | None]
+    disagreements: list[Disagreement]
+
+
+class ComparabilityWarning(BaseModel):
+    setting: str
+    message: str
+
+
+class RunSettings(BaseModel):
+    data_source: str
+    explainer: str
+    scorer: str
+    settings: dict
+
+
+class Comparability(BaseModel):
+    runs: list[RunSettings]
+    warnings: list[ComparabilityWarning]
+    not_recorded: list[str]
+
+
+class Comparison(BaseModel):
+    settings: ComparisonSettings
+    explainers: list[str]
+    scorers: list[str]
+    metrics: dict[str, str]
+    summary: list[SummaryRow]
+    paired: list[PairedRow]
+    scorer_agreement: list[ScorerAgreementRow]
+    explainer_agreement: list[ExplainerAgreementRow]
+    comparability: Comparability
+
+
 class Problem(BaseModel):
     detail: str
 
@@ -220,6 +324,8 @@ def create_app(atlas: Atlas, *, prepare: bool = True, page_threads: int | None =
     Explainer, Scorer = names_type(atlas.explainers), names_type(atlas.scorers)
     TableQuery = feature_query_model(atlas.explainers, atlas.scorers)
     PlotsQuery = plot_query_model(atlas.explainers, atlas.scorers)
+    CompareQuery = compare_query_model()
+
     def prepare_in_background() -> None:
         atlas.prepare()
         # What stays loaded for the server's life is never garbage: exempt it from the collector,
@@ -304,6 +410,12 @@ def create_app(atlas: Atlas, *, prepare: bool = True, page_threads: int | None =
     ):
         """Counts of a metric over equal-width bins."""
         return FastJSON(atlas.histogram(metric, bins, explainer=explainer, scorer=scorer))
+
+    @app.get("/api/compare", response_model=Comparison, responses=ERRORS, tags=["compare"])
+    def compare(query: Annotated[CompareQuery, Query()]):
+        """Explainers and scorers compared: bootstrap CIs, paired differences, agreement (the compare
+        page's data)."""
+        return FastJSON(pages.compare(atlas, query))
 
     @app.get("/api/plots", response_model=Plots, responses=ERRORS, tags=["plots"])
     def plots(query: Annotated[PlotsQuery, Query()]):

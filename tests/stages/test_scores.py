@@ -222,3 +222,30 @@ def test_firing_counts_from_the_delphi_log(tmp_path):
     damaged = Problems()
     assert delphi.read_firing_counts(run, damaged) is None
     assert "not a readable torch file" in damaged.items[0].message
+
+
+def test_simulation_correlations_delphi_wrote_past_one_are_kept_and_absurd_ones_refused(tmp_path):
+    """The study's legacy-simulator files hold a few overall-group scores a little above 1, which
+    its own per-latent means include; a value no correlation can have is refused and reported."""
+    files = {
+        f"simulation/{HOOK}1.txt": [group(1, 0.5), group(2, 0.2), group(0, 1.25)],
+        f"simulation/{HOOK}2.txt": [group(1, 0.4), group(0, 1.7e308)],
+    }
+    root = make_run(tmp_path / "run", run_config={}, scores=files)
+    problems = Problems()
+    run = delphi.discover_run(SourceConfig(path=root, explainer="E", scorer="S"), problems)
+    records = delphi.read_score_records(run, problems)
+    [problem] = problems.items
+    assert problem.latent == 2 and "outside [-2.0, 2.0] (e.g. 1.7e+308); counted as failed" in problem.message
+
+    def tag(frame):
+        return frame.with_columns(data_source=pl.lit(run.name))
+
+    table = build_scores(
+        files=tag(records.files),
+        records=tag(records.records),
+        runs=pl.DataFrame({"data_source": [run.name], "llm_explainer": ["E"], "llm_scorer": ["S"]}),
+    )
+    scores = dict(table.select("feature_id", "score").rows())
+    assert scores[1] == pytest.approx((0.5 + 0.2 + 1.25) / 3)  # as the study computes it
+    assert scores[2] == pytest.approx(0.4)

@@ -26,7 +26,16 @@ from starlette.datastructures import QueryParams
 
 from sae_atlas import metrics, pages
 from sae_atlas.atlas import Atlas, FeatureNotFound, QueryError
-from sae_atlas.queries import FeatureQuery, PlotQuery, feature_query_model, plot_query_model, without_blanks
+from sae_atlas.queries import (
+    CompareQuery,
+    FeatureQuery,
+    PlotQuery,
+    compare_query_model,
+    feature_query_model,
+    plot_query_model,
+    without_blanks,
+)
+from sae_atlas.web.charts import comparison_charts, histogram_svg_data, scatter_svg_data, short_name
 
 HERE = Path(__file__).parent
 PAGE_SIZES = (25, 50, 100, 250, 500)
@@ -42,11 +51,6 @@ def shown_metrics(query: FeatureQuery) -> list[metrics.Metric]:
     """The metric columns of the table: the headline ones, and any other it is sorted or filtered by."""
     wanted = {query.sort, *query.filters()}
     return [metric for metric in metrics.METRICS if metric.headline or metric.name in wanted]
-
-
-def short_name(name: str) -> str:
-    """A model name without its organisation."""
-    return str(name).rsplit("/", 1)[-1]
 
 
 def colour(value: float | None, low: float = 0.0, high: float = 1.0) -> str:
@@ -67,85 +71,6 @@ def token_style(value: float, peak: float) -> str:
 def metric_range(metric: str) -> tuple[float, float]:
     """The range of a metric's colour scale (chance level → perfect)."""
     return metrics.BY_NAME[metric].range
-
-
-def _axis(low: float, high: float, ticks: int = 5) -> list[float]:
-    return [low + (high - low) * step / (ticks - 1) for step in range(ticks)]
-
-
-def histogram_svg_data(histogram: dict, width: int = 640, height: int = 260) -> dict:
-    """Bar geometry for a histogram dictionary (as returned by ``Atlas.histogram``)."""
-    counts = histogram["counts"]
-    edges = histogram["edges"]
-    tallest = max(counts) if counts and max(counts) > 0 else 1
-    plot_width, plot_height = width - 80, height - 50  # room for the axis labels on both sides
-    bar_width = plot_width / max(len(counts), 1)
-    bars = []
-    for index, count in enumerate(counts):
-        bar_height = plot_height * count / tallest
-        bars.append(
-            {
-                "x": 50 + index * bar_width,
-                "y": 10 + plot_height - bar_height,
-                "width": max(bar_width - 1, 1),
-                "height": bar_height,
-                "count": count,
-                "low": edges[index],
-                "high": edges[index + 1],
-            }
-        )
-    return {
-        "width": width,
-        "height": height,
-        "bars": bars,
-        "x_ticks": [
-            {"x": 50 + plot_width * step / 4, "label": f"{value:.2f}"}
-            for step, value in enumerate(_axis(edges[0], edges[-1]))
-        ],
-        "y_ticks": [
-            {"y": 10 + plot_height - plot_height * step / 4, "label": f"{value:.0f}"}
-            for step, value in enumerate(_axis(0, tallest))
-        ],
-        "baseline": 10 + plot_height,
-    }
-
-
-def scatter_svg_data(scatter: dict, width: int = 640, height: int = 420) -> dict:
-    """Point geometry for the scatter data of :func:`sae_atlas.pages.scatter`."""
-    points = scatter["points"]
-    xs = [point["x"] for point in points]
-    ys = [point["y"] for point in points]
-    x_low, x_high = (min(xs), max(xs)) if xs else (0.0, 1.0)
-    y_low, y_high = (min(ys), max(ys)) if ys else (0.0, 1.0)
-    x_high, y_high = (x_high if x_high > x_low else x_low + 1.0), (y_high if y_high > y_low else y_low + 1.0)
-    # a margin of 3 % so that no point sits on an axis
-    x_pad, y_pad = 0.03 * (x_high - x_low), 0.03 * (y_high - y_low)
-    x_low, x_high, y_low, y_high = x_low - x_pad, x_high + x_pad, y_low - y_pad, y_high + y_pad
-    plot_width, plot_height = width - 95, height - 50
-    return {
-        "width": width,
-        "height": height,
-        "points": [
-            {
-                **point,
-                "cx": 60 + plot_width * (point["x"] - x_low) / (x_high - x_low),
-                "cy": 10 + plot_height - plot_height * (point["y"] - y_low) / (y_high - y_low),
-            }
-            for point in points
-        ],
-        "total": scatter["total"],
-        "shown": scatter["shown"],
-        "correlation": scatter["correlation"],
-        "x_ticks": [
-            {"x": 60 + plot_width * step / 4, "label": f"{value:.2f}"}
-            for step, value in enumerate(_axis(x_low, x_high))
-        ],
-        "y_ticks": [
-            {"y": 10 + plot_height - plot_height * step / 4, "label": f"{value:.2f}"}
-            for step, value in enumerate(_axis(y_low, y_high))
-        ],
-        "baseline": 10 + plot_height,
-    }
 
 
 def twin_link(path: str, query: str = "") -> str | None:
@@ -209,7 +134,7 @@ def highlighted_tokens(shown: list[str], activations: list[float], peak: float, 
     return Markup("".join(parts))
 
 
-FORM_PAGES = ("/", "/plots")
+FORM_PAGES = ("/", "/plots", "/compare")
 HTML = {"content": {"text/html": {}}}
 PAGE_RESPONSES = {200: {**HTML, "description": "the page"}, 422: {**HTML, "description": "invalid parameters"}}
 MAX_FEATURE_ID = 2**32 - 1
@@ -223,6 +148,7 @@ def mount_browser(app: FastAPI, atlas: Atlas) -> None:
     """
     TableQuery = feature_query_model(atlas.explainers, atlas.scorers)
     PlotsQuery = plot_query_model(atlas.explainers, atlas.scorers)
+    ComparisonQuery = compare_query_model()
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     templates.env.globals.update(
         short_name=short_name,
@@ -235,6 +161,7 @@ def mount_browser(app: FastAPI, atlas: Atlas) -> None:
         HEADLINE=metrics.HEADLINE,
         SCORE_METRICS=metrics.SCORE_METRICS,
         HEADLINE_SCORE_METRICS=metrics.HEADLINE_SCORE_METRICS,
+        feature_link=lambda feature_id: f"/features/{feature_id}",
         label_of=lambda name: metrics.BY_NAME[name].label,
         description_of=lambda name: metrics.BY_NAME[name].description,
         sae_id=atlas.sae_id,
@@ -305,12 +232,25 @@ def mount_browser(app: FastAPI, atlas: Atlas) -> None:
             scatter=scatter_svg_data(data["scatter"]),
         )
 
+    def compare_page(request: Request, query: CompareQuery, error: str | None = None) -> HTMLResponse:
+        data = pages.compare(atlas, query)
+        return page(
+            request,
+            "compare.html",
+            status_code=422 if error else 200,
+            error=error,
+            data=data,
+            charts=comparison_charts(data),
+        )
+
     def invalid_page(request: Request, message: str) -> HTMLResponse:
         """The page asked for, with its default view and the message (422)."""
         if request.url.path == "/":
             return index_page(request, TableQuery(), message)
         if request.url.path == "/plots":
             return plots_page(request, PlotsQuery(), message)
+        if request.url.path == "/compare":
+            return compare_page(request, ComparisonQuery(), message)
         return page(request, "missing.html", status_code=422, feature_id=None, error=message)
 
     app.state.invalid_page = invalid_page
@@ -360,6 +300,14 @@ def mount_browser(app: FastAPI, atlas: Atlas) -> None:
                 and any(row[metric.name] is not None for item in record["explanations"] for row in item["metrics"])
             ],
         )
+
+    @app.get("/compare", response_class=HTMLResponse, tags=["pages"], responses=PAGE_RESPONSES)
+    def compare(request: Request, query: Annotated[ComparisonQuery, Query()]):
+        """Explainers and scorers compared, with uncertainty (JSON twin: ``/api/compare``)."""
+        try:
+            return compare_page(request, query)
+        except QueryError as problem:
+            return compare_page(request, ComparisonQuery(), str(problem))
 
     @app.get("/plots", response_class=HTMLResponse, tags=["pages"], responses=PAGE_RESPONSES)
     def plots(request: Request, query: Annotated[PlotsQuery, Query()]):

@@ -1,0 +1,394 @@
+"""Which explainer writes better explanations, and how far each scorer can be trusted: study
+statistics with their uncertainty.
+
+Everything here is a pure function over the tables an output directory holds (per-latent scores,
+explanation agreement, run settings), vectorised over explainers, scorers and metrics:
+
+- **summary**: per explainer × scorer × metric, the latents scored, mean, median, the
+  frequency-weighted mean (delphi weights F1 by firing count) and a percentile bootstrap CI of
+  the mean, resampling latents (all of an explainer's metrics share one set of resamples: one
+  matrix product gives every mean);
+- **paired differences** between every two explainers on the latents both explained: mean
+  difference, paired bootstrap CI, Wilcoxon signed-rank p (SciPy) with Holm's correction over all
+  the pairs compared, and win / tie / loss counts;
+- **scorer agreement**: Spearman and Kendall (tau-b, ties handled) correlation of two scorers'
+  scores of the same explanations, the overlap of their top deciles, and the RV coefficient of
+  their score profiles (all metrics at once);
+- **explainer agreement**: the distribution of the semantic similarity of two explainers'
+  explanations of the same latent, its rank correlation with the latent's scores, and the latents
+  where they disagree most;
+- **comparability**: the run_config settings that change scores, per run, and a warning wherever
+  compared runs differ.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import polars as pl
+
+DEFAULT_RESAMPLES = 2000
+DEFAULT_SEED = 0
+DISAGREEMENTS = 20
+# run_config fields that differ between compared runs by design
+EXPECTED_TO_DIFFER = frozenset({"explainer_model"})
+
+
+# -- the statistics ---------------------------------------------------------------------------------
+
+
+def resample_counts(n: int, resamples: int, rng: np.random.Generator) -> np.ndarray:
+    """How often each of ``n`` items is drawn in each of ``resamples`` bootstrap samples
+    ([resamples, n] float32): the draws are ``rng.integers(0, n, (resamples, n))``."""
+    draws = rng.integers(0, n, size=(resamples, n))
+    flat = draws + np.arange(resamples)[:, None] * n
+    return np.bincount(flat.ravel(), minlength=resamples * n).reshape(resamples, n).astype(np.float32)
+
+
+def bootstrap_means(values: np.ndarray, counts: np.ndarray, confidence: float) -> tuple[np.ndarray, np.ndarray]:
+    """Percentile-bootstrap CI of the mean of each column of ``values`` [n, g] (NaN = missing,
+    left out of that column's mean), from shared resample ``counts`` [B, n]: (low, high) [g]."""
+    present = ~np.isnan(values)
+    sums = counts @ np.where(present, values, 0.0).astype(np.float64)
+    weights = counts @ present.astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        means = sums / weights
+    tail = (1 - confidence) / 2 * 100
+    low = np.full(values.shape[1], np.nan)
+    high = np.full(values.shape[1], np.nan)
+    for column in range(values.shape[1]):
+        finite = means[:, column][np.isfinite(means[:, column])]
+        if len(finite):
+            low[column], high[column] = np.percentile(finite, [tail, 100 - tail])
+    return low, high
+
+
+def holm(p_values: list[float | None]) -> list[float | None]:
+    """Holm's step-down adjustment of ``p_values`` (None stays None): the k-th smallest of m is
+    multiplied by m − k + 1, then made monotone."""
+    indexed = sorted((p, index) for index, p in enumerate(p_values) if p is not None and not math.isnan(p))
+    adjusted: list[float | None] = [None] * len(p_values)
+    running = 0.0
+    for rank, (p, index) in enumerate(indexed):
+        running = max(running, min(1.0, (len(indexed) - rank) * p))
+        adjusted[index] = running
+    return adjusted
+
+
+def wilcoxon(differences: np.ndarray) -> float | None:
+    """Two-sided Wilcoxon signed-rank p of paired ``differences`` (zeros dropped, SciPy's default);
+    None when no difference is non-zero."""
+    from scipy import stats
+
+    nonzero = differences[differences != 0]
+    if len(nonzero) == 0:
+        return None
+    return float(stats.wilcoxon(nonzero).pvalue)
+
+
+def rv_coefficient(first: np.ndarray, second: np.ndarray) -> float | None:
+    """The RV coefficient of two configurations of the same n items ([n, p] and [n, q]): the
+    matrix correlation tr(XX'YY') / sqrt(tr(XX'XX') tr(YY'YY')) of the column-centred matrices,
+    computed through the p × q cross-products (never n × n)."""
+    x = first - first.mean(axis=0)
+    y = second - second.mean(axis=0)
+    cross = np.linalg.norm(x.T @ y) ** 2
+    scale = np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y)
+    return float(cross / scale) if scale > 0 else None
+
+
+def top_decile_overlap(first: np.ndarray, second: np.ndarray) -> float | None:
+    """Share of the top 10 % of items by ``first`` that are also in the top 10 % by ``second``
+    (ties broken by item order)."""
+    k = math.ceil(0.1 * len(first))
+    if k == 0:
+        return None
+    order = np.arange(len(first))
+    top_first = set(np.lexsort((order, -first))[:k].tolist())
+    top_second = set(np.lexsort((order, -second))[:k].tolist())
+    return len(top_first & top_second) / k
+
+
+def rank_correlations(first: np.ndarray, second: np.ndarray) -> tuple[float | None, float | None]:
+    """(Spearman rho, Kendall tau-b), None where undefined (fewer than 3 items, or a constant)."""
+    from scipy import stats
+
+    if len(first) < 3 or np.ptp(first) == 0 or np.ptp(second) == 0:
+        return None, None
+    return float(stats.spearmanr(first, second).statistic), float(stats.kendalltau(first, second).statistic)
+
+
+def _number(value) -> float | None:
+    return None if value is None or not np.isfinite(value) else float(value)
+
+
+# -- the comparison of one output -------------------------------------------------------------------
+
+
+def wide_scores(scores: pl.DataFrame, metrics: list[str]) -> pl.DataFrame:
+    """One row per (feature, explainer), one ``<scorer>|<metric>`` column per scorer and metric."""
+    long = scores.unpivot(index=["feature_id", "explainer", "scorer"], on=metrics, variable_name="metric")
+    return long.with_columns(column=pl.col("scorer") + "|" + pl.col("metric")).pivot(
+        "column", index=["feature_id", "explainer"], values="value", aggregate_function="first"
+    )
+
+
+def summary(
+    scores: pl.DataFrame,
+    metrics: list[str],
+    explainers: list[str],
+    scorers: list[str],
+    *,
+    resamples: int,
+    seed: int,
+    confidence: float,
+    weights: pl.DataFrame | None = None,
+) -> list[dict]:
+    """Per explainer × scorer × metric: latents, mean, median, weighted mean, bootstrap CI."""
+    wide = wide_scores(scores, metrics)
+    columns = [f"{scorer}|{metric}" for scorer in scorers for metric in metrics]
+    rows = []
+    for index, explainer in enumerate(explainers):
+        mine = wide.filter(pl.col("explainer") == explainer).sort("feature_id")
+        if mine.is_empty():
+            continue
+        values = np.column_stack(
+            [
+                mine[column].cast(pl.Float64).fill_null(np.nan).to_numpy()
+                if column in mine.columns
+                else np.full(mine.height, np.nan)
+                for column in columns
+            ]
+        )
+        counts = resample_counts(mine.height, resamples, np.random.default_rng([seed, index]))
+        low, high = bootstrap_means(values, counts, confidence)
+        frequency = None
+        if weights is not None:
+            frequency = (
+                mine.select("feature_id").join(weights, on="feature_id", how="left")["weight"].fill_null(0).to_numpy()
+            )
+        for column_index, column in enumerate(columns):
+            scorer, metric = column.split("|", 1)
+            present = ~np.isnan(values[:, column_index])
+            chosen = values[present, column_index]
+            if not len(chosen):
+                continue
+            weighted = None
+            if frequency is not None and frequency[present].sum() > 0:
+                weighted = float(np.average(chosen, weights=frequency[present]))
+            rows.append(
+                {
+                    "explainer": explainer,
+                    "scorer": scorer,
+                    "metric": metric,
+                    "latents": len(chosen),
+                    "mean": float(chosen.mean()),
+                    "median": float(np.median(chosen)),
+                    "ci_low": _number(low[column_index]),
+                    "ci_high": _number(high[column_index]),
+                    "weighted_mean": weighted,
+                }
+            )
+    return rows
+
+
+def paired_differences(
+    scores: pl.DataFrame,
+    metrics: list[str],
+    explainers: list[str],
+    scorers: list[str],
+    *,
+    resamples: int,
+    seed: int,
+    confidence: float,
+) -> list[dict]:
+    """Every two explainers on the latents both explained, per scorer × metric: mean difference
+    (first − second), paired bootstrap CI, Wilcoxon p (Holm-adjusted over every row), win / tie /
+    loss counts of the first against the second."""
+    wide = wide_scores(scores, metrics)
+    columns = [f"{scorer}|{metric}" for scorer in scorers for metric in metrics]
+    rows = []
+    for index, (first, second) in enumerate(itertools.combinations(explainers, 2)):
+        left = wide.filter(pl.col("explainer") == first).drop("explainer")
+        right = wide.filter(pl.col("explainer") == second).drop("explainer")
+        both = left.join(right, on="feature_id", suffix="#second").sort("feature_id")
+        if both.is_empty():
+            continue
+
+        def column_values(name: str, frame: pl.DataFrame = both) -> np.ndarray:
+            if name not in frame.columns:
+                return np.full(frame.height, np.nan)
+            return frame[name].cast(pl.Float64).fill_null(np.nan).to_numpy()
+
+        differences = np.column_stack([column_values(column) - column_values(f"{column}#second") for column in columns])
+        counts = resample_counts(both.height, resamples, np.random.default_rng([seed, 1000 + index]))
+        low, high = bootstrap_means(differences, counts, confidence)
+        for column_index, column in enumerate(columns):
+            scorer, metric = column.split("|", 1)
+            difference = differences[:, column_index]
+            difference = difference[~np.isnan(difference)]
+            if not len(difference):
+                continue
+            rows.append(
+                {
+                    "first": first,
+                    "second": second,
+                    "scorer": scorer,
+                    "metric": metric,
+                    "latents": len(difference),
+                    "mean_difference": float(difference.mean()),
+                    "ci_low": _number(low[column_index]),
+                    "ci_high": _number(high[column_index]),
+                    "wilcoxon_p": wilcoxon(difference),
+                    "wins": int((difference > 0).sum()),
+                    "ties": int((difference == 0).sum()),
+                    "losses": int((difference < 0).sum()),
+                }
+            )
+    for row, adjusted in zip(rows, holm([row["wilcoxon_p"] for row in rows]), strict=True):
+        row["holm_p"] = adjusted
+    return rows
+
+
+def scorer_agreement(scores: pl.DataFrame, metrics: list[str], scorers: list[str]) -> list[dict]:
+    """Every two scorers over the explanations both scored: per metric, Spearman, Kendall and the
+    top-decile overlap; per pair, the RV coefficient of their score profiles over the metrics."""
+    rows = []
+    keys = ["feature_id", "explainer"]
+    for first, second in itertools.combinations(scorers, 2):
+        left = scores.filter(pl.col("scorer") == first).select(*keys, *metrics)
+        right = scores.filter(pl.col("scorer") == second).select(*keys, *metrics)
+        both = left.join(right, on=keys, suffix="#second")
+        if both.is_empty():
+            continue
+        profile_metrics = [
+            metric
+            for metric in metrics
+            if both[metric].null_count() < both.height and both[f"{metric}#second"].null_count() < both.height
+        ]
+        complete = both.drop_nulls([*profile_metrics, *(f"{m}#second" for m in profile_metrics)])
+        rv = None
+        if profile_metrics and complete.height > 2:
+            rv = rv_coefficient(
+                complete.select(profile_metrics).to_numpy().astype(np.float64),
+                complete.select(f"{m}#second" for m in profile_metrics).to_numpy().astype(np.float64),
+            )
+        for metric in metrics:
+            pairs = both.select(metric, f"{metric}#second").drop_nulls()
+            if pairs.height == 0:
+                continue
+            a, b = (pairs[name].cast(pl.Float64).to_numpy() for name in pairs.columns)
+            spearman, kendall = rank_correlations(a, b)
+            rows.append(
+                {
+                    "first": first,
+                    "second": second,
+                    "metric": metric,
+                    "explanations": pairs.height,
+                    "spearman": spearman,
+                    "kendall": kendall,
+                    "top_decile_overlap": top_decile_overlap(a, b),
+                    "rv": rv,
+                    "rv_metrics": profile_metrics,
+                }
+            )
+    return rows
+
+
+def explainer_agreement(
+    similarity: pl.DataFrame, scores: pl.DataFrame, texts: pl.DataFrame, metrics: list[str], explainers: list[str]
+) -> list[dict]:
+    """Every two explainers: the distribution of the cosine of their explanations of the same
+    latent, its Spearman correlation with the latent's mean score on each metric (both explainers,
+    all scorers), and the latents where they disagree most.
+
+    ``similarity``: feature_id, explainer, other, cosine; ``texts``: feature_id, explainer,
+    explanation_text.
+    """
+    per_feature = scores.group_by("feature_id", "explainer").agg(pl.col(metrics).mean())
+    rows = []
+    for first, second in itertools.combinations(explainers, 2):
+        pair = (
+            similarity.filter((pl.col("explainer") == first) & (pl.col("other") == second))
+            .drop_nulls("cosine")
+            .select("feature_id", "cosine")
+            .sort("feature_id")
+        )
+        if pair.is_empty():
+            continue
+        cosines = pair["cosine"].cast(pl.Float64).to_numpy()
+        quartiles = np.percentile(cosines, [0, 25, 50, 75, 100])
+        both = (
+            per_feature.filter(pl.col("explainer").is_in([first, second]))
+            .group_by("feature_id")
+            .agg(pl.col(metrics).mean())
+        )
+        joined = pair.join(both, on="feature_id", how="left")
+        correlations = {}
+        for metric in metrics:
+            valid = joined.select("cosine", metric).drop_nulls()
+            spearman, _ = rank_correlations(
+                valid["cosine"].cast(pl.Float64).to_numpy(), valid[metric].cast(pl.Float64).to_numpy()
+            )
+            correlations[metric] = spearman
+        lowest = pair.sort(["cosine", "feature_id"]).head(DISAGREEMENTS)
+        first_texts = texts.filter(pl.col("explainer") == first).select("feature_id", first_text="explanation_text")
+        second_texts = texts.filter(pl.col("explainer") == second).select("feature_id", second_text="explanation_text")
+        disagreements = (
+            lowest.join(first_texts, on="feature_id", how="left")
+            .join(second_texts, on="feature_id", how="left")
+            .sort(["cosine", "feature_id"])
+        )
+        rows.append(
+            {
+                "first": first,
+                "second": second,
+                "latents": pair.height,
+                "mean": float(cosines.mean()),
+                "min": float(quartiles[0]),
+                "q1": float(quartiles[1]),
+                "median": float(quartiles[2]),
+                "q3": float(quartiles[3]),
+                "max": float(quartiles[4]),
+                "correlation_with_scores": correlations,
+                "disagreements": [
+                    {
+                        "feature_id": int(feature),
+                        "cosine": float(cosine),
+                        "first_text": first_text,
+                        "second_text": second_text,
+                    }
+                    for feature, cosine, first_text, second_text in disagreements.rows()
+                ],
+            }
+        )
+    return rows
+
+
+def comparability(settings: dict[str, dict], runs: list[dict]) -> dict:
+    """The score-relevant settings of each run and a warning per setting on which compared runs
+    differ (``runs``: data_source, explainer, scorer)."""
+    keys = sorted({key for values in settings.values() for key in values})
+    warnings = []
+    unrecorded = []
+    for key in keys:
+        values = {run["data_source"]: settings.get(run["data_source"], {}).get(key) for run in runs}
+        known = {source: value for source, value in values.items() if value is not None}
+        if not known:
+            unrecorded.append(key)
+            continue
+        if key in EXPECTED_TO_DIFFER:
+            continue
+        distinct = {repr(value) for value in known.values()}
+        if len(distinct) > 1 or len(known) < len(values):
+            described = ", ".join(
+                f"{source}: {'not recorded' if value is None else value}" for source, value in values.items()
+            )
+            warnings.append({"setting": key, "message": f"{key} differs between compared runs ({described})"})
+    return {
+        "runs": [{**run, "settings": settings.get(run["data_source"], {})} for run in runs],
+        "warnings": warnings,
+        "not_recorded": unrecorded,
+    }

@@ -1,0 +1,229 @@
+"""``sae-atlas report``: the comparison of explainers and scorers as one file to keep or share.
+
+HTML: self-contained (the stylesheet inlined, plots as inline SVG, no script, nothing fetched), with
+the comparison drawn as on the ``/compare`` page, each score metric's distribution per explainer,
+and the run's provenance (config, input fingerprints, versions, each delphi run's settings).
+Markdown: the same numbers as tables, for a paper's appendix.
+"""
+
+from __future__ import annotations
+
+import platform
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+
+from sae_atlas import __version__, layout, metrics
+from sae_atlas.atlas import Atlas
+from sae_atlas.web import HERE, colour
+from sae_atlas.web.charts import comparison_charts, histogram_svg_data, short_name
+
+FORMATS = ("html", "md")
+PACKAGES = ("polars", "pyarrow", "numpy", "scipy", "sentence-transformers", "torch")
+
+
+def provenance(atlas: Atlas) -> dict:
+    """Where the numbers come from: versions, the config, and each output's fingerprint and time."""
+    outputs = []
+    config = None
+    for name in (*layout.MASTER_FILES, layout.SCORES, layout.DECODER_SIMILARITY):
+        sidecar = layout.read_sidecar(atlas.output_dir / name)
+        if not sidecar:
+            continue
+        config = config or sidecar.get("config")
+        outputs.append(
+            {
+                "file": name,
+                "rows": sidecar.get("rows"),
+                "created_at": sidecar.get("created_at"),
+                "stage": sidecar.get("stage"),
+                "stage_version": sidecar.get("stage_version"),
+                "fingerprint": sidecar.get("fingerprint"),
+                "seconds": (sidecar.get("timing") or {}).get("seconds"),
+            }
+        )
+    versions = {"sae-atlas": __version__, "python": platform.python_version()}
+    for package in PACKAGES:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    return {"versions": versions, "config": config, "outputs": outputs}
+
+
+def distributions(atlas: Atlas, metric_names: list[str], bins: int = 20) -> dict[str, list[dict]]:
+    """Per metric, the histogram of each explainer's values (mean over scorers)."""
+    return {
+        metric: [
+            {"explainer": explainer, "svg": histogram_svg_data(histogram, width=360, height=180), **histogram}
+            for explainer in atlas.explainers
+            if (histogram := atlas.histogram(metric, bins, explainer=explainer))["count"]
+        ]
+        for metric in metric_names
+    }
+
+
+def _environment() -> Environment:
+    environment = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape())
+    environment.globals.update(
+        short_name=short_name,
+        colour=colour,
+        label_of=lambda name: metrics.BY_NAME[name].label,
+        description_of=lambda name: metrics.BY_NAME[name].description,
+        feature_link=lambda feature_id: None,  # no server behind a file
+        SCORE_METRICS=metrics.SCORE_METRICS,
+    )
+    return environment
+
+
+def render_html(atlas: Atlas, comparison: dict) -> str:
+    """The report as one HTML document."""
+    return (
+        _environment()
+        .get_template("report.html")
+        .render(
+            data=comparison,
+            charts=comparison_charts(comparison),
+            distributions=distributions(atlas, comparison["settings"]["metrics"]),
+            provenance=provenance(atlas),
+            stylesheet=(HERE / "static" / "style.css").read_text(encoding="utf-8"),
+            sae_id=atlas.sae_id,
+            generated_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        )
+    )
+
+
+def _cell(value, digits: int = 3) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    return [
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+        *("| " + " | ".join(_cell(value) for value in row) + " |" for row in rows),
+        "",
+    ]
+
+
+def render_markdown(atlas: Atlas, comparison: dict) -> str:
+    """The report's numbers as Markdown tables."""
+    settings = comparison["settings"]
+    lines = [
+        f"# Explainers and scorers compared: {atlas.sae_id}",
+        "",
+        f"{len(comparison['explainers'])} explainers, {len(comparison['scorers'])} scorers. Means over latents with "
+        f"{settings['confidence']:.0%} percentile-bootstrap intervals ({settings['resamples']:,} resamples, seed "
+        f"{settings['seed']}); paired differences on the latents both explainers explained, Wilcoxon signed-rank "
+        f"p with Holm's correction over {settings['holm_family']}. sae-atlas {__version__}.",
+        "",
+        "## Comparability",
+        "",
+        *(
+            [f"- **Warning**: {warning['message']}" for warning in comparison["comparability"]["warnings"]]
+            or ["The runs agree on every recorded setting that changes scores."]
+        ),
+        "",
+    ]
+    for metric in settings["metrics"]:
+        lines += [f"## {metrics.BY_NAME[metric].label}", "", metrics.BY_NAME[metric].description, ""]
+        lines += _table(
+            ["explainer", "scorer", "latents", "mean", "median", "interval", "weighted mean"],
+            [
+                [
+                    short_name(row["explainer"]),
+                    short_name(row["scorer"]),
+                    row["latents"],
+                    row["mean"],
+                    row["median"],
+                    f"[{_cell(row['ci_low'])}, {_cell(row['ci_high'])}]",
+                    row["weighted_mean"],
+                ]
+                for row in comparison["summary"]
+                if row["metric"] == metric
+            ],
+        )
+        paired = [row for row in comparison["paired"] if row["metric"] == metric]
+        if paired:
+            lines += ["Paired differences (first − second):", ""]
+            lines += _table(
+                ["first", "second", "scorer", "latents", "difference", "interval", "Wilcoxon p", "Holm p", "W/T/L"],
+                [
+                    [
+                        short_name(row["first"]),
+                        short_name(row["second"]),
+                        short_name(row["scorer"]),
+                        row["latents"],
+                        row["mean_difference"],
+                        f"[{_cell(row['ci_low'])}, {_cell(row['ci_high'])}]",
+                        row["wilcoxon_p"],
+                        row["holm_p"],
+                        f"{row['wins']}/{row['ties']}/{row['losses']}",
+                    ]
+                    for row in paired
+                ],
+            )
+        agreement = [row for row in comparison["scorer_agreement"] if row["metric"] == metric]
+        if agreement:
+            lines += ["Scorer agreement:", ""]
+            lines += _table(
+                ["scorers", "explanations", "Spearman", "Kendall τ-b", "top-decile overlap", "RV"],
+                [
+                    [
+                        f"{short_name(row['first'])} · {short_name(row['second'])}",
+                        row["explanations"],
+                        row["spearman"],
+                        row["kendall"],
+                        row["top_decile_overlap"],
+                        row["rv"],
+                    ]
+                    for row in agreement
+                ],
+            )
+    lines += ["## Explainer agreement", ""]
+    for pair in comparison["explainer_agreement"]:
+        correlation = ", ".join(
+            f"{metrics.BY_NAME[name].label} {_cell(value, 2)}"
+            for name, value in pair["correlation_with_scores"].items()
+        )
+        lines += [
+            f"**{short_name(pair['first'])} and {short_name(pair['second'])}**: {pair['latents']:,} latents, cosine "
+            f"mean {_cell(pair['mean'])}, quartiles {_cell(pair['q1'])} / {_cell(pair['median'])} / "
+            f"{_cell(pair['q3'])}; Spearman with the score: {correlation}.",
+            "",
+        ]
+    details = provenance(atlas)
+    lines += ["## Provenance", ""]
+    lines += _table(["package", "version"], [[name, version] for name, version in details["versions"].items()])
+    lines += _table(
+        ["output", "rows", "stage version", "fingerprint", "created"],
+        [
+            [item["file"], item["rows"], item["stage_version"], item["fingerprint"], item["created_at"]]
+            for item in details["outputs"]
+        ],
+    )
+    lines += _table(
+        ["run", "explainer", "scorer", "settings"],
+        [
+            [
+                run["data_source"],
+                short_name(run["explainer"]),
+                short_name(run["scorer"]),
+                ", ".join(f"{key}={value}" for key, value in run["settings"].items() if value is not None),
+            ]
+            for run in comparison["comparability"]["runs"]
+        ],
+    )
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_report(atlas: Atlas, comparison: dict, path: Path, format: str) -> None:
+    """Write the report in ``format`` ("html" or "md") to ``path`` (atomically)."""
+    text = render_html(atlas, comparison) if format == "html" else render_markdown(atlas, comparison)
+    layout.write_atomic_bytes(Path(path), text.encode("utf-8"))
