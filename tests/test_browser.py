@@ -220,3 +220,37 @@ def test_plots_histogram_and_clickable_scatter(page, base_url):
 def test_unknown_feature_page(page, base_url):
     response = page.goto(base_url + "/features/999999")
     assert response.status == 404 and "not found" in page.locator("h1").inner_text()
+
+
+def test_compare_page_draws_intervals_differences_and_agreement(page, base_url, small_run):
+    import polars as pl
+
+    page.goto(base_url + "/compare?resamples=500")
+    scores = pl.read_parquet(small_run[0].output_dir / "stages/scores.parquet")
+    explainers, scorers = scores["llm_explainer"].n_unique(), scores["llm_scorer"].n_unique()
+    fuzz = page.locator("section.metric", has=page.locator("h2#metric-fuzz"))
+    # one interval per explainer × scorer, one paired difference per pair of explainers × scorer
+    assert fuzz.locator("svg.forest").first.locator("g.forest-row").count() == explainers * scorers
+    pairs = explainers * (explainers - 1) // 2
+    assert fuzz.locator("table.paired tbody tr").count() == pairs * scorers
+    assert fuzz.locator("table.heatmap tbody tr").count() == scorers
+    assert page.locator("#comparability-title").is_visible()
+    unlabelled = page.evaluate("""() => Array.from(document.querySelectorAll('input:not([type=hidden])'))
+        .filter(element => !(element.labels && element.labels.length)).map(element => element.name)""")
+    assert unlabelled == []
+    assert fits_the_viewport(page)
+    screenshot(page, "compare")
+
+    # choose one metric and fewer resamples: the page and its URL follow
+    for box in page.locator("input[name=metric]").all():
+        box.uncheck()
+    page.check("input[name=metric][value=detection]")
+    with page.expect_navigation():
+        page.click(".compare-form button[type=submit]")
+    assert "metric=detection" in page.url and page.locator("section.metric").count() == 1
+    # a disagreement links to its feature
+    link = page.locator("table.disagreements a").first
+    target = link.get_attribute("href")
+    with page.expect_navigation():
+        link.click()
+    assert page.url.endswith(target) and re.search(r"/features/\d+$", page.url)

@@ -104,3 +104,45 @@ def test_lookups_show_search_sql(small_run):
     assert rows == [{"n": pl.read_parquet(outputs / "features.parquet").height}]
     result = invoke("sql", outputs, "DROP VIEW features")
     assert result.exit_code == 1 and "only a single SELECT" in result.output
+
+
+@pytest.mark.parametrize("command", ["compare", "report"])
+def test_the_comparison_commands_have_help(command):
+    result = invoke(command, "--help")
+    assert result.exit_code == 0 and "Usage" in result.output
+
+
+def test_compare_and_report(small_run, tmp_path):
+    import orjson
+
+    output = small_run[0].output_dir
+    result = invoke("compare", output, "--metric", "detection", "--resamples", 200, "--json")
+    assert result.exit_code == 0, result.output
+    data = orjson.loads(result.stdout)
+    assert data["settings"]["metrics"] == ["detection"] and data["settings"]["resamples"] == 200
+    assert {row["metric"] for row in data["summary"]} == {"detection"} and data["paired"]
+    table = invoke("compare", output, "--metric", "fuzz", "--resamples", 200)
+    assert table.exit_code == 0 and "bootstrap interval" in table.output and "paired differences" in table.output
+
+    html = tmp_path / "report.html"
+    assert invoke("report", output, "-o", html, "--resamples", 200).exit_code == 0
+    page = html.read_text()
+    # self-contained: the stylesheet inlined, plots as inline SVG, no script, nothing to fetch
+    assert "<style>" in page and "<svg" in page and "<script" not in page
+    assert "http://" not in page and "https://" not in page and "/static/" not in page
+    assert "Provenance" in page and "Score distributions" in page
+    markdown = tmp_path / "report.md"
+    assert invoke("report", output, "-o", markdown, "--resamples", 200).exit_code == 0
+    text = markdown.read_text()
+    assert text.startswith("# Explainers and scorers compared") and "| explainer | scorer |" in text
+
+    refused = invoke("compare", output, "--metric", "nonsense")
+    assert refused.exit_code == 1 and "cannot compare 'nonsense'" in refused.output
+    assert invoke("report", output, "-o", tmp_path / "x.pdf", "--format", "pdf").exit_code == 1
+
+
+def test_synth_refuses_a_bad_explainer_quality(tmp_path):
+    result = invoke("synth", tmp_path / "c", "--explainers", 2, "--explainer-quality", "0.9")
+    assert result.exit_code == 1 and "gives 1 hit rates for 2 explainers" in result.output
+    result = invoke("synth", tmp_path / "c", "--explainers", 2, "--explainer-quality", "high,low")
+    assert result.exit_code == 1 and "is not a list of numbers" in result.output

@@ -45,6 +45,31 @@ EXPLANATION_COLUMNS = (
 EXPLANATION_FIELDS = ("explainer", *EXPLANATION_COLUMNS[1:])
 
 
+def score_columns(long: pl.DataFrame) -> pl.DataFrame:
+    """``stages/scores.parquet`` rows (one per feature × run × method) as one row per (feature,
+    explainer, scorer) with a column per score metric of the registry (null where the table has
+    no such column, e.g. an output of an earlier version)."""
+
+    def value(metric: metrics.Metric) -> pl.Expr:
+        if metric.column not in long.columns:
+            return pl.lit(None, pl.Float64).alias(metric.name)
+        chosen = pl.col(metric.column).cast(pl.Float64)
+        if metric.method is not None:
+            chosen = chosen.filter(pl.col("method") == metric.method)
+        return chosen.drop_nulls().first().alias(metric.name)
+
+    return (
+        long.with_columns(
+            pl.col("feature_id").cast(pl.Int64),
+            pl.col("llm_explainer").cast(pl.String).alias("explainer"),
+            pl.col("llm_scorer").cast(pl.String).alias("scorer"),
+            pl.col("method").cast(pl.String),
+        )
+        .group_by(["feature_id", "explainer", "scorer"], maintain_order=True)
+        .agg(value(metric) for metric in metrics.SCORE_METRICS)
+    )
+
+
 class FeatureNotFound(KeyError):
     """No output file knows this feature id."""
 
@@ -171,26 +196,8 @@ class Atlas:
             present = set(pq.read_schema(path).names)
             # An output of an earlier version lacks the newer columns: their metrics are null.
             columns = sorted({metric.column for metric in metrics.SCORE_METRICS} & present)
-            long = pl.read_parquet(path, columns=["feature_id", "llm_explainer", "llm_scorer", "method", *columns])
-
-            def value(metric: metrics.Metric) -> pl.Expr:
-                if metric.column not in present:
-                    return pl.lit(None, pl.Float64).alias(metric.name)
-                chosen = pl.col(metric.column).cast(pl.Float64)
-                if metric.method is not None:
-                    chosen = chosen.filter(pl.col("method") == metric.method)
-                return chosen.drop_nulls().first().alias(metric.name)
-
-            table = (
-                long.select(
-                    pl.col("feature_id").cast(pl.Int64),
-                    pl.col("llm_explainer").cast(pl.String).alias("explainer"),
-                    pl.col("llm_scorer").cast(pl.String).alias("scorer"),
-                    pl.col("method").cast(pl.String),
-                    *columns,
-                )
-                .group_by(keys, maintain_order=True)
-                .agg(value(metric) for metric in metrics.SCORE_METRICS)
+            table = score_columns(
+                pl.read_parquet(path, columns=["feature_id", "llm_explainer", "llm_scorer", "method", *columns])
             )
         else:
             table = (
@@ -585,7 +592,8 @@ class Atlas:
         if cached is not None:
             return cached
         scores = self._scores.select("feature_id", "explainer", "scorer", *chosen)
-        options = {"resamples": resamples, "seed": seed, "confidence": confidence}
+        wide = comparison.wide_scores(scores, chosen)
+        draws = comparison.Resamples(resamples, seed)
         firing = (
             self._scores.group_by("feature_id")
             .agg(weight=pl.col("firing_frequency").drop_nulls().first())
@@ -605,7 +613,9 @@ class Atlas:
         texts = self._rows.select("feature_id", explainer="llm_explainer", explanation_text="explanation_text")
         result = {
             "settings": {
-                **options,
+                "resamples": resamples,
+                "seed": seed,
+                "confidence": confidence,
                 "metrics": chosen,
                 "holm_family": "every paired row of this comparison",
                 "weights": "firing frequency" if firing.height else None,
@@ -614,9 +624,17 @@ class Atlas:
             "scorers": self.scorers,
             "metrics": {name: metrics.BY_NAME[name].description for name in chosen},
             "summary": comparison.summary(
-                scores, chosen, self.explainers, self.scorers, weights=firing if firing.height else None, **options
+                wide,
+                chosen,
+                self.explainers,
+                self.scorers,
+                resamples=draws,
+                confidence=confidence,
+                weights=firing if firing.height else None,
             ),
-            "paired": comparison.paired_differences(scores, chosen, self.explainers, self.scorers, **options),
+            "paired": comparison.paired_differences(
+                wide, chosen, self.explainers, self.scorers, resamples=draws, confidence=confidence
+            ),
             "scorer_agreement": comparison.scorer_agreement(scores, chosen, self.scorers),
             "explainer_agreement": comparison.explainer_agreement(similarity, scores, texts, chosen, self.explainers),
             "comparability": comparison.comparability(*self._run_settings()),

@@ -190,12 +190,32 @@ def synth(
         str, typer.Option(help="jsonl, delphi, or both (the same records in both formats).")
     ] = "jsonl",
     decoder_format: Annotated[str, typer.Option(help="npz, saelens or sparsify.")] = "npz",
+    explainer_quality: Annotated[
+        str | None,
+        typer.Option(help="Hit rate of each explainer, comma-separated (e.g. 0.9,0.7,0.7): a planted difference."),
+    ] = None,
 ) -> None:
     """Write a synthetic corpus in the real raw formats, with a ground truth and a ready config."""
     from sae_atlas.synth import SynthOptions, synthesize
 
+    quality = None
+    if explainer_quality:
+        try:
+            quality = tuple(float(part) for part in explainer_quality.split(","))
+        except ValueError:
+            raise CommandError(f"--explainer-quality {explainer_quality!r} is not a list of numbers") from None
     options = SynthOptions(
-        features, explained, explainers, scorers, prompts, ctx, d_model, seed, activation_format, decoder_format
+        features,
+        explained,
+        explainers,
+        scorers,
+        prompts,
+        ctx,
+        d_model,
+        seed,
+        activation_format,
+        decoder_format,
+        explainer_quality=quality,
     )
     started = time.perf_counter()
     result = synthesize(out, options, progress=lambda message: console.print(message, style="dim", markup=False))

@@ -6,8 +6,9 @@ explanation agreement, run settings), vectorised over explainers, scorers and me
 
 - **summary**: per explainer × scorer × metric, the latents scored, mean, median, the
   frequency-weighted mean (delphi weights F1 by firing count) and a percentile bootstrap CI of
-  the mean, resampling latents (all of an explainer's metrics share one set of resamples: one
-  matrix product gives every mean);
+  the mean, resampling latents. The resamples of n latents depend only on the seed and n
+  (:class:`Resamples`), so groups of the same size share them, and one matrix product gives the
+  means of every metric of a group;
 - **paired differences** between every two explainers on the latents both explained: mean
   difference, paired bootstrap CI, Wilcoxon signed-rank p (SciPy) with Holm's correction over all
   the pairs compared, and win / tie / loss counts;
@@ -47,12 +48,29 @@ def resample_counts(n: int, resamples: int, rng: np.random.Generator) -> np.ndar
     return np.bincount(flat.ravel(), minlength=resamples * n).reshape(resamples, n).astype(np.float32)
 
 
+class Resamples:
+    """Bootstrap resample counts by sample size, drawn once per size from ``[seed, n]``: a
+    comparison's result does not depend on which other groups it computes."""
+
+    def __init__(self, resamples: int, seed: int):
+        self.resamples = resamples
+        self.seed = seed
+        self._counts: dict[int, np.ndarray] = {}
+
+    def counts(self, n: int) -> np.ndarray:
+        if n not in self._counts:
+            self._counts[n] = resample_counts(n, self.resamples, np.random.default_rng([self.seed, n]))
+        return self._counts[n]
+
+
 def bootstrap_means(values: np.ndarray, counts: np.ndarray, confidence: float) -> tuple[np.ndarray, np.ndarray]:
     """Percentile-bootstrap CI of the mean of each column of ``values`` [n, g] (NaN = missing,
-    left out of that column's mean), from shared resample ``counts`` [B, n]: (low, high) [g]."""
+    left out of that column's mean), from shared resample ``counts`` [B, n]: (low, high) [g].
+    Sums and counts of every column come from one float32 matrix product."""
     present = ~np.isnan(values)
-    sums = counts @ np.where(present, values, 0.0).astype(np.float64)
-    weights = counts @ present.astype(np.float64)
+    stacked = np.concatenate([np.where(present, values, 0.0), present], axis=1).astype(np.float32)
+    totals = (counts @ stacked).astype(np.float64)
+    sums, weights = totals[:, : values.shape[1]], totals[:, values.shape[1] :]
     with np.errstate(invalid="ignore", divide="ignore"):
         means = sums / weights
     tail = (1 - confidence) / 2 * 100
@@ -136,21 +154,20 @@ def wide_scores(scores: pl.DataFrame, metrics: list[str]) -> pl.DataFrame:
 
 
 def summary(
-    scores: pl.DataFrame,
+    wide: pl.DataFrame,
     metrics: list[str],
     explainers: list[str],
     scorers: list[str],
     *,
-    resamples: int,
-    seed: int,
+    resamples: Resamples,
     confidence: float,
     weights: pl.DataFrame | None = None,
 ) -> list[dict]:
-    """Per explainer × scorer × metric: latents, mean, median, weighted mean, bootstrap CI."""
-    wide = wide_scores(scores, metrics)
+    """Per explainer × scorer × metric (``wide``: :func:`wide_scores`): latents, mean, median,
+    weighted mean, bootstrap CI."""
     columns = [f"{scorer}|{metric}" for scorer in scorers for metric in metrics]
     rows = []
-    for index, explainer in enumerate(explainers):
+    for explainer in explainers:
         mine = wide.filter(pl.col("explainer") == explainer).sort("feature_id")
         if mine.is_empty():
             continue
@@ -162,8 +179,7 @@ def summary(
                 for column in columns
             ]
         )
-        counts = resample_counts(mine.height, resamples, np.random.default_rng([seed, index]))
-        low, high = bootstrap_means(values, counts, confidence)
+        low, high = bootstrap_means(values, resamples.counts(mine.height), confidence)
         frequency = None
         if weights is not None:
             frequency = (
@@ -195,22 +211,20 @@ def summary(
 
 
 def paired_differences(
-    scores: pl.DataFrame,
+    wide: pl.DataFrame,
     metrics: list[str],
     explainers: list[str],
     scorers: list[str],
     *,
-    resamples: int,
-    seed: int,
+    resamples: Resamples,
     confidence: float,
 ) -> list[dict]:
-    """Every two explainers on the latents both explained, per scorer × metric: mean difference
-    (first − second), paired bootstrap CI, Wilcoxon p (Holm-adjusted over every row), win / tie /
-    loss counts of the first against the second."""
-    wide = wide_scores(scores, metrics)
+    """Every two explainers on the latents both explained (``wide``: :func:`wide_scores`), per
+    scorer × metric: mean difference (first − second), paired bootstrap CI, Wilcoxon p
+    (Holm-adjusted over every row), win / tie / loss counts of the first against the second."""
     columns = [f"{scorer}|{metric}" for scorer in scorers for metric in metrics]
     rows = []
-    for index, (first, second) in enumerate(itertools.combinations(explainers, 2)):
+    for first, second in itertools.combinations(explainers, 2):
         left = wide.filter(pl.col("explainer") == first).drop("explainer")
         right = wide.filter(pl.col("explainer") == second).drop("explainer")
         both = left.join(right, on="feature_id", suffix="#second").sort("feature_id")
@@ -223,8 +237,7 @@ def paired_differences(
             return frame[name].cast(pl.Float64).fill_null(np.nan).to_numpy()
 
         differences = np.column_stack([column_values(column) - column_values(f"{column}#second") for column in columns])
-        counts = resample_counts(both.height, resamples, np.random.default_rng([seed, 1000 + index]))
-        low, high = bootstrap_means(differences, counts, confidence)
+        low, high = bootstrap_means(differences, resamples.counts(both.height), confidence)
         for column_index, column in enumerate(columns):
             scorer, metric = column.split("|", 1)
             difference = differences[:, column_index]

@@ -57,6 +57,9 @@ class SynthOptions:
     seed: int = 0
     activation_format: str = "jsonl"
     decoder_format: str = "npz"
+    # the share of latents each explainer gets right (default: delphi_runs.HIT_RATES), so that a
+    # comparison of explainers can be checked against a difference planted on purpose
+    explainer_quality: tuple[float, ...] | None = None
 
     def check(self) -> None:
         if self.features < 8:
@@ -71,6 +74,12 @@ class SynthOptions:
             raise ValueError("--activation-format must be jsonl, delphi or both")
         if self.decoder_format not in ("npz", "saelens", "sparsify"):
             raise ValueError("--decoder-format must be npz, saelens or sparsify")
+        if self.explainer_quality is not None:
+            if len(self.explainer_quality) != self.explainers:
+                given = len(self.explainer_quality)
+                raise ValueError(f"--explainer-quality gives {given} hit rates for {self.explainers} explainers")
+            if not all(0.0 <= rate <= 1.0 for rate in self.explainer_quality):
+                raise ValueError("--explainer-quality hit rates must lie between 0 and 1")
 
 
 @dataclass
@@ -210,7 +219,9 @@ def synthesize(
         f"explanations and scores: {options.explained:,} latents × {len(explainers)} explainers "
         f"× {len(scorers)} scorers"
     )
-    explanations = delphi_runs.explain(latents, explained, explainers, n_concepts, rng)
+    explanations = delphi_runs.explain(
+        latents, explained, explainers, n_concepts, rng, hit_rates=options.explainer_quality
+    )
     by_latent = {(item.feature_id, item.explainer.short): item for item in explanations}
     unexplained = {key for key in by_latent if rng.random() < UNEXPLAINED_RATE}
     hookpoint = f"layer_{LAYER}/width_{label}/average_l0_120"

@@ -84,9 +84,16 @@ class Explanation:
 
 
 def explain(
-    latents: Latents, explained: np.ndarray, explainers: list[Model], n_concepts: int, rng: np.random.Generator
+    latents: Latents,
+    explained: np.ndarray,
+    explainers: list[Model],
+    n_concepts: int,
+    rng: np.random.Generator,
+    hit_rates: tuple[float, ...] | None = None,
 ) -> list[Explanation]:
-    """One explanation per (explained latent, explainer)."""
+    """One explanation per (explained latent, explainer); explainer i hits its latent's concept
+    with probability ``hit_rates[i]`` (default: :data:`HIT_RATES`)."""
+    hit_rates = hit_rates or HIT_RATES
     result = []
     for latent in explained.tolist():
         concepts = latents.concepts[latent]
@@ -94,7 +101,7 @@ def explain(
             if rng.random() < SENTINEL_RATE:
                 result.append(Explanation(latent, explainer, SENTINEL, False, True, ()))
                 continue
-            hit = rng.random() < HIT_RATES[explainer.index]
+            hit = rng.random() < hit_rates[explainer.index]
             if hit:
                 described = concepts
             elif rng.random() < 0.75:
