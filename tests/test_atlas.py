@@ -221,3 +221,19 @@ def test_delphi_classification_metrics_and_firing_frequency_reach_the_table(atla
     expected = dict(zip(fired["feature_id"].to_list(), (fired["num_activations"] / (600 * 64)).to_list(), strict=True))
     for feature, frequency in table.select("feature_id", "firing_frequency").unique().rows():
         assert frequency == pytest.approx(expected.get(feature, 0.0)), feature
+
+
+def test_scores_per_activation_quantile_reach_the_feature(atlas, outputs):
+    feature = explained_feature(outputs)
+    item = atlas.feature(feature)["explanations"][0]
+    rows = item["by_quantile"]
+    methods = {row["method"] for row in rows}
+    assert {"fuzz", "detection", "simulation", "embedding"} <= methods
+    assert {row["scorer"] for row in rows} == {metrics["scorer"] for metrics in item["metrics"]}
+    fuzz = [row for row in rows if row["method"] == "fuzz"]
+    # synth draws 10 quantiles of 5 activating examples per latent (delphi's default)
+    assert sorted({row["quantile"] for row in fuzz}) == list(range(10))
+    assert all(row["score"] is None or 0 <= row["score"] <= 1 for row in fuzz)
+    # the pooled simulation group apart from the study's mean over every group
+    table = atlas.features(limit=None)
+    assert table["simulation_overall"].drop_nulls().len() > 0.8 * table.height

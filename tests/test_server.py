@@ -205,3 +205,11 @@ def test_feature_page_tokens_are_escaped_and_shaded():
     assert '<span class="tok" style="background-color: rgba(234, 88, 12, 0.53);" title="2.000">alert(' in html
     peak = '<span class="tok peak" style="background-color: rgba(234, 88, 12, 0.90);" title="4.000">'
     assert peak + "a\x1fb</span>" in html
+
+
+def test_the_feature_page_shows_scores_by_activation_quantile(client):
+    feature = client.get("/api/features", params={"limit": 1, "fuzz_min": 0}).json()["rows"][0]["feature_id"]
+    record = client.get(f"/api/features/{feature}").json()
+    assert record["explanations"][0]["by_quantile"]
+    page = client.get(f"/features/{feature}").text
+    assert "Scores by activation quantile" in page and "delphi's classification metrics" in page

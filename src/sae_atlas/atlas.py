@@ -43,6 +43,7 @@ EXPLANATION_COLUMNS = (
     "semantic_similarity",
 )
 EXPLANATION_FIELDS = ("explainer", *EXPLANATION_COLUMNS[1:])
+QUANTILE_FIELDS = ("scorer", "method", "quantile", "score", "examples")
 
 
 def score_columns(long: pl.DataFrame) -> pl.DataFrame:
@@ -179,6 +180,8 @@ class Atlas:
         self._embedder = embedder
         self._stats: dict | None = None
         self._comparisons: dict[tuple, dict] = {}
+        self._quantiles: pl.DataFrame | None = None
+        self._quantile_ids = np.zeros(0, dtype=np.int64)
 
     # -- opening ----------------------------------------------------------------------------------
 
@@ -289,8 +292,14 @@ class Atlas:
                 by_explainer.setdefault(explainer, []).append(
                     {"scorer": scorer, **dict(zip(SCORE_NAMES, values, strict=True))}
                 )
+            quantiles: dict[str, list[dict]] = {}
+            table = self._quantile_index()
+            low, high = np.searchsorted(self._quantile_ids, [feature_id, feature_id + 1])
+            for explainer, *values in table.slice(low, high - low).drop("feature_id").rows():
+                quantiles.setdefault(explainer, []).append(dict(zip(QUANTILE_FIELDS, values, strict=True)))
             for item in explanations:
                 item["metrics"] = by_explainer.get(item["explainer"], [])
+                item["by_quantile"] = quantiles.get(item["explainer"], [])
         neighbours = self._neighbours(feature_id)
         similarity = self._activation_similarity(feature_id)
         examples = self._feature_examples(feature_id)
@@ -304,6 +313,40 @@ class Atlas:
             "activation_similarity": similarity,
             "activation_examples": examples,
         }
+
+    def _quantile_index(self) -> pl.DataFrame:
+        """Every score per activation quantile, one row per (feature, explainer, scorer, method,
+        quantile), sorted by feature (read on first use)."""
+        if self._quantiles is None:
+            with self._lock:
+                if self._quantiles is None:
+                    path = self.output_dir / layout.SCORES
+                    if path.exists() and "by_quantile" in pq.read_schema(path).names:
+                        table = (
+                            pl.read_parquet(
+                                path, columns=["feature_id", "llm_explainer", "llm_scorer", "method", "by_quantile"]
+                            )
+                            .explode("by_quantile")
+                            .drop_nulls("by_quantile")
+                            .unnest("by_quantile")
+                            .select(
+                                pl.col("feature_id").cast(pl.Int64),
+                                pl.col("llm_explainer").cast(pl.String).alias("explainer"),
+                                pl.col("llm_scorer").cast(pl.String).alias("scorer"),
+                                pl.col("method").cast(pl.String),
+                                "quantile",
+                                "score",
+                                "examples",
+                            )
+                            .sort("feature_id", maintain_order=True)
+                        )
+                    else:
+                        table = pl.DataFrame(
+                            schema={"feature_id": pl.Int64, "explainer": pl.String, **dict.fromkeys(QUANTILE_FIELDS)}
+                        )
+                    self._quantile_ids = table["feature_id"].to_numpy()
+                    self._quantiles = table
+        return self._quantiles
 
     @staticmethod
     def _position(ids: np.ndarray, feature_id: int) -> int | None:
@@ -710,6 +753,7 @@ class Atlas:
         activation-example index and (``search``) the explanation vectors and the model. A server
         calls it in the background as it starts."""
         self.stats()
+        self._quantile_index()
         self._examples_index()
         if search and self._search_vectors() is not None:
             self.embedder.backend  # noqa: B018 (loading the model is the point)

@@ -138,6 +138,24 @@ for _method in ("fuzz", "detection"):
     )
 METRICS += (
     _score(
+        "simulation_overall",
+        "sim. overall",
+        "simulation: correlation of the pooled group (all examples, outer distance 0), the paper's headline",
+        0.0,
+        method="simulation",
+        column="overall",
+        headline=False,
+    ),
+    _score(
+        "example_embedding",
+        "ex. emb.",
+        "example embedding: mean delta_plus − delta_minus over batches (delphi's ExampleEmbeddingScorer; "
+        "no explanation involved)",
+        0.0,
+        method="example_embedding",
+        headline=False,
+    ),
+    _score(
         "firing_frequency",
         "firing",
         "share of cached tokens the latent fires on (delphi's log/hookpoint_firing_counts.pt)",

@@ -119,6 +119,13 @@ STAGE_SCORES = pl.Schema(
         # over the tokens cached (run_config cache_cfg.n_tokens)
         "firing_count": pl.UInt64,
         "firing_frequency": pl.Float64,
+        # simulation: the pooled group's correlation (outer distance 0, the paper's headline);
+        # the study's `score` stays the mean over every group
+        "overall": pl.Float64,
+        # the score per activation quantile (0 = the top one, as delphi counts): recall for fuzz /
+        # detection, AUC against all non-activating examples for embedding, the group's correlation
+        # for simulation
+        "by_quantile": pl.List(pl.Struct({"quantile": pl.Int16, "score": pl.Float64, "examples": pl.UInt32})),
     }
 )
 

@@ -13,6 +13,8 @@ Every parser yields the same long columns, one row per record:
 ``activating``   the example's ground truth, where the record says or implies it
 ``probability``  the scorer's probability that the example is activating, where recorded
 ``quantile``     the activation quantile the example was drawn from (0 = top), where known
+``pooled``       the record pools every example of the latent (simulation's overall group,
+                 outer distance 0: the paper's headline number), where the format has one
 
 Definitions are the study's (DESIGN.md §2): accuracy = correct / (records − failed); embedding =
 ROC-AUC of the similarity against the activating label (ties counted half, null with one class);
@@ -38,7 +40,10 @@ RECORD_COLUMNS = {
     "activating": pl.Boolean,
     "probability": pl.Float64,
     "quantile": pl.Int16,
+    "pooled": pl.Boolean,
 }
+# A latent's score per activation quantile (0 = the top quantile, as delphi counts).
+QUANTILE_SCORE = pl.Struct({"quantile": pl.Int16, "score": pl.Float64, "examples": pl.UInt32})
 # What every aggregator returns, per (data_source, feature_id); the classification columns are
 # null for methods whose records are not classifications.
 CLASSIFICATION_COLUMNS = {
@@ -59,6 +64,7 @@ AGGREGATE_COLUMNS = {
     "n_failed": pl.UInt32,
     "variance": pl.Float64,
     **CLASSIFICATION_COLUMNS,
+    "overall": pl.Float64,
 }
 GROUP = ["data_source", "feature_id"]
 
@@ -82,6 +88,7 @@ class ScoreMethod:
     description: str
     outcome_name: str = "outcome"
     outcome_range: tuple[float, float] = (0.0, 1.0)
+    by_quantile: Aggregator | None = None  # per (latent, quantile): score, examples
 
     def out_of_range(self, outcomes: list) -> list[int]:
         """Positions of the outcomes outside ``outcome_range`` (nulls are failures, not errors)."""
@@ -154,7 +161,14 @@ def parse_classifier(records: list[dict]) -> Columns:
         chance = record.get("probability") if zero_based and correct is not None else None
         probability.append(chance if type(chance) is float and 0.0 <= chance <= 1.0 else None)
         quantile.append(_quantile(record.get("distance"), zero_based) if truth else None)
-    return {"outcome": outcome, "activating": activating, "probability": probability, "quantile": quantile}
+    n = len(records)
+    return {
+        "outcome": outcome,
+        "activating": activating,
+        "probability": probability,
+        "quantile": quantile,
+        "pooled": [None] * n,
+    }
 
 
 def embedding_activating(record: dict) -> bool | None:
@@ -180,18 +194,26 @@ def parse_embedding(records: list[dict]) -> Columns:
         truth = embedding_activating(record)
         activating.append(truth)
         quantile.append(_quantile(record.get("distance"), True) if truth else None)
-    return {"outcome": outcome, "activating": activating, "probability": [None] * len(records), "quantile": quantile}
+    n = len(records)
+    return {
+        "outcome": outcome,
+        "activating": activating,
+        "probability": [None] * n,
+        "quantile": quantile,
+        "pooled": [None] * n,
+    }
 
 
 def parse_simulation(records: list[dict]) -> Columns:
-    """simulation (``ScoredSimulation`` groups): each group's correlation; outer distance q+1 is
-    quantile q, 0 the pooled "all" group."""
+    """simulation (``ScoredSimulation`` groups, every delphi generation): each group's correlation;
+    outer distance q+1 is quantile q, 0 the pooled "all" group."""
     n = len(records)
     return {
         "outcome": [finite(record.get("ev_correlation_score")) for record in records],
         "activating": [None] * n,
         "probability": [None] * n,
         "quantile": [_quantile(record.get("distance"), False) for record in records],
+        "pooled": [is_number(record.get("distance")) and record.get("distance") == 0 for record in records],
     }
 
 
@@ -204,7 +226,40 @@ def parse_intruder(records: list[dict]) -> Columns:
         else None
         for record in records
     ]
-    return {"outcome": outcome, "activating": [None] * n, "probability": [None] * n, "quantile": [None] * n}
+    quantile = [
+        _quantile((record.get("sample") or {}).get("chosen_quantile"), True)
+        if isinstance(record.get("sample"), dict)
+        else None
+        for record in records
+    ]
+    return {
+        "outcome": outcome,
+        "activating": [None] * n,
+        "probability": [None] * n,
+        "quantile": quantile,
+        "pooled": [None] * n,
+    }
+
+
+def parse_example_embedding(records: list[dict]) -> Columns:
+    """example_embedding (``EmbeddingOutput`` batches of delphi's ``ExampleEmbeddingScorer``): per
+    batch, ``delta_plus − delta_minus``: how much closer the activating query is to the activating
+    examples than to the others, plus how much closer the non-activating query is to the others.
+    The explanation plays no part."""
+    outcome, quantile = [], []
+    for record in records:
+        plus, minus = finite(record.get("delta_plus")), finite(record.get("delta_minus"))
+        outcome.append(None if plus is None or minus is None else plus - minus)
+        batch = record.get("batch")
+        quantile.append(_quantile(batch.get("quantile_positive_query"), True) if isinstance(batch, dict) else None)
+    n = len(records)
+    return {
+        "outcome": outcome,
+        "activating": [None] * n,
+        "probability": [None] * n,
+        "quantile": quantile,
+        "pooled": [None] * n,
+    }
 
 
 # -- aggregation ----------------------------------------------------------------------------------
@@ -282,19 +337,56 @@ def classification(records: pl.DataFrame) -> pl.DataFrame:
 
 
 def mean_and_variance(records: pl.DataFrame) -> pl.DataFrame:
-    """Mean and sample variance of the finite values per latent (one value: variance null)."""
+    """Mean and sample variance of the finite values per latent (one value: variance null); the
+    pooled record's value apart, as ``overall``."""
     return records.group_by(GROUP).agg(
         n_failed=pl.col("outcome").null_count(),
         score=pl.col("outcome").mean(),
         variance=pl.col("outcome").var(ddof=1),
+        overall=pl.col("outcome").filter(pl.col("pooled").fill_null(False)).first(),
+    )
+
+
+# -- per activation quantile ------------------------------------------------------------------
+
+
+def quantile_means(records: pl.DataFrame) -> pl.DataFrame:
+    """Per (latent, quantile): the mean outcome of the records drawn from that quantile (for
+    fuzz / detection, the recall on that quantile's activating examples; for simulation, the
+    quantile group's correlation)."""
+    return (
+        records.filter(pl.col("quantile").is_not_null())
+        .group_by([*GROUP, "quantile"])
+        .agg(score=pl.col("outcome").mean(), examples=pl.col("outcome").count())
+    )
+
+
+def quantile_auc(records: pl.DataFrame) -> pl.DataFrame:
+    """Per (latent, quantile): the ROC-AUC of that quantile's activating examples against all the
+    latent's non-activating ones. A positive's rank among everything minus its rank among the
+    positives is the number of negatives below it (ties half), so no pair is ever formed."""
+    valid = records.filter(pl.col("outcome").is_not_null() & pl.col("activating").is_not_null())
+    ranked = valid.with_columns(
+        below=pl.col("outcome").rank("average").over(GROUP)
+        - pl.col("outcome").rank("average").over([*GROUP, "activating"]),
+        negatives=(~pl.col("activating")).sum().over(GROUP),
+    )
+    return (
+        ranked.filter(pl.col("activating") & pl.col("quantile").is_not_null() & (pl.col("negatives") > 0))
+        .group_by([*GROUP, "quantile"])
+        .agg(score=(pl.col("below") / pl.col("negatives")).mean(), examples=pl.len())
     )
 
 
 METHODS: dict[str, ScoreMethod] = {
     method.name: method
     for method in (
-        ScoreMethod("fuzz", parse_classifier, classification, "accuracy on highlighted examples"),
-        ScoreMethod("detection", parse_classifier, classification, "accuracy on plain examples"),
+        ScoreMethod(
+            "fuzz", parse_classifier, classification, "accuracy on highlighted examples", by_quantile=quantile_means
+        ),
+        ScoreMethod(
+            "detection", parse_classifier, classification, "accuracy on plain examples", by_quantile=quantile_means
+        ),
         ScoreMethod(
             "simulation",
             parse_simulation,
@@ -304,6 +396,7 @@ METHODS: dict[str, ScoreMethod] = {
             # A Pearson r lies in [-1, 1], but delphi's older simulator wrote a few values past 1
             # (5 of the study's 4,892: 1.02 to 1.26), which the study's own means include: kept.
             outcome_range=(-2.0, 2.0),
+            by_quantile=quantile_means,
         ),
         ScoreMethod(
             "embedding",
@@ -312,8 +405,18 @@ METHODS: dict[str, ScoreMethod] = {
             "ROC-AUC of example similarity to the explanation",
             outcome_name="similarity",
             outcome_range=(-1.0, 1.0),
+            by_quantile=quantile_auc,
         ),
-        ScoreMethod("intruder", parse_intruder, accuracy, "share of intruders found"),
+        ScoreMethod("intruder", parse_intruder, accuracy, "share of intruders found", by_quantile=quantile_means),
+        ScoreMethod(
+            "example_embedding",
+            parse_example_embedding,
+            mean_and_variance,
+            "mean separation of activating and other examples by embedding alone (no explanation)",
+            outcome_name="delta_plus - delta_minus",
+            outcome_range=(-4.0, 4.0),  # each delta is a difference of two mean cosines
+            by_quantile=quantile_means,
+        ),
     )
 }
 # delphi's CLI writes simulation scores to "simulation" although the scorer class is "simulator";
@@ -322,7 +425,6 @@ ALIASES = {"simulator": "simulation", "recall": "detection"}
 # Directories delphi (or custom pipelines) write that have no per-latent score sae-atlas can agree on.
 SKIPPED = {
     "surprisal": "no agreed per-latent aggregation for surprisal losses",
-    "example_embedding": "example-embedding scores do not involve the explanation",
 }
 
 

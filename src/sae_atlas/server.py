@@ -75,6 +75,17 @@ class SemanticSimilarity(BaseModel):
     cosine_similarity: float | None
 
 
+class QuantileScore(BaseModel):
+    scorer: str
+    method: str
+    quantile: int = Field(description="activation quantile, 0 = the top one (delphi's convention)")
+    score: float | None = Field(
+        description="fuzz / detection: recall; embedding: AUC against every non-activating example; "
+        "simulation: the quantile group's correlation"
+    )
+    examples: int
+
+
 class Explanation(BaseModel):
     explainer: str
     explanation_text: str
@@ -83,6 +94,7 @@ class Explanation(BaseModel):
     scores: list[ScorerScores] = Field(description="the contract's scores struct, as features.parquet holds it")
     semantic_similarity: list[SemanticSimilarity]
     metrics: list[ScorerMetrics] = Field(description="every score metric, per scorer")
+    by_quantile: list[QuantileScore] = Field(description="each score method's value per activation quantile")
 
 
 class NeighbourExplanation(BaseModel):

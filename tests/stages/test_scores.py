@@ -249,3 +249,79 @@ def test_simulation_correlations_delphi_wrote_past_one_are_kept_and_absurd_ones_
     scores = dict(table.select("feature_id", "score").rows())
     assert scores[1] == pytest.approx((0.5 + 0.2 + 1.25) / 3)  # as the study computes it
     assert scores[2] == pytest.approx(0.4)
+
+
+def breakdown(table: pl.DataFrame, feature: int, method: str) -> dict[int, tuple]:
+    row = table.filter((pl.col("feature_id") == feature) & (pl.col("method") == method)).row(0, named=True)
+    return {item["quantile"]: (item["score"], item["examples"]) for item in row["by_quantile"] or []}
+
+
+def test_scores_per_activation_quantile_by_hand(table):
+    # fuzz, latent 1: four valid activating records of quantile 0 (3 right); the failed batch
+    # counts for nothing
+    assert breakdown(table, 1, "fuzz") == {0: (0.75, 4)}
+    # simulation, latent 1: groups at outer distance 1..4 are quantiles 0..3 ("nan" and null empty)
+    assert breakdown(table, 1, "simulation") == {0: (0.5, 1), 1: (None, 0), 2: (0.1, 1), 3: (None, 0)}
+    # embedding, latent 1: quantile 0's 0.5 against the negatives 0.5 (tie: ½) and 0.2 (1) → 0.75;
+    # quantile 3's 0.7 is above both → 1; quantile 2's record failed
+    assert breakdown(table, 1, "embedding") == {0: (0.75, 1), 3: (1.0, 1)}
+    # the overall (pooled, distance 0) group apart; the study's score stays the mean of every group
+    simulation = table.filter((pl.col("feature_id") == 1) & (pl.col("method") == "simulation")).row(0, named=True)
+    assert simulation["overall"] == pytest.approx(0.3) and simulation["score"] == pytest.approx(0.3)
+    three = table.filter((pl.col("feature_id") == 3) & (pl.col("method") == "simulation")).row(0, named=True)
+    assert three["overall"] is None and three["score"] == pytest.approx(0.2)  # its overall group is "nan"
+
+
+def test_example_embedding_is_a_method_of_its_own(tmp_path):
+    def batch(quantile, plus, minus):
+        query = {"quantile_positive_query": quantile, "distance_negative_query": -1.0}
+        return {
+            "batch": {"negative_examples": [], "positive_examples": [], **query},
+            "delta_plus": plus,
+            "delta_minus": minus,
+        }
+
+    files = {
+        f"example_embedding/{HOOK}6.txt": [batch(0, 0.3, -0.1), batch(2, 0.1, 0.05), batch(1, "nan", 0.2)],
+    }
+    table = score_table(make_run(tmp_path / "run", run_config={}, scores=files))
+    row = table.row(0, named=True)
+    assert row["method"] == "example_embedding" and row["n_failed"] == 1
+    assert row["score"] == pytest.approx((0.4 + 0.05) / 2)
+    assert breakdown(table, 6, "example_embedding") == {
+        0: (pytest.approx(0.4), 1),
+        1: (None, 0),
+        2: (pytest.approx(0.05), 1),
+    }
+
+
+def test_the_newest_and_the_legacy_simulation_files_give_the_same_scores(tmp_path):
+    """delphi ≥ 0.1.1 writes scores/simulation/ with inner `absolute_dev_explained_score` 0; the
+    legacy simulator wrote null there, floats for outer scores, and custom pipelines name the
+    directory after the scorer class, `simulator/`."""
+
+    def groups(inner_dev, outer_zero):
+        return [
+            {
+                "distance": distance,
+                "scored_sequence_simulations": [
+                    {
+                        "distance": max(distance - 1, -1),
+                        "ev_correlation_score": "nan",
+                        "absolute_dev_explained_score": inner_dev,
+                    }
+                ],
+                "ev_correlation_score": value,
+                "rsquared_score": outer_zero,
+                "absolute_dev_explained_score": outer_zero,
+            }
+            for distance, value in ((1, 0.6), (2, 0.4), (0, 0.5))
+        ]
+
+    newest = score_table(make_run(tmp_path / "new", run_config={}, scores={f"simulation/{HOOK}9.txt": groups(0, 0)}))
+    legacy = score_table(
+        make_run(tmp_path / "old", run_config={}, scores={f"simulator/{HOOK}9.txt": groups(None, 0.0)})
+    )
+    columns = ["feature_id", "method", "score", "variance", "overall", "by_quantile"]
+    assert newest.select(columns).equals(legacy.select(columns))
+    assert newest["score"].item() == pytest.approx(0.5) and newest["overall"].item() == pytest.approx(0.5)

@@ -22,6 +22,8 @@ from sae_atlas.sources import delphi
 from sae_atlas.stage import Plan, Product, Stage, StageContext, fingerprint_files
 
 KEYS = ["data_source", "method", "feature_id"]
+GROUP = score_methods.GROUP
+BY_QUANTILE = pl.List(score_methods.QUANTILE_SCORE)
 FILE_COLUMNS = {"data_source": pl.String, "method": pl.String, "feature_id": pl.UInt32, "n_examples": pl.UInt32}
 
 
@@ -37,15 +39,26 @@ def _conform(part: pl.DataFrame, columns: dict) -> pl.DataFrame:
 
 def aggregate_records(records: pl.DataFrame) -> pl.DataFrame:
     """Every method's records aggregated by that method's aggregator, one row per
-    (data_source, method, feature_id)."""
-    parts = [
-        _conform(score_methods.METHODS[method].aggregate(group), AGGREGATE_COLUMNS).with_columns(
-            method=pl.lit(method, pl.String)
+    (data_source, method, feature_id), with the method's per-quantile breakdown."""
+    parts = []
+    for (method,), group in records.partition_by("method", as_dict=True, maintain_order=True).items():
+        score_method = score_methods.METHODS[method]
+        part = _conform(score_method.aggregate(group), AGGREGATE_COLUMNS)
+        if score_method.by_quantile is not None:
+            breakdown = (
+                score_method.by_quantile(group)
+                .sort("quantile")
+                .group_by(GROUP)
+                .agg(by_quantile=pl.struct("quantile", "score", "examples"))
+            )
+            part = part.join(breakdown, on=GROUP, how="left")
+        parts.append(
+            _conform(part, {**AGGREGATE_COLUMNS, "by_quantile": BY_QUANTILE}).with_columns(
+                method=pl.lit(method, pl.String)
+            )
         )
-        for (method,), group in records.partition_by("method", as_dict=True, maintain_order=True).items()
-    ]
     if not parts:
-        return pl.DataFrame(schema={**AGGREGATE_COLUMNS, "method": pl.String})
+        return pl.DataFrame(schema={**AGGREGATE_COLUMNS, "by_quantile": BY_QUANTILE, "method": pl.String})
     return pl.concat(parts)
 
 
@@ -87,7 +100,11 @@ def join_scores(
     (one row per ``data_source``, ``method``, ``feature_id``), with each run's firing counts."""
     table = (
         _conform(files.rename({"n_records": "n_examples"}), FILE_COLUMNS)
-        .join(_conform(aggregates, {**AGGREGATE_COLUMNS, "method": pl.String}), on=KEYS, how="left")
+        .join(
+            _conform(aggregates, {**AGGREGATE_COLUMNS, "by_quantile": BY_QUANTILE, "method": pl.String}),
+            on=KEYS,
+            how="left",
+        )
         .join(runs.with_columns(pl.col("data_source").cast(pl.String)), on="data_source", how="left")
         .join(
             _conform(firing, FIRING_COLUMNS) if firing is not None else pl.DataFrame(schema=FIRING_COLUMNS),
@@ -182,7 +199,7 @@ def plan(context: StageContext) -> Plan:
 STAGE = Stage(
     name="scores",
     output=layout.SCORES,
-    version=2,
+    version=3,
     plan=plan,
     config=("sources",),
     description="per-latent fuzz, detection, simulation, embedding and intruder scores of every run",

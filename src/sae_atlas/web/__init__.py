@@ -47,6 +47,14 @@ HEADERS = [
 ]
 
 
+def groupby_pair(rows: list[dict]) -> list[tuple[tuple[str, str], dict[int, dict]]]:
+    """Per-quantile scores grouped by (scorer, method), each group by quantile, in first-seen order."""
+    groups: dict[tuple[str, str], dict[int, dict]] = {}
+    for row in rows:
+        groups.setdefault((row["scorer"], row["method"]), {})[row["quantile"]] = row
+    return list(groups.items())
+
+
 def shown_metrics(query: FeatureQuery) -> list[metrics.Metric]:
     """The metric columns of the table: the headline ones, and any other it is sorted or filtered by."""
     wanted = {query.sort, *query.filters()}
@@ -150,6 +158,7 @@ def mount_browser(app: FastAPI, atlas: Atlas) -> None:
     PlotsQuery = plot_query_model(atlas.explainers, atlas.scorers)
     ComparisonQuery = compare_query_model()
     templates = Jinja2Templates(directory=str(HERE / "templates"))
+    templates.env.filters["groupby_pair"] = groupby_pair
     templates.env.globals.update(
         short_name=short_name,
         colour=colour,
