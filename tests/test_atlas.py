@@ -205,7 +205,8 @@ def test_prompts_are_rebuilt_when_the_prompt_table_is_missing(outputs, tmp_path,
     feature_id = explained_feature(outputs)
     rebuilt = Atlas(copy, embedder=atlas.embedder).feature(feature_id)["activation_examples"]
     assert [example["tokens"] for example in rebuilt] == [
-        example["tokens"] for example in atlas.feature(feature_id)["activation_examples"]]
+        example["tokens"] for example in atlas.feature(feature_id)["activation_examples"]
+    ]
 
 
 def test_delphi_classification_metrics_and_firing_frequency_reach_the_table(atlas, outputs):

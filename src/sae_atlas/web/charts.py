@@ -161,9 +161,7 @@ def comparison_charts(data: dict) -> dict:
             for row in data["paired"]
             if row["metric"] == metric
         ]
-        agreement = {
-            (row["first"], row["second"]): row for row in data["scorer_agreement"] if row["metric"] == metric
-        }
+        agreement = {(row["first"], row["second"]): row for row in data["scorer_agreement"] if row["metric"] == metric}
         matrix = [
             [
                 1.0
