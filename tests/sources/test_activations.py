@@ -306,3 +306,49 @@ def test_reader_peak_memory_does_not_grow_with_the_number_of_records(tmp_path):
     large_records, large_peak = peak(16000)
     assert large_records >= 7.5 * small_records
     assert large_peak < 1.3 * small_peak, (small_peak, large_peak)
+
+
+@pytest.mark.parametrize("clean_up", [True, False])
+def test_byte_level_tokens_follow_clean_up_tokenization_spaces_as_transformers_does(tmp_path, clean_up):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator(
+        ["the end . and the cake , is n't it ? we 're here"] * 20,
+        trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()),
+    )
+    path = tmp_path / "tokenizer.json"
+    tokenizer.save(str(path))
+    (tmp_path / "tokenizer_config.json").write_bytes(orjson.dumps({"clean_up_tokenization_spaces": clean_up}))
+    ids = tokenizer.encode("the end . and the cake , is n't it ? we 're here").ids
+    problems = Problems()
+    strings = token_strings(path, np.array(ids), problems).to_pylist()
+    assert not problems.items
+    # delphi's str_tokens: batch_decode of one token at a time, with the transformers 4.x that delphi's
+    # vllm pins, which cleaned up BPE tokens too (transformers 5 needs the override to do it)
+    reference = PreTrainedTokenizerFast(
+        tokenizer_file=str(path),
+        clean_up_tokenization_spaces=clean_up,
+        clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output=True,
+    )
+    assert strings == reference.batch_decode([[token] for token in ids])
+    assert ("." in strings) == clean_up and (" ." in strings) != clean_up
+
+
+def test_a_malformed_tokenizer_config_is_reported_and_ignored(tmp_path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator(["a . b"] * 10, trainers.BpeTrainer(vocab_size=270))
+    path = tmp_path / "tokenizer.json"
+    tokenizer.save(str(path))
+    (tmp_path / "tokenizer_config.json").write_bytes(b'{"clean_up_tokenization_spaces": "yes"')
+    problems = Problems()
+    assert token_strings(path, np.array(tokenizer.encode("a . b").ids), problems) is not None
+    [problem] = problems.items
+    assert problem.file.endswith("tokenizer_config.json") and "not valid JSON" in problem.message

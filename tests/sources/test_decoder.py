@@ -107,3 +107,78 @@ def test_unusable_paths(tmp_path):
     (tmp_path / "truncated.npz").write_bytes(b"PK\x03\x04junk")
     with pytest.raises(DecoderError, match=r"not a readable \.npz"):
         read_decoder(tmp_path / "truncated.npz")
+
+
+def test_the_reader_names_the_layout_and_version_it_recognised():
+    saelens = read_decoder(SAELENS)
+    assert saelens.version == "SAELens 6.x (6.54.12)"
+    assert saelens.details["hook_name"] == "blocks.3.hook_resid_post"
+    assert saelens.details["model_name"] == "pythia-70m"
+    assert saelens.details["architecture"] == "jumprelu" and saelens.details["d_sae"] == 16
+    sparsify = read_decoder(SPARSIFY)
+    assert sparsify.version == "sparsify ≥ 1.0" and sparsify.details["architecture"] == "sae (topk, k=4)"
+    assert read_decoder(GEMMA).version == "Gemma Scope (params.npz)"
+
+
+def test_saelens_before_6_and_its_dead_latents(tmp_path):
+    directory = shutil.copytree(SAELENS, tmp_path / "old")
+    flat = {
+        "d_in": 8,
+        "d_sae": 16,
+        "hook_point": "blocks.3.hook_resid_post",
+        "hook_layer": 3,
+        "model_name": "pythia-70m",
+        "activation_fn_str": "topk",
+        "activation_fn_kwargs": {"k": 4},
+        "l0": 4.0,
+    }
+    (directory / "cfg.json").write_bytes(orjson.dumps(flat))
+    # log10 feature density + 1e-10: three latents never fired
+    density = np.full(16, -3.0, dtype=np.float32)
+    density[[2, 5, 9]] = -10.0
+    save_file({"sparsity": density}, str(directory / "sparsity.safetensors"))
+    decoder = read_decoder(directory)
+    assert decoder.version == "SAELens < 6.0 (flat cfg.json)"
+    assert decoder.details == {
+        "hook_name": "blocks.3.hook_resid_post",
+        "model_name": "pythia-70m",
+        "architecture": "topk",
+        "d_sae": 16,
+        "d_in": 8,
+        "l0": 4.0,
+        "dead_latents": 3,
+    }
+
+
+def test_older_sparsify_configs_are_recognised(tmp_path):
+    directory = shutil.copytree(SPARSIFY, tmp_path / "old")
+    (directory / "cfg.json").write_bytes(
+        orjson.dumps(
+            {"expansion_factor": 2, "normalize_decoder": True, "num_latents": 0, "k": 4, "signed": False, "d_in": 8}
+        )
+    )
+    decoder = read_decoder(directory)
+    assert decoder.version == "EleutherAI/sae (sparsify < 1.0)" and decoder.weights.shape == (16, 8)
+
+
+def test_a_repository_of_hookpoints_gives_the_runs_one(tmp_path):
+    from sae_atlas.sources.decoder import declared_width
+
+    root = tmp_path / "repository"
+    for name in ("layers.3.mlp", "layers.4.mlp"):
+        shutil.copytree(SPARSIFY, root / name)
+    (root / "config.json").write_bytes(orjson.dumps({"model": "EleutherAI/pythia-70m"}))
+    decoder = read_decoder(root, hookpoint="layers.4.mlp")
+    assert decoder.files[-1] == root / "layers.4.mlp" / "sae.safetensors"
+    assert any("'layers.4.mlp' chosen" in note for note in decoder.notes)
+    assert read_decoder(root, hookpoint="gpt_neox.layers.3.mlp").files[-1].parent.name == "layers.3.mlp"
+    assert declared_width(root) == 16  # every hookpoint's SAE has 16 latents
+    with pytest.raises(DecoderError, match=r"holds 2 hookpoint directories .* none is the runs' hookpoint 'layers\.9'"):
+        read_decoder(root, hookpoint="layers.9")
+
+
+def test_a_malformed_sparsity_file_is_no_dead_latent_count(tmp_path):
+    directory = shutil.copytree(SAELENS, tmp_path / "saelens")
+    (directory / "sparsity.safetensors").write_bytes(b"junk")
+    decoder = read_decoder(directory)
+    assert "dead_latents" not in decoder.details and decoder.weights.shape == (16, 8)

@@ -429,12 +429,45 @@ def _is_byte_level(tokenizer_spec: dict) -> bool:
     return "ByteLevel" in kinds
 
 
+# transformers' ``clean_up_tokenization`` (tokenization_utils_base.py), which ``batch_decode``
+# applies when a tokenizer's config sets ``clean_up_tokenization_spaces``.
+CLEAN_UP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
+            (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))  # fmt: skip
+
+
+def clean_up_tokenization(text: str) -> str:
+    """What transformers' ``clean_up_tokenization`` makes of ``text`` (`` .`` → ``.``, …)."""
+    for before, after in CLEAN_UP:
+        text = text.replace(before, after)
+    return text
+
+
+def cleans_up_spaces(tokenizer_path: Path, problems: Problems) -> bool:
+    """Whether the ``tokenizer_config.json`` beside ``tokenizer_path`` sets
+    ``clean_up_tokenization_spaces`` (delphi's ``str_tokens`` then show `` .`` as ``.``)."""
+    path = Path(tokenizer_path).with_name("tokenizer_config.json")
+    if not path.exists():
+        return False
+    raw = files.read_bytes(path, problems, what="tokenizer config")
+    try:
+        config = orjson.loads(raw) if raw is not None else {}
+    except orjson.JSONDecodeError as error:
+        problems.add(path, f"not valid JSON ({error}); clean_up_tokenization_spaces taken as false")
+        return False
+    value = config.get("clean_up_tokenization_spaces", False) if isinstance(config, dict) else False
+    if not isinstance(value, bool):
+        problems.add(path, f"clean_up_tokenization_spaces is {value!r}, not true or false; taken as false")
+        return False
+    return value
+
+
 def token_strings(tokenizer_path: Path, token_ids: np.ndarray, problems: Problems) -> pa.Array | None:
     """The display string of each token id, aligned with ``token_ids``.
 
     SentencePiece vocabularies keep their pieces (``▁the``, ``<0x0A>``), which the window text
     builder turns back into text; byte-level BPE pieces (``Ġthe``) are decoded one token at a
-    time, which gives delphi's ``str_tokens`` (`` the``).
+    time, which gives delphi's ``str_tokens`` (`` the``), cleaned up as transformers'
+    ``batch_decode`` does when ``tokenizer_config.json`` sets ``clean_up_tokenization_spaces``.
     """
     from tokenizers import Tokenizer
 
@@ -452,6 +485,7 @@ def token_strings(tokenizer_path: Path, token_ids: np.ndarray, problems: Problem
         return None
     unique, inverse = np.unique(token_ids, return_inverse=True)
     byte_level = _is_byte_level(spec)
+    clean_up = byte_level and cleans_up_spaces(tokenizer_path, problems)
     strings = []
     unknown = []
     for token_id in unique.tolist():
@@ -461,6 +495,8 @@ def token_strings(tokenizer_path: Path, token_ids: np.ndarray, problems: Problem
         if piece is None:
             unknown.append(token_id)
             piece = f"<unk:{token_id}>"
+        elif clean_up:
+            piece = clean_up_tokenization(piece)
         strings.append(piece)
     if unknown:
         problems.add(

@@ -1,6 +1,10 @@
 """Reader for SAE decoder weights: Gemma Scope ``params.npz`` (or ``params.safetensors``), SAELens
-directories (``cfg.json`` + ``sae_weights.safetensors``) and sparsify directories (``cfg.json`` +
-``sae.safetensors``).
+directories (``cfg.json`` + ``sae_weights.safetensors``; the flat pre-6.0 config and 6.x's, which
+keeps hook and model under ``metadata``) and sparsify directories (``cfg.json`` +
+``sae.safetensors``; before and after 1.0), or a repository root holding one such directory per
+hookpoint (sparsify's ``load_many`` layout), from which the runs' hookpoint is chosen. The reader
+names the layout and version it recognised, and what the config says of the SAE (hook, model,
+architecture, L0, dead latents from SAELens' ``sparsity.safetensors``).
 
 All three store ``W_dec`` as [d_sae, d_model]; the shape is still checked against what the SAE's
 own config (or the Gemma Scope ``width_*`` path component) says d_sae is, and a transposed matrix
@@ -41,6 +45,8 @@ class DecoderWeights:
     format: str
     files: list[Path] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    version: str = ""  # the layout and version recognised, e.g. "SAELens 6.x (6.54.12)"
+    details: dict = field(default_factory=dict)  # what the config says: hook, model, architecture…
 
     @property
     def d_sae(self) -> int:
@@ -142,16 +148,105 @@ def _orient(weights: np.ndarray, d_sae: int | None, d_model: int | None, path: P
     return weights
 
 
-def read_decoder(path: Path, *, sae_id: str | None = None) -> DecoderWeights:
+def _saelens_details(config: dict, directory: Path) -> tuple[str, dict]:
+    """The SAELens version a cfg.json is written by, and what it says of the SAE."""
+    metadata = config.get("metadata") if isinstance(config.get("metadata"), dict) else None
+    source = metadata or config
+    details = {
+        "hook_name": source.get("hook_name") or config.get("hook_point") or config.get("hook_name"),
+        "model_name": source.get("model_name") or config.get("model_name"),
+        "architecture": config.get("architecture")
+        or ("topk" if "topk" in str(config.get("activation_fn_str", "")).lower() else "standard"),
+        "d_sae": config.get("d_sae"),
+        "d_in": config.get("d_in"),
+        "l0": source.get("l0", config.get("l0")),
+    }
+    sparsity = directory / "sparsity.safetensors"
+    if sparsity.exists():
+        from safetensors import SafetensorError
+        from safetensors.numpy import load_file
+
+        try:
+            log_density = load_file(str(sparsity)).get("sparsity")
+        except (SafetensorError, OSError, ValueError):
+            log_density = None
+        if log_density is not None:
+            # SAELens stores log10(density + 1e-10): a latent that never fired sits at -10.
+            details["dead_latents"] = int((log_density <= -10 + 1e-6).sum())
+    if metadata is not None:
+        version = metadata.get("sae_lens_version") or metadata.get("sae_lens_training_version")
+        label = f"SAELens 6.x ({version})" if version else "SAELens 6.x"
+    else:
+        label = "SAELens < 6.0 (flat cfg.json)"
+    return label, {key: value for key, value in details.items() if value is not None}
+
+
+def _sparsify_details(config: dict) -> tuple[str, dict]:
+    """The sparsify generation a cfg.json is written by, and what it says of the SAE."""
+    newer = "activation" in config or "transcode" in config
+    details = {
+        "architecture": ("transcoder" if config.get("transcode") else "sae")
+        + f" ({config.get('activation', 'topk')}, k={config.get('k')})",
+        "skip_connection": config.get("skip_connection"),
+        "d_in": config.get("d_in"),
+    }
+    label = "sparsify ≥ 1.0" if newer else "EleutherAI/sae (sparsify < 1.0)"
+    return label, {key: value for key, value in details.items() if value is not None}
+
+
+WEIGHT_FILES = (("sae_weights.safetensors", "saelens"), ("sae.safetensors", "sparsify"))
+
+
+def _is_coder_directory(path: Path) -> bool:
+    return path.is_dir() and any((path / name).exists() for name, _ in WEIGHT_FILES)
+
+
+def _is_repository_root(path: Path) -> bool:
+    """A directory of per-hookpoint SAE directories, and no SAE of its own."""
+    own = (path / "cfg.json").exists() or any((path / name).exists() for name in ("params.npz", "params.safetensors"))
+    return not own and not _is_coder_directory(path) and any(_is_coder_directory(child) for child in path.iterdir())
+
+
+def _choose_hookpoint(root: Path, hookpoint: str | None) -> Path:
+    """The per-hookpoint directory of a repository root (sparsify's ``load_many`` layout): the only
+    one, or the one named like the runs' hookpoint."""
+    candidates = sorted(path for path in root.iterdir() if _is_coder_directory(path))
+    if len(candidates) == 1:
+        return candidates[0]
+    if hookpoint:
+        for candidate in candidates:
+            # sparsify resolves `layers.5` to `gpt_neox.layers.5` or `model.layers.5`: either way round
+            if (
+                candidate.name == hookpoint
+                or candidate.name.endswith(f".{hookpoint}")
+                or hookpoint.endswith(f".{candidate.name}")
+            ):
+                return candidate
+    names = ", ".join(candidate.name for candidate in candidates[:8])
+    raise DecoderError(
+        root,
+        f"holds {len(candidates)} hookpoint directories ({names}); "
+        f"none is the runs' hookpoint {hookpoint!r}: name one in [decoder] path",
+    )
+
+
+def read_decoder(path: Path, *, sae_id: str | None = None, hookpoint: str | None = None) -> DecoderWeights:
     """Load the decoder matrix [d_sae, d_model] as float32 from any supported layout.
 
-    Raises :class:`DecoderError` (one line, naming the file) when the input is unusable.
+    ``hookpoint``: the hookpoint the runs' files name, to choose among a repository's
+    per-hookpoint directories. Raises :class:`DecoderError` (one line, naming the file) when the
+    input is unusable.
     """
     path = Path(path)
     notes: list[str] = []
     if path.is_dir():
+        if _is_repository_root(path):
+            chosen = _choose_hookpoint(path, hookpoint)
+            weights = read_decoder(chosen, sae_id=sae_id)
+            weights.notes.insert(0, f"{path}: hookpoint directory {chosen.name!r} chosen")
+            return weights
         config_path = path / "cfg.json"
-        for name, layout in (("sae_weights.safetensors", "saelens"), ("sae.safetensors", "sparsify")):
+        for name, layout in WEIGHT_FILES:
             weights_path = path / name
             if weights_path.exists():
                 if not config_path.exists():
@@ -160,12 +255,15 @@ def read_decoder(path: Path, *, sae_id: str | None = None) -> DecoderWeights:
                 d_model = config.get("d_in")
                 if layout == "saelens":
                     d_sae = config.get("d_sae")
+                    version, details = _saelens_details(config, path)
                 else:
                     d_sae = config.get("num_latents") or (
                         d_model * config["expansion_factor"]
                         if isinstance(d_model, int) and isinstance(config.get("expansion_factor"), int)
                         else None
                     )
+                    version, details = _sparsify_details(config)
+                    details["d_sae"] = d_sae
                 weights = _safetensors_decoder(weights_path)
                 weights = _orient(
                     weights,
@@ -174,7 +272,9 @@ def read_decoder(path: Path, *, sae_id: str | None = None) -> DecoderWeights:
                     weights_path,
                     notes,
                 )
-                return DecoderWeights(np.asarray(weights, np.float32), layout, [config_path, weights_path], notes)
+                return DecoderWeights(
+                    np.asarray(weights, np.float32), layout, [config_path, weights_path], notes, version, details
+                )
         for name in ("params.npz", "params.safetensors"):
             if (path / name).exists():
                 return read_decoder(path / name, sae_id=sae_id)
@@ -197,7 +297,11 @@ def read_decoder(path: Path, *, sae_id: str | None = None) -> DecoderWeights:
     if own_width and named_width and own_width != named_width:
         notes.append(f"{path}: the file holds {own_width} latents, its name says {named_width}")
     weights = _orient(weights, own_width or named_width, None, path, notes)
-    return DecoderWeights(np.asarray(weights, np.float32), layout, [path], notes)
+    version = {
+        "gemma-scope": "Gemma Scope (params.npz)",
+        "safetensors": "Gemma Scope 2 (params.safetensors)" if path.name == "params.safetensors" else "safetensors",
+    }[layout]
+    return DecoderWeights(np.asarray(weights, np.float32), layout, [path], notes, version, {"d_sae": weights.shape[0]})
 
 
 def declared_width(path: Path, *, sae_id: str | None = None) -> int | None:
@@ -209,6 +313,10 @@ def declared_width(path: Path, *, sae_id: str | None = None) -> int | None:
 
     path = Path(path)
     try:
+        if path.is_dir() and _is_repository_root(path):
+            # one SAE per hookpoint, usually all of one width: that width, when they agree
+            widths = {declared_width(child) for child in path.iterdir() if _is_coder_directory(child)}
+            return widths.pop() if len(widths) == 1 else None
         if path.is_dir():
             config = path / "cfg.json"
             if config.exists():

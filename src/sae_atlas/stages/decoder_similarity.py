@@ -135,7 +135,9 @@ def plan(context: StageContext) -> Plan:
 
     def execute(problems: Problems) -> Product:
         try:
-            weights = decoder_source.read_decoder(path, sae_id=context.sae_id)
+            # the runs' configured hookpoint (no directory walk): chooses among a repository's SAEs
+            hookpoint = next((run.hookpoint for run in context.runs() if run.hookpoint), None)
+            weights = decoder_source.read_decoder(path, sae_id=context.sae_id, hookpoint=hookpoint)
         except decoder_source.DecoderError as error:
             problems.add(error.path, error.reason)
             raise Unusable(f"decoder weights unusable ({error})") from None
@@ -162,6 +164,8 @@ def plan(context: StageContext) -> Plan:
             "d_sae": int(d_sae),
             "d_model": int(d_model),
             "format": weights.format,
+            "recognised_as": weights.version,
+            "sae": weights.details,
             "top_k": int(ids.shape[1]),
             "device": device,
             "non_finite_rows": len(bad),
