@@ -329,7 +329,7 @@ LAYERS = [
     # reading outputs back
     {"comparison", "atlas", "summary", "sql", "validate"},
     # interfaces
-    {"queries", "pages", "guard", "server", "web", "report", "cli", "__main__"},
+    {"queries", "pages", "guard", "table_export", "neuronpedia", "server", "web", "report", "cli", "__main__"},
 ]
 
 

@@ -348,6 +348,26 @@ class Atlas:
                     self._quantiles = table
         return self._quantiles
 
+    def latents_with_neighbours(self) -> np.ndarray:
+        """Every latent the decoder table has neighbours for (all of the SAE's, when there is one)."""
+        return self._decoder_ids
+
+    def neighbours_of(self, feature_id: int) -> list[dict]:
+        """A latent's decoder neighbours (``feature_id``, ``cosine_similarity``), nearest first."""
+        return [
+            {"feature_id": row["feature_id"], "cosine_similarity": row["cosine_similarity"]}
+            for row in self._neighbours(int(feature_id)) or []
+        ]
+
+    def sampled_latents(self) -> np.ndarray:
+        """Every latent with sampled activation examples (loads the example index)."""
+        examples = self._examples_index()
+        return np.unique(examples.feature_id) if examples is not None else np.zeros(0, dtype=np.int64)
+
+    def feature_examples(self, feature_id: int) -> list[dict]:
+        """A latent's sampled activation examples, as :meth:`feature` gives them."""
+        return self._feature_examples(int(feature_id))
+
     @staticmethod
     def _position(ids: np.ndarray, feature_id: int) -> int | None:
         position = int(np.searchsorted(ids, feature_id))

@@ -581,6 +581,87 @@ def report(
     console.print(f"wrote {output} ({chosen})", highlight=False)
 
 
+export_app = typer.Typer(help="Write an output directory, or a filtered part of it, in another format.")
+app.add_typer(export_app, name="export")
+
+
+def _bounds(values: list[str] | None, option: str) -> dict[str, str]:
+    """``METRIC=VALUE`` options as query parameters ``<metric>_min`` / ``<metric>_max``."""
+    bounds = {}
+    for value in values or []:
+        metric, separator, number = value.partition("=")
+        if not separator:
+            raise CommandError(f"--{option} {value!r}: expected METRIC=VALUE (e.g. fuzz=0.8)")
+        bounds[f"{metric}_{option}"] = number
+    return bounds
+
+
+@export_app.command("table")
+@_fail_cleanly
+def export_table(
+    output_dir: Annotated[Path, typer.Argument(help="A sae-atlas output directory.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="The file to write: .csv, .jsonl or .parquet.")],
+    explainer: Annotated[str | None, typer.Option(help="Only this explainer's rows.")] = None,
+    scorer: Annotated[str | None, typer.Option(help="Score columns from this scorer only (default: the mean).")] = None,
+    contains: Annotated[str | None, typer.Option(help="Text the explanation contains.")] = None,
+    minimum: Annotated[
+        list[str] | None, typer.Option("--min", help="METRIC=VALUE: rows whose metric is at least VALUE (repeatable).")
+    ] = None,
+    maximum: Annotated[
+        list[str] | None, typer.Option("--max", help="METRIC=VALUE: rows whose metric is at most VALUE (repeatable).")
+    ] = None,
+    sort: Annotated[str, typer.Option(help="Column to sort by.")] = "feature_id",
+    order: Annotated[str, typer.Option(help="asc or desc.")] = "asc",
+) -> None:
+    """Write the rows of the feature table the filters select (every match, as the index page's
+    download does) to CSV, JSON Lines or Parquet, the format from the file's suffix."""
+    from sae_atlas import pages, table_export
+    from sae_atlas.queries import feature_query_model, parse
+
+    table_export.format_of(output)  # a bad suffix fails before any work
+    atlas = _open_atlas(output_dir)
+    params = {"sort": sort, "order": order, **_bounds(minimum, "min"), **_bounds(maximum, "max")}
+    params.update(
+        {key: value for key, value in (("explainer", explainer), ("scorer", scorer), ("contains", contains)) if value}
+    )
+    query = parse(feature_query_model(atlas.explainers, atlas.scorers), params)
+    frame = pages.feature_export(atlas, query)
+    chosen = table_export.write(frame, output)
+    console.print(f"wrote {frame.height:,} rows to {output} ({chosen})", highlight=False)
+
+
+@export_app.command("neuronpedia")
+@_fail_cleanly
+def export_neuronpedia(
+    output_dir: Annotated[Path, typer.Argument(help="A sae-atlas output directory.")],
+    model_id: Annotated[str, typer.Option("--model-id", help="Neuronpedia model id (e.g. gemma-2-9b).")],
+    source: Annotated[str, typer.Option(help="Neuronpedia source id <layer>-<set> (e.g. 30-gemmascope-res-16k).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Directory for exports/<model-id>/<source>/.")],
+    creator_id: Annotated[str, typer.Option(help="Neuronpedia user id to credit.")] = "clkht01d40000jv08hvalcvly",
+    explanation_type: Annotated[
+        str, typer.Option(help="Neuronpedia explanation type name of delphi's explainer.")
+    ] = "eleuther_acts_top20",
+) -> None:
+    """Write the features (with decoder neighbours), sampled activation records and explanations in
+    the batch files Neuronpedia's importer reads."""
+    from sae_atlas.neuronpedia import export
+
+    counts = export(
+        _open_atlas(output_dir),
+        output,
+        model_id=model_id,
+        source=source,
+        creator_id=creator_id,
+        explanation_type=explanation_type,
+    )
+    console.print(
+        f"wrote {counts['directory']}: {counts['features']:,} features, {counts['activations']:,} activations, "
+        f"{counts['explanations']:,} explanations in {counts['batches']:,} batch(es)",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
 @app.command()
 @_fail_cleanly
 def serve(

@@ -31,6 +31,11 @@ def feature_table(atlas: Atlas, query: FeatureQuery) -> dict:
     return data
 
 
+def feature_export(atlas: Atlas, query: FeatureQuery):
+    """The rows of the feature table a download holds (every matching row unless limited)."""
+    return atlas.query_features(**query.export_arguments())[0]
+
+
 def feature(atlas: Atlas, feature_id: int) -> dict:
     """Everything about one latent."""
     return atlas.feature(feature_id)

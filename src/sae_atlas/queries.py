@@ -41,6 +41,7 @@ class FeatureQuery(_Query):
     order: Literal["asc", "desc"] = "asc"
     limit: int = 100
     offset: int = 0
+    format: Literal["json", "csv", "jsonl", "parquet"] = "json"
 
     def filters(self) -> dict[str, tuple[float | None, float | None]]:
         """``{metric: (low, high)}`` for every metric with a bound."""
@@ -59,6 +60,14 @@ class FeatureQuery(_Query):
             "limit": self.limit,
             "offset": self.offset,
         }
+
+    def export_arguments(self) -> dict:
+        """:meth:`table_arguments` for a file download: every matching row, unless the query
+        names ``limit`` or ``offset`` itself."""
+        arguments = self.table_arguments()
+        if "limit" not in self.model_fields_set:
+            arguments["limit"] = None
+        return arguments
 
 
 class PlotQuery(_Query):
@@ -92,6 +101,10 @@ def feature_query_model(explainers: list[str], scorers: list[str]) -> type[Featu
         sort=(Literal[COLUMNS], Field("feature_id", description="column to sort by")),  # type: ignore[valid-type]
         limit=(int, Field(100, ge=1, le=MAX_LIMIT)),
         offset=(int, Field(0, ge=0, le=MAX_OFFSET)),
+        format=(
+            Literal["json", "csv", "jsonl", "parquet"],
+            Field("json", description="json: one page; csv, jsonl, parquet: a file of every matching row"),
+        ),
         **bounds,
     )
 

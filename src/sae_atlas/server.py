@@ -20,10 +20,10 @@ import orjson
 from fastapi import FastAPI, Query, Request
 from fastapi import Path as PathParameter
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from sae_atlas import __version__, metrics, pages
+from sae_atlas import __version__, metrics, pages, table_export
 from sae_atlas.atlas import METRICS, Atlas, FeatureNotFound, QueryError
 from sae_atlas.guard import Guard
 from sae_atlas.queries import (
@@ -391,10 +391,22 @@ def create_app(atlas: Atlas, *, prepare: bool = True, page_threads: int | None =
         """What the output directory holds, and its headline numbers."""
         return FastJSON(atlas.stats())
 
-    @app.get("/api/features", response_model=FeaturePage, responses=ERRORS, tags=["features"])
+    @app.get(
+        "/api/features",
+        response_model=FeaturePage,
+        responses={**ERRORS, 200: {"content": {media: {} for media in table_export.MEDIA_TYPES.values()}}},
+        tags=["features"],
+    )
     def features(query: Annotated[TableQuery, Query()]):
-        """One row per (feature, explainer), filtered, sorted and paged (the index page's data)."""
-        return FastJSON(pages.feature_table(atlas, query))
+        """One row per (feature, explainer), filtered, sorted and paged (the index page's data);
+        with ``format`` csv, jsonl or parquet, a file of every matching row."""
+        if query.format == "json":
+            return FastJSON(pages.feature_table(atlas, query))
+        return StreamingResponse(
+            table_export.encode(pages.feature_export(atlas, query), query.format),
+            media_type=table_export.MEDIA_TYPES[query.format],
+            headers={"Content-Disposition": f'attachment; filename="features.{query.format}"'},
+        )
 
     @app.get("/api/features/{feature_id}", response_model=Feature, responses=ERRORS, tags=["features"])
     async def feature(feature_id: Annotated[int, PathParameter(ge=0, le=MAX_FEATURE_ID)]):

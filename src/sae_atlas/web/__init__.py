@@ -193,6 +193,11 @@ def mount_browser(app: FastAPI, atlas: Atlas) -> None:
             merged = {**kept, **{key: value for key, value in changes.items() if value is not None}}
             return "/?" + urlencode({key: value for key, value in merged.items() if value not in ("", None)})
 
+        def download(format: str) -> str:
+            """Every row the current filters and sort select, as a file (the JSON twin's ``format``)."""
+            chosen = {key: value for key, value in kept.items() if key not in ("limit", "q", "format")}
+            return "/api/features?" + urlencode({**chosen, "format": format})
+
         return page(
             request,
             "index.html",
@@ -213,6 +218,7 @@ def mount_browser(app: FastAPI, atlas: Atlas) -> None:
             params=params,
             error=error,
             link=link,
+            download=download,
             page_sizes=PAGE_SIZES,
             stats=atlas.stats(),
             headers=[*HEADERS, *[(metric.name, metric.label, metric.description) for metric in shown]],
