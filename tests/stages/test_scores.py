@@ -90,11 +90,13 @@ FILES = {
 }
 
 
-def score_table(root) -> pl.DataFrame:
-    problems = Problems()
+def score_table(root, problems: Problems | None = None) -> pl.DataFrame:
+    """The scores of one run; with no ``problems`` given, the run must read without any."""
+    expect_clean = problems is None
+    problems = problems if problems is not None else Problems()
     run = delphi.discover_run(SourceConfig(path=root, explainer="E", scorer="S"), problems)
     records = delphi.read_score_records(run, problems)
-    assert not problems.items
+    assert not (expect_clean and problems.items)
 
     def tag(frame):
         return frame.with_columns(data_source=pl.lit(run.name))
@@ -325,3 +327,27 @@ def test_the_newest_and_the_legacy_simulation_files_give_the_same_scores(tmp_pat
     columns = ["feature_id", "method", "score", "variance", "overall", "by_quantile"]
     assert newest.select(columns).equals(legacy.select(columns))
     assert newest["score"].item() == pytest.approx(0.5) and newest["overall"].item() == pytest.approx(0.5)
+
+
+def test_malformed_files_in_the_newest_layouts_are_reported_and_the_rest_kept(tmp_path):
+    good = {"batch": {"quantile_positive_query": 0}, "delta_plus": 0.5, "delta_minus": 0.1}
+    files = {
+        f"simulator/{HOOK}1.txt": b'[{"distance": 0, "ev_correlation_sc',  # truncated
+        f"simulator/{HOOK}2.txt": [group(1, 0.4), "a string"],  # wrong record type
+        f"simulator/{HOOK}3.txt": [group(1, 0.4), group(0, 0.2)],
+        f"example_embedding/{HOOK}4.txt": {"delta_plus": 1},  # not a list of batches
+        # a batch that is not an object and deltas that are not numbers: failed batches, not crashes
+        f"example_embedding/{HOOK}5.txt": [good, {**good, "batch": "?"}, {**good, "delta_minus": "high"}],
+    }
+    problems = Problems()
+    table = score_table(make_run(tmp_path / "run", run_config={}, scores=files), problems)
+    by_file = {problem.file.rsplit("/", 1)[-1]: problem.message for problem in problems}
+    assert set(by_file) == {f"{HOOK}1.txt", f"{HOOK}2.txt", f"{HOOK}4.txt"}
+    assert "truncated or invalid JSON" in by_file[f"{HOOK}1.txt"]
+    assert "record 1 is a str" in by_file[f"{HOOK}2.txt"]
+    assert "expected a JSON array" in by_file[f"{HOOK}4.txt"]
+    rows = {(row["feature_id"], row["method"]): row for row in table.iter_rows(named=True)}
+    assert set(rows) == {(3, "simulation"), (5, "example_embedding")}
+    assert rows[3, "simulation"]["score"] == pytest.approx(0.3) and rows[3, "simulation"]["overall"] == 0.2
+    embedding = rows[5, "example_embedding"]
+    assert embedding["score"] == pytest.approx(0.4) and embedding["n_failed"] == 1
