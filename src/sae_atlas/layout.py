@@ -229,6 +229,25 @@ def remove_output(path: Path) -> bool:
 # -- the prompt table ----------------------------------------------------------------------------
 
 
+def read_in_row_groups(path: Path, columns: list[str] | None = None, rows: int = 65_536):
+    """``path`` as Polars frames of whole row groups, about ``rows`` rows each.
+
+    Reads row groups rather than ``ParquetFile.iter_batches``: over nested list columns the latter
+    keeps its decoded pages alive (4 GiB after 30 batches of activation_embeddings at 131k
+    latents), while ``read_row_groups`` frees each read and stays flat."""
+    parquet = pq.ParquetFile(path)
+    groups: list[int] = []
+    gathered = 0
+    for group in range(parquet.num_row_groups):
+        groups.append(group)
+        gathered += parquet.metadata.row_group(group).num_rows
+        if gathered >= rows:
+            yield pl.from_arrow(parquet.read_row_groups(groups, columns=columns))
+            groups, gathered = [], 0
+    if groups:
+        yield pl.from_arrow(parquet.read_row_groups(groups, columns=columns))
+
+
 def row_group_ranges(path: Path, column: str) -> list[tuple[int, int]]:
     """(min, max) of ``column`` in each row group of a Parquet file, from its statistics (a row
     group without statistics spans every value)."""

@@ -252,17 +252,7 @@ class RunContext:
         return pl.read_parquet(self.output_of(stage), columns=columns)
 
     def read_batches(self, stage: str, columns: list[str] | None = None, rows: int = 65_536) -> Iterator[pl.DataFrame]:
-        parquet = pq.ParquetFile(self.output_of(stage))
-        groups: list[int] = []
-        gathered = 0
-        for group in range(parquet.num_row_groups):
-            groups.append(group)
-            gathered += parquet.metadata.row_group(group).num_rows
-            if gathered >= rows:
-                yield pl.from_arrow(parquet.read_row_groups(groups, columns=columns))
-                groups, gathered = [], 0
-        if groups:
-            yield pl.from_arrow(parquet.read_row_groups(groups, columns=columns))
+        return layout.read_in_row_groups(self.output_of(stage), columns, rows)
 
     def prompt_tokens(self) -> pl.Series:
         return layout.read_prompt_tokens(self.output_dir)

@@ -108,13 +108,6 @@ def _check_explanation_embeddings(validation: Validation, frame: pl.DataFrame) -
             validation.fail(name, f"{off} embeddings are not unit-norm within {TOLERANCE}")
 
 
-def _batches(path: Path, columns: list[str], rows: int = 262_144):
-    """``path`` a few row groups at a time, as Polars frames: the big files are never whole."""
-    parquet = pq.ParquetFile(path)
-    for batch in parquet.iter_batches(batch_size=rows, columns=columns):
-        yield pl.from_arrow(batch)
-
-
 def _pair_keys(feature_id: np.ndarray, prompt_id: np.ndarray) -> np.ndarray:
     return (feature_id.astype(np.uint64) << np.uint64(32)) | prompt_id.astype(np.uint64)
 
@@ -130,7 +123,7 @@ def _check_activation_examples(validation: Validation, path: Path) -> np.ndarray
     """Check activation_examples.parquet a batch at a time; return its (feature, prompt) keys."""
     name = layout.ACTIVATION_EXAMPLES
     keys, counted, wrong_max, outside = [], 0, 0, 0
-    for batch in _batches(
+    for batch in layout.read_in_row_groups(
         path, ["feature_id", "prompt_id", "num_activations", "max_activation", "prompt_tokens", "activation_pairs"]
     ):
         frame = batch.select(
@@ -179,8 +172,8 @@ def _check_activation_embeddings(validation: Validation, path: Path, examples: n
     name = layout.ACTIVATION_EMBEDDINGS
     columns = pq.read_schema(path).names
     features, counts, misaligned, off, strays = [], [], 0, 0, 0
-    for frame in _batches(
-        path, [c for c in ("feature_id", "prompt_ids", "embeddings", SCALES_COLUMN) if c in columns], 16_384
+    for frame in layout.read_in_row_groups(
+        path, [c for c in ("feature_id", "prompt_ids", "embeddings", SCALES_COLUMN) if c in columns], 2_048
     ):
         lengths = frame.select(
             prompts=pl.col("prompt_ids").list.len(),

@@ -19,7 +19,7 @@ from sae_atlas.stage import Plan, Product, Stage, StageContext
 from sae_atlas.vector_storage import ActivationEmbeddings, activation_embeddings_from_frame
 
 FEATURES_PER_BLOCK = 1024
-FEATURES_PER_READ = 16_384
+FEATURES_PER_READ = 2_048  # about 60 MB of float32 vectors per read at 20 windows × 384 dims
 
 
 def _block_statistics(vectors: np.ndarray, offsets: np.ndarray, counts: np.ndarray) -> np.ndarray:
