@@ -4,6 +4,11 @@
 
     python bench/scale.py                      # 131,072 latents: about 1.5 hours on 2 cores
     python bench/scale.py --features 16384     # the other widths of docs/scaling.md
+    python bench/scale.py --resume             # keep the phases an interrupted run finished
+
+Each finished phase (a stage, the floors, the cached re-run, the queries, the incremental update)
+is saved to bench/out/scale-<N>/progress.json with the commit it ran at, so an interrupted run can
+be resumed; a fresh run starts from an empty progress file.
 
 The corpus is `sae-atlas synth --features N --explained N/8 --explainers 3 --scorers 3 --prompts
 24571 --ctx 127 --d-model 3584 --activation-format both` (the study's prompts and model width, an
@@ -88,12 +93,39 @@ def sidecar(output: Path, name: str) -> dict:
     return orjson.loads((output / f"{name}.metadata.json").read_bytes())
 
 
-def run_stages(config: Path, output: Path) -> dict:
+class Progress:
+    """The phases of this width's run finished so far, saved after each (bench/out/scale-N/progress.json)."""
+
+    def __init__(self, root: Path, resume: bool) -> None:
+        self.path = root / "progress.json"
+        self.phases = orjson.loads(self.path.read_bytes()) if resume and self.path.exists() else {}
+
+    def __contains__(self, phase: str) -> bool:
+        return phase in self.phases
+
+    def __getitem__(self, phase: str):
+        return self.phases[phase]["result"]
+
+    def record(self, phase: str, result) -> None:
+        self.phases[phase] = {"result": result, "commit": commit(), "date": time.strftime("%Y-%m-%d %H:%M")}
+        self.path.write_bytes(orjson.dumps(self.phases, option=orjson.OPT_INDENT_2))
+
+
+def commit() -> str:
+    here = Path(__file__).parent
+    run = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=here)
+    return run.stdout.strip()
+
+
+def run_stages(config: Path, output: Path, progress: Progress) -> dict:
     """Each stage in its own process, in pipeline order: wall, peak RSS, the sidecar's seconds."""
     from sae_atlas.pipeline import OUTPUTS
 
     results = {}
     for stage in STAGES:
+        if f"stage:{stage}" in progress:
+            results[stage] = progress[f"stage:{stage}"]
+            continue
         wall, peak = measured([*CLI, "run", str(config), "--only", stage])
         record = sidecar(output, OUTPUTS[stage])
         results[stage] = {
@@ -103,6 +135,7 @@ def run_stages(config: Path, output: Path) -> dict:
             "rows": record["rows"],
             "statistics": record["statistics"],
         }
+        progress.record(f"stage:{stage}", results[stage])
         print(f"{stage}: {wall:.0f} s, {gib(peak)}", flush=True)
     return results
 
@@ -247,42 +280,49 @@ def queries(output: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--features", type=int, default=131_072)
+    parser.add_argument("--resume", action="store_true", help="keep the phases an interrupted run finished")
     arguments = parser.parse_args()
     features = arguments.features
     root, synth = corpus(features)
     print(f"corpus: {synth['seconds']:.0f} s, {gib(synth['peak_rss'])}", flush=True)
+    progress = Progress(root, arguments.resume)
 
     output = root / "run-int8"
-    shutil.rmtree(output, ignore_errors=True)
     config = configured(root, "run-int8")
-    started = time.perf_counter()
-    stages = run_stages(config, output)
-    pipeline = time.perf_counter() - started
+    if not progress.phases:
+        shutil.rmtree(output, ignore_errors=True)
+    stages = run_stages(config, output, progress)
+    pipeline = sum(stage["wall"] for stage in stages.values())
 
-    delphi_output = root / "delphi-reader"
-    shutil.rmtree(delphi_output, ignore_errors=True)
-    delphi_config = configured(root, "delphi-reader", source="sae-atlas-delphi.toml")
-    delphi_wall, delphi_peak = measured([*CLI, "run", str(delphi_config), "--only", "activation_examples"])
-    same_records = (
-        pl.read_parquet(delphi_output / "activation_examples.parquet", columns=["feature_id", "prompt_id"]).height
-        == stages["activation_examples"]["rows"]
-    )
-    shutil.rmtree(delphi_output, ignore_errors=True)
+    def phase(name: str, measure):
+        if name not in progress:
+            progress.record(name, measure())
+        print(f"{name}: {progress[name]}", flush=True)
+        return progress[name]
 
-    decoder_path = next((root / "raw" / "sae").rglob("params.npz"))
-    decoder = decoder_floor(decoder_path)
-    print(f"decoder floor: {decoder:.0f} s", flush=True)
-    distinct = stages["activation_embeddings"]["statistics"]["distinct_texts"]
-    per_text = encode_floor(output, window_sample(output, ENCODE_SAMPLE))
-    encode = per_text * distinct
-    print(f"encode floor: {encode:.0f} s ({1 / per_text:.0f} texts/s)", flush=True)
+    def delphi_reader() -> dict:
+        delphi_output = root / "delphi-reader"
+        shutil.rmtree(delphi_output, ignore_errors=True)
+        delphi_config = configured(root, "delphi-reader", source="sae-atlas-delphi.toml")
+        wall, peak = measured([*CLI, "run", str(delphi_config), "--only", "activation_examples"])
+        same = (
+            pl.read_parquet(delphi_output / "activation_examples.parquet", columns=["feature_id", "prompt_id"]).height
+            == stages["activation_examples"]["rows"]
+        )
+        shutil.rmtree(delphi_output, ignore_errors=True)
+        return {"wall": wall, "peak_rss": peak, "same_rows": same}
 
-    cached = cached_rerun(config)
-    print(f"cached stage 4: {cached:.0f} s", flush=True)
-    query = queries(output)
-    print(f"queries: {query}", flush=True)
-    update = incremental(root, config, output)
-    print(f"incremental: {update}", flush=True)
+    def floors() -> dict:
+        decoder = decoder_floor(next((root / "raw" / "sae").rglob("params.npz")))
+        per_text = encode_floor(output, window_sample(output, ENCODE_SAMPLE))
+        distinct = stages["activation_embeddings"]["statistics"]["distinct_texts"]
+        return {"decoder": decoder, "encode": per_text * distinct, "encode_texts_per_second": 1 / per_text}
+
+    delphi = phase("delphi_reader", delphi_reader)
+    floor = phase("floors", floors)
+    cached = phase("cached_stage_4", lambda: cached_rerun(config))
+    query = phase("queries", lambda: queries(output))
+    update = phase("incremental", lambda: incremental(root, config, output))
 
     results = {
         "features": features,
@@ -290,12 +330,13 @@ def main() -> None:
         "synth": synth,
         "stages": stages,
         "pipeline_seconds": pipeline,
-        "delphi_reader": {"wall": delphi_wall, "peak_rss": delphi_peak, "same_rows": same_records},
-        "floors": {"decoder": decoder, "encode": encode, "encode_texts_per_second": 1 / per_text},
+        "delphi_reader": delphi,
+        "floors": floor,
         "cached_stage_4": cached,
         "incremental": update,
         "queries": query,
         "bench_peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "phases": {name: {"commit": entry["commit"], "date": entry["date"]} for name, entry in progress.phases.items()},
     }
     (root / "results.json").write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2))
     if features == 131_072:
@@ -313,6 +354,17 @@ def queries_paragraph(query: dict) -> str:
         f"{query['features_query'] * 1e3:.1f} ms (< 20 ms); `serve` answers in {query['serve_ready']:.1f} s (< 2 s); "
         f"the index page {query['index_page'] * 1e3:.0f} ms (< 100 ms); `validate` {query['validate']:.0f} s "
         f"(< 2 min), peak RSS {gib(query['validate_peak_rss'])}."
+    )
+
+
+def measured_when(phases: dict) -> str:
+    """When and at which commits the phases ran: a resumed run says so."""
+    if not phases:
+        return ""
+    commits = sorted({entry["commit"] for entry in phases.values()})
+    dates = sorted(entry["date"] for entry in phases.values())
+    return f"Measured {dates[0]} – {dates[-1]} UTC at commit{'s' if len(commits) > 1 else ''} {', '.join(commits)}" + (
+        "; the run was interrupted and resumed from its finished phases (`--resume`)." if len(commits) > 1 else "."
     )
 
 
@@ -344,6 +396,8 @@ def section(results: dict) -> str:
             f"{gib(synth['peak_rss'])} (targets < 20 min, < 4 GiB; {verdict(synth['seconds'] < 1200)}). "
             f"{stages['activation_examples']['statistics']['records']:,} activation records, "
             f"{stages['activation_examples']['statistics']['activation_pairs']:,} pairs.",
+            "",
+            measured_when(results.get("phases", {})),
             "",
             "Each stage in a fresh process (`sae-atlas run --only STAGE`), in pipeline order, from an empty output "
             'directory and embedding cache, `quantize = "int8"`. *Stage* is the sidecar\'s time, *process* adds '
