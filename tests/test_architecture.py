@@ -321,7 +321,7 @@ LAYERS = [
     # readers of the raw formats, and the synthetic corpus written in them
     {"sources", "synth"},
     # computation shared by stages and queries
-    {"embedding", "embedding_models", "embedding_cache", "embedding_int8", "sampling", "vector_storage"},
+    {"embedding", "embedding_models", "embedding_cache", "embedding_int8", "sampling", "vector_storage", "ray_engine"},
     # stages and their declaration
     {"stage", "stages"},
     # the runner

@@ -152,12 +152,21 @@ def _print_report(report) -> None:
     console.print(f"done in {report.seconds:.1f} s")
 
 
-def run_pipeline(config_path: Path, *, only=None, force=False, strict=False, embedder=None):
-    """Load a config, run the pipeline with progress output, print and return the report."""
+def run_pipeline(
+    config_path: Path, *, only=None, force=False, strict=False, embedder=None, engine=None, ray_address=None
+):
+    """Load a config, run the pipeline with progress output, print and return the report.
+    ``engine`` / ``ray_address`` override the config's ``[execution]``."""
     from sae_atlas.config import load_config
     from sae_atlas.pipeline import Pipeline
 
     config = load_config(config_path)
+    overrides = {"engine": engine} if engine else {}
+    if ray_address:
+        overrides |= {"engine": "ray", "address": ray_address}
+    if overrides:
+        execution = config.execution.model_validate(config.execution.model_dump() | overrides)
+        config = config.model_copy(update={"execution": execution})
     pipeline = Pipeline(
         config,
         strict=strict,
@@ -234,9 +243,16 @@ def run(
     only: Annotated[list[str] | None, typer.Option("--only", help="Run only this stage (repeatable).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Re-run stages even when unchanged.")] = False,
     strict: Annotated[bool, typer.Option("--strict", help="Fail on the first malformed input.")] = False,
+    engine: Annotated[str | None, typer.Option("--engine", help="local or ray (overrides [execution] engine).")] = None,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            "--ray-address", help="Join this Ray cluster: auto, host:6379 or ray://host:10001 (implies --engine ray)."
+        ),
+    ] = None,
 ) -> None:
     """Run the pipeline described by CONFIG; unchanged stages are skipped."""
-    run_pipeline(config, only=only, force=force, strict=strict)
+    run_pipeline(config, only=only, force=force, strict=strict, engine=engine, ray_address=ray_address)
 
 
 @app.command()

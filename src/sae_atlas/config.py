@@ -87,6 +87,21 @@ class OutputConfig(_Section):
     compression: Literal["zstd", "snappy", "lz4", "gzip", "brotli", "uncompressed"] = "zstd"
 
 
+class ExecutionConfig(_Section):
+    """Where the heavy stages run. Never part of a stage's fingerprint: every engine writes the
+    same outputs."""
+
+    engine: Literal["local", "ray"] = "local"
+    # Ray only. Unset: start a Ray instance on this machine for the run; "auto" or
+    # "ray://host:10001" (or "host:6379"): join that cluster.
+    address: str | None = None
+    # Embedding actors (each loads the model once); unset: as many as the cluster's CPUs (or GPUs,
+    # with gpus_per_actor) allow.
+    embedding_actors: Annotated[int | None, Field(ge=1, le=4096)] = None
+    cpus_per_actor: Annotated[float, Field(gt=0, le=1024)] = 1.0
+    gpus_per_actor: Annotated[float, Field(ge=0, le=64)] = 0.0
+
+
 class AtlasConfig(_Section):
     """A whole ``sae-atlas.toml``."""
 
@@ -98,6 +113,7 @@ class AtlasConfig(_Section):
     embedding: EmbeddingConfig = EmbeddingConfig()
     sampling: SamplingConfig = SamplingConfig()
     output: OutputConfig = OutputConfig()
+    execution: ExecutionConfig = ExecutionConfig()
 
     @field_validator("sources")
     @classmethod

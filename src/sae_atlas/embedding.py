@@ -9,7 +9,9 @@
   cheap;
 - forms batches from texts sorted by token count, which pads less than sentence-transformers' own
   character-length sort and gives identical vectors;
-- loads the model lazily, so a run whose texts are all cached never loads it.
+- loads the model lazily, so a run whose texts are all cached never loads it;
+- hands the batches of missing texts to an ``encoder`` when the run's engine has one (a Ray Data
+  actor pool, :mod:`sae_atlas.ray_engine`): the same batches, encoded elsewhere.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,11 +75,15 @@ class Embedder:
         cache_dir: str | Path | None = None,
         threads: int | None = None,
         backend=None,
+        encoder=None,
     ):
         """``threads``: CPU threads the model may use (None: every core); a server answering
         requests, or one of several workers sharing a machine, wants fewer.
         ``backend``: an already loaded backend of the same model, to share it instead of loading
-        the model again (e.g. ``Embedder(spec, cache_dir=other, backend=embedder.backend)``)."""
+        the model again (e.g. ``Embedder(spec, cache_dir=other, backend=embedder.backend)``).
+        ``encoder``: encodes the batches of missing texts elsewhere (``encode(embedder, texts,
+        batches, progress)`` → vectors); this process then loads the model on the CPU only to
+        count tokens (and, for int8, to export the model it ships)."""
         self.model_spec = model
         self.threads = threads
         self.batch_size = batch_size
@@ -86,6 +92,7 @@ class Embedder:
         self.cache_root = Path(cache_dir) if cache_dir else None
         self.stats = EmbeddingStats()
         self._backend = backend
+        self.encoder = encoder
         self._loading = threading.Lock()
 
     @property
@@ -107,9 +114,9 @@ class Embedder:
                             self.model_spec, cache_dir=self.cache_root, threads=self.threads
                         )
                     else:
-                        self._backend = SentenceTransformerBackend(
-                            self.model_spec, device=self.device, threads=self.threads
-                        )
+                        # With a remote encoder this copy only tokenises: the CPU will do.
+                        device = "cpu" if self.encoder is not None else self.device
+                        self._backend = SentenceTransformerBackend(self.model_spec, device=device, threads=self.threads)
         return self._backend
 
     @property
@@ -124,21 +131,52 @@ class Embedder:
         slug = "".join(char if char.isalnum() else "-" for char in self.model_spec)[-48:]
         return EmbeddingCache(self.cache_root / f"{slug}-{namespace}")
 
+    def batches(self, texts: Sequence[str]) -> list[np.ndarray]:
+        """Indices of ``texts`` in the batches they are encoded in: consecutive runs of the texts
+        sorted by token count (stable), ``batch_size`` each. Every engine encodes these same
+        batches, so int8's per-batch activation ranges, and with them the vectors, agree."""
+        order = np.argsort(self.backend.token_counts(texts), kind="stable")
+        return [order[start : start + self.batch_size] for start in range(0, len(order), self.batch_size)]
+
     def encode_uncached(self, texts: Sequence[str], progress: ProgressCallback | None = None) -> np.ndarray:
         """Embed ``texts`` with the model, batches formed from token-count-sorted texts."""
         backend = self.backend
-        vectors = np.zeros((len(texts), backend.dimension), dtype=np.float32)
         if not texts:
-            return vectors
-        order = np.argsort(backend.token_counts(texts), kind="stable")
+            return np.zeros((0, backend.dimension), dtype=np.float32)
+        batches = self.batches(texts)
         started = time.perf_counter()
-        for start in range(0, len(order), self.batch_size):
-            batch = order[start : start + self.batch_size]
-            vectors[batch] = backend.encode([texts[index] for index in batch])
-            if progress:
-                progress(min(start + self.batch_size, len(order)), len(order))
+        if self.encoder is not None:
+            vectors = self.encoder.encode(self, texts, batches, progress)
+        else:
+            vectors = np.zeros((len(texts), backend.dimension), dtype=np.float32)
+            done = 0
+            for batch in batches:
+                vectors[batch] = backend.encode([texts[index] for index in batch])
+                done += len(batch)
+                if progress:
+                    progress(done, len(texts))
         self.stats.seconds_encoding += time.perf_counter() - started
         return vectors
+
+    def prefetch(self, texts: Iterable[str], progress: ProgressCallback | None = None) -> int:
+        """Encode every text of ``texts`` the cache lacks, in one call, and store the vectors: the
+        ``embed`` calls that follow find them cached. For engines that encode a whole stage's
+        texts in one distributed job. Returns how many texts were encoded."""
+        cache = self._cache()
+        if cache is None:
+            return 0
+        unique = list(dict.fromkeys(texts))
+        keys = [text_key(text) for text in unique]
+        found, _ = cache.lookup(keys)
+        missing = np.flatnonzero(~found)
+        if len(missing):
+            fresh = self.encode_uncached([unique[index] for index in missing], progress)
+            cache.store([keys[index] for index in missing], fresh)
+        # Counted as embedded now; the embed calls that follow will find them cached, so they are
+        # taken off the cached count in advance (the stage's statistics stay what a local run says).
+        self.stats.embedded += len(missing)
+        self.stats.from_cache -= len(missing)
+        return len(missing)
 
     def embed(self, texts: Sequence[str], progress: ProgressCallback | None = None) -> np.ndarray:
         """Unit vectors for ``texts`` (float32, one row per text, duplicates share a vector)."""

@@ -114,23 +114,35 @@ def build_int8_model(model, target: Path) -> None:
 class OnnxInt8Backend(SentenceTransformerBackend):
     """The model quantised to int8 and run by ONNX Runtime on the CPU."""
 
-    def __init__(self, spec: str, *, cache_dir: Path | None = None, threads: int | None = None):
+    def __init__(
+        self,
+        spec: str,
+        *,
+        cache_dir: Path | None = None,
+        threads: int | None = None,
+        onnx_model: bytes | None = None,
+    ):
+        """``onnx_model``: the quantised model already built (elsewhere), used as it is."""
         import onnxruntime
 
         super().__init__(spec, device="cpu", threads=threads)
         self.note = None
-        target = _onnx_directory(cache_dir, spec) / "model-int8.onnx"
-        try:
-            if not target.exists():
-                build_int8_model(self.model, target)
-        except Exception as error:  # export support varies by architecture: fall back, say so
-            self.note = f"ONNX export failed ({type(error).__name__}); torch dynamic int8 used instead"
-            self._torch_fallback()
-            return
+        self.model_file: Path | None = None
+        if onnx_model is None:
+            target = _onnx_directory(cache_dir, spec) / "model-int8.onnx"
+            try:
+                if not target.exists():
+                    build_int8_model(self.model, target)
+            except Exception as error:  # export support varies by architecture: fall back, say so
+                self.note = f"ONNX export failed ({type(error).__name__}); torch dynamic int8 used instead"
+                self._torch_fallback()
+                return
+            self.model_file = target
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads or os.cpu_count() or 1
         options.log_severity_level = 3
-        self.session = onnxruntime.InferenceSession(str(target), options, providers=["CPUExecutionProvider"])
+        source = onnx_model if onnx_model is not None else str(self.model_file)
+        self.session = onnxruntime.InferenceSession(source, options, providers=["CPUExecutionProvider"])
         self.input_names = [node.name for node in self.session.get_inputs()]
 
     def _torch_fallback(self) -> None:

@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sae_atlas import __version__, layout
-from sae_atlas.config import AtlasConfig
+from sae_atlas.config import AtlasConfig, ExecutionConfig
 from sae_atlas.embedding import Embedder
 from sae_atlas.engine import Engine, LocalEngine
 from sae_atlas.problems import Problem, Problems
@@ -165,11 +165,31 @@ class RunContext:
     @property
     def engine(self) -> Engine:
         if self._engine is None:
-            self._engine = LocalEngine()
+            self._engine = make_engine(self.config.execution)
         return self._engine
+
+    def start_engine(self) -> None:
+        """Start (or connect) the engine; a cluster that does not answer stops the run here,
+        before anything is written."""
+        try:
+            self.engine.start()
+        except (ConnectionError, ImportError) as error:
+            raise PipelineError(str(error)) from None
 
     def map(self, function: Callable, tasks: Sequence) -> Iterator:
         return self.engine.map(function, tasks)
+
+    def map_shared(self, function: Callable, shared, tasks: Sequence, *, gpus: float = 0) -> Iterator:
+        return self.engine.map_shared(function, shared, tasks, gpus=gpus)
+
+    def prefetch_embeddings(self, stage: str, texts: Iterable[str]) -> None:
+        if not self.engine.batch_inference:
+            return  # texts are embedded as the stage streams them
+
+        def callback(done: int, count: int) -> None:
+            self.progress(stage, done, count)
+
+        self.embedder.prefetch(texts, progress=callback if self.progress else None)
 
     def close(self) -> None:
         """Stop the engine's workers (a new run starts them again)."""
@@ -271,13 +291,16 @@ class RunContext:
     @property
     def embedder(self) -> Embedder:
         if self._embedder is None:
-            settings = self.config.embedding
+            settings, execution = self.config.embedding, self.config.execution
+            encoder = self.engine.text_encoder(execution)
             self._embedder = Embedder(
                 settings.model,
                 batch_size=settings.batch_size,
-                device=settings.device,
+                # on a cluster the model runs where the actors are: on their GPUs when they have one
+                device="cuda" if encoder is not None and execution.gpus_per_actor else settings.device,
                 quantize=settings.quantize,
                 cache_dir=self.config.embedding_cache_dir,
+                encoder=encoder,
             )
         return self._embedder
 
@@ -340,6 +363,17 @@ class StageView:
     def read_batches(self, stage: str, columns: list[str] | None = None, rows: int = 65_536) -> Iterator[pl.DataFrame]:
         self._check(stage)
         return self._context.read_batches(stage, columns, rows)
+
+
+def make_engine(execution: ExecutionConfig) -> Engine:
+    """The engine ``[execution]`` names (not started)."""
+    if execution.engine == "ray":
+        try:
+            from sae_atlas.ray_engine import RayEngine
+        except ImportError as error:
+            raise ImportError(f'engine = "ray" needs Ray: pip install "sae-atlas[ray]" ({error})') from None
+        return RayEngine(execution)
+    return LocalEngine()
 
 
 def config_value(config: AtlasConfig, key: str):
@@ -591,6 +625,7 @@ class Pipeline:
                 f"unknown stage(s) {', '.join(unknown)}; stages are {', '.join(stage.name for stage in self.stages)}"
             )
         started = time.perf_counter()
+        self.context.start_engine()
         self.output_dir.mkdir(parents=True, exist_ok=True)
         removed = layout.remove_stale_temporaries(self.output_dir)
         if removed:

@@ -151,6 +151,14 @@ class StageContext(Protocol):
         """``function`` over ``tasks`` on the run's engine (every core, or a cluster), results in
         task order. ``function`` must be module-level and its tasks picklable."""
 
+    def map_shared(self, function: Callable, shared, tasks: Sequence, *, gpus: float = 0) -> Iterator:
+        """``function(shared, task)`` over ``tasks`` on the run's engine, ``shared`` (read-only)
+        sent once; results in task order. ``gpus``: each task's share of a GPU, where there is one."""
+
+    def prefetch_embeddings(self, stage: str, texts: Iterable[str]) -> None:
+        """On an engine that embeds in one distributed job, embed every uncached text of ``texts``
+        now (the stage's ``embed`` calls then find them cached); elsewhere ``texts`` is not read."""
+
     def has(self, stage: str) -> bool:
         """Whether an upstream stage's output is there to read."""
 

@@ -171,15 +171,24 @@ def plan(context: StageContext) -> Plan:
         text_hashes: list[np.ndarray] = []
         stats: dict = {}
 
-        def windows() -> Iterator[pl.DataFrame]:
+        def selections() -> Iterator[pl.DataFrame]:
             for block in whole_features(context.read_batches("activation_examples", EXAMPLE_COLUMNS, rows=BLOCK_ROWS)):
-                selected = select_windows(
+                yield select_windows(
                     block,
                     prompts,
                     quantiles=sampling.quantiles,
                     per_quantile=sampling.per_quantile,
                     window=sampling.window,
                 )
+
+        # A distributed engine embeds every missing window text in one job first (a pass of
+        # selection only); the local engine embeds them chunk by chunk below, reading nothing here.
+        context.prefetch_embeddings(
+            STAGE.name, (text for selected in selections() for text in selected["text"].unique(maintain_order=True))
+        )
+
+        def windows() -> Iterator[pl.DataFrame]:
+            for selected in selections():
                 per_feature_counts.append(selected.group_by("feature_id", maintain_order=True).len()["len"].to_numpy())
                 text_hashes.append(selected["text"].hash(seed=0).to_numpy())
                 yield selected

@@ -21,6 +21,9 @@ from sae_atlas.sources import decoder as decoder_source
 from sae_atlas.stage import Plan, Product, Skip, Stage, StageContext, Unusable, fingerprint_files
 
 BLOCK_ROWS = 512
+# Rows per engine task: locally the tasks run one after another (no cost); on a cluster they are
+# spread over the workers, each reading the one shared copy of the normalised matrix.
+ROWS_PER_TASK = 8192
 # Candidates taken per row beyond k, so that ties at the k-th place can be settled exactly.
 SPARE_CANDIDATES = 16
 
@@ -73,42 +76,60 @@ def _select(similarities, k: int) -> tuple[np.ndarray, np.ndarray]:
     return ids, top
 
 
+def neighbour_rows(normalised: np.ndarray, rows: tuple[int, int, int, str, int]) -> tuple[np.ndarray, np.ndarray, str]:
+    """(ids, cosines, device) of the top-k neighbours of rows ``start:stop`` of ``normalised``.
+
+    ``rows`` is ``(start, stop, k, device, block_rows)``; ``normalised`` (unit rows, read only) is
+    compared block by block against all rows. On "cpu" the products are NumPy matmuls into one
+    reused block buffer; on any other torch device ("cuda", or "auto" where there is one) they
+    run there. Selection is the same exact procedure on both. A module-level function of plain
+    arguments: an engine may run row ranges as separate tasks (one copy of ``normalised`` shared).
+    """
+    import torch
+
+    start, stop, k, device, block_rows = rows
+    device = resolve_device(device)
+    n = normalised.shape[0]
+    ids = np.zeros((stop - start, k), dtype=np.uint32)
+    cosines = np.zeros((stop - start, k), dtype=np.float32)
+    if k == 0 or stop <= start:
+        return ids, cosines, device
+    on_cpu = device == "cpu"
+    matrix = None if on_cpu else torch.from_numpy(np.ascontiguousarray(normalised)).to(device)
+    buffer = np.empty((min(block_rows, stop - start), n), dtype=np.float32) if on_cpu else None
+    for first in range(start, stop, block_rows):
+        last = min(first + block_rows, stop)
+        local = np.arange(last - first)
+        if on_cpu:
+            block = buffer[: last - first]
+            np.matmul(normalised[first:last], normalised.T, out=block)
+            block[local, local + first] = -np.inf
+            similarities = torch.from_numpy(block)
+        else:
+            similarities = matrix[first:last] @ matrix.T
+            index = torch.from_numpy(local).to(matrix.device)
+            similarities[index, index + first] = -torch.inf
+        block_ids, block_values = _select(similarities, k)
+        ids[first - start : last - start] = block_ids
+        cosines[first - start : last - start] = np.clip(block_values, -1.0, 1.0)
+    return ids, cosines, device
+
+
+def row_ranges(n: int, k: int, device: str, *, rows_per_task: int, block_rows: int = BLOCK_ROWS) -> list[tuple]:
+    """The tasks of :func:`neighbour_rows` covering all ``n`` rows, ``rows_per_task`` each."""
+    return [(start, min(start + rows_per_task, n), k, device, block_rows) for start in range(0, n, rows_per_task)]
+
+
 def top_k_neighbours(
     weights: np.ndarray, k: int = 10, *, block_rows: int = BLOCK_ROWS, device: str = "cpu", overwrite: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
     """(ids [d_sae, k] uint32, cosines [d_sae, k] float32) of each row's nearest other rows.
 
-    On "cpu" the products are NumPy matmuls into one reused block buffer; on any other torch
-    device (e.g. "cuda") they run there. Selection is the same exact procedure on both. With
-    ``overwrite``, ``weights`` may be normalised in place rather than copied.
+    With ``overwrite``, ``weights`` may be normalised in place rather than copied.
     """
-    import torch
-
     normalised = normalise_rows(weights, overwrite=overwrite)
     n = normalised.shape[0]
-    k = max(0, min(k, n - 1))
-    ids = np.zeros((n, k), dtype=np.uint32)
-    cosines = np.zeros((n, k), dtype=np.float32)
-    if k == 0:
-        return ids, cosines
-    on_cpu = device == "cpu"
-    matrix = None if on_cpu else torch.from_numpy(normalised).to(device)
-    buffer = np.empty((min(block_rows, n), n), dtype=np.float32) if on_cpu else None
-    for start in range(0, n, block_rows):
-        stop = min(start + block_rows, n)
-        rows = np.arange(stop - start)
-        if on_cpu:
-            block = buffer[: stop - start]
-            np.matmul(normalised[start:stop], normalised.T, out=block)
-            block[rows, rows + start] = -np.inf
-            similarities = torch.from_numpy(block)
-        else:
-            similarities = matrix[start:stop] @ matrix.T
-            index = torch.from_numpy(rows).to(matrix.device)
-            similarities[index, index + start] = -torch.inf
-        block_ids, block_values = _select(similarities, k)
-        ids[start:stop] = block_ids
-        cosines[start:stop] = np.clip(block_values, -1.0, 1.0)
+    ids, cosines, _ = neighbour_rows(normalised, (0, n, max(0, min(k, n - 1)), device, block_rows))
     return ids, cosines
 
 
@@ -154,11 +175,23 @@ def plan(context: StageContext) -> Plan:
             if not weights.weights.flags.writeable:
                 weights.weights = weights.weights.copy()
             weights.weights[bad] = 0.0
-        device = resolve_device(settings.device)
         # The weights were read for this stage alone: normalise them in place, not in a copy.
         d_sae, d_model = weights.weights.shape
-        ids, cosines = top_k_neighbours(weights.weights, settings.top_k, device=device, overwrite=True)
+        normalised = normalise_rows(weights.weights, overwrite=True)
         del weights.weights
+        k = max(0, min(settings.top_k, d_sae - 1))
+        parts = list(
+            context.map_shared(
+                neighbour_rows,
+                normalised,
+                row_ranges(d_sae, k, settings.device, rows_per_task=ROWS_PER_TASK),
+                gpus=0 if settings.device == "cpu" else 1,
+            )
+        )
+        del normalised
+        ids = np.concatenate([part[0] for part in parts]) if parts else np.zeros((0, k), np.uint32)
+        cosines = np.concatenate([part[1] for part in parts]) if parts else np.zeros((0, k), np.float32)
+        device = ",".join(sorted({part[2] for part in parts})) or resolve_device(settings.device)
         table = neighbours_table(ids, cosines)
         statistics = {
             "d_sae": int(d_sae),
