@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench bench-scale chromium clean
+.PHONY: demo test lint bench bench-scale bench-cluster chromium clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,10 @@ bench: $(STAMP)
 bench-scale: $(STAMP)
 	$(BIN)/pip install --quiet -e '.[bench]'
 	cd bench && ../$(BIN)/python scale.py
+
+# Stage 4 on Ray (an instance of its own) against the local engine at reference scale (about 20 minutes).
+bench-cluster: $(STAMP)
+	cd bench && ../$(BIN)/python cluster.py
 
 clean:
 	rm -rf $(VENV) demo bench/out artifacts .pytest_cache

@@ -82,6 +82,25 @@ def test_ray_without_an_address_starts_its_own_instance_and_matches_local(corpus
     assert_same_outputs(local_output, config.output_dir)
 
 
+def test_int8_on_ray_ships_the_drivers_model_and_gives_the_local_vectors(corpus):
+    """quantize = "int8": the driver exports the ONNX model once; actors run it from the bytes
+    shipped through the object store, on the local engine's batches."""
+    config = load_config(corpus / "sae-atlas.toml")
+    settings = config.embedding.model_copy(update={"quantize": "int8"})
+    local = config.model_copy(update={"embedding": settings, "output_dir": corpus / "int8-local"})
+    Pipeline(local).run(["explanation_embeddings"])
+    on_ray = ray_config(corpus, "int8-ray").model_copy(update={"embedding": settings})
+    report = Pipeline(on_ray).run(["explanation_embeddings"])
+    assert [outcome.status for outcome in report.outcomes] == ["ran"]
+    exported = list((on_ray.output_dir / ".cache" / "embeddings" / "onnx").rglob("*.onnx"))
+    assert len(exported) == 1  # built once, by the driver
+    name = "explanation_embeddings.parquet"
+    mine, theirs = pl.read_parquet(local.output_dir / name), pl.read_parquet(on_ray.output_dir / name)
+    left, right = vectors(mine, "embedding"), vectors(theirs, "embedding")
+    cosines = (left * right).sum(axis=1) / np.linalg.norm(left, axis=1) / np.linalg.norm(right, axis=1)
+    assert len(cosines) > 0 and cosines.min() >= 0.99999
+
+
 def free_port() -> int:
     return free_ports(1)[0]
 
