@@ -55,6 +55,8 @@ class EmbeddingStats:
 
 
 ProgressCallback = Callable[[int, int], None]
+# Texts per encoder job when prefetching: bounds the vectors held at once (0.4 GB at 384 dims).
+PREFETCH_TEXTS = 262_144
 
 
 class Embedder:
@@ -140,43 +142,74 @@ class Embedder:
 
     def encode_uncached(self, texts: Sequence[str], progress: ProgressCallback | None = None) -> np.ndarray:
         """Embed ``texts`` with the model, batches formed from token-count-sorted texts."""
-        backend = self.backend
         if not texts:
-            return np.zeros((0, backend.dimension), dtype=np.float32)
-        batches = self.batches(texts)
+            return np.zeros((0, self.backend.dimension), dtype=np.float32)
+        return self.encode_batches(texts, self.batches(texts), progress)
+
+    def encode_batches(
+        self, texts: Sequence[str], batches: list[np.ndarray], progress: ProgressCallback | None = None
+    ) -> np.ndarray:
+        """Vectors of ``texts``, each of ``batches`` (indices into ``texts``) encoded as one batch:
+        here, or by the encoder when there is one."""
         started = time.perf_counter()
         if self.encoder is not None:
             vectors = self.encoder.encode(self, texts, batches, progress)
         else:
-            vectors = np.zeros((len(texts), backend.dimension), dtype=np.float32)
+            vectors = np.zeros((len(texts), self.backend.dimension), dtype=np.float32)
             done = 0
             for batch in batches:
-                vectors[batch] = backend.encode([texts[index] for index in batch])
+                vectors[batch] = self.backend.encode([texts[index] for index in batch])
                 done += len(batch)
                 if progress:
                     progress(done, len(texts))
         self.stats.seconds_encoding += time.perf_counter() - started
         return vectors
 
-    def prefetch(self, texts: Iterable[str], progress: ProgressCallback | None = None) -> int:
-        """Encode every text of ``texts`` the cache lacks, in one call, and store the vectors: the
-        ``embed`` calls that follow find them cached. For engines that encode a whole stage's
-        texts in one distributed job. Returns how many texts were encoded."""
+    def prefetch(self, calls: Iterable[Sequence[str]], progress: ProgressCallback | None = None) -> int:
+        """Encode now what the ``embed`` calls of ``calls`` (each one call's texts, in order) would
+        encode, and store it in the cache; those calls then find every text cached.
+
+        Each call's missing texts form their batches exactly as ``embed`` would form them (the
+        texts of earlier calls count as cached), so the vectors are the ones ``embed`` would have
+        made, int8's batch-dependent ones included. The batches of many calls go to the encoder
+        together, ``PREFETCH_TEXTS`` texts at a time: for engines that encode in one distributed
+        job. Returns how many texts were encoded."""
         cache = self._cache()
         if cache is None:
             return 0
-        unique = list(dict.fromkeys(texts))
-        keys = [text_key(text) for text in unique]
-        found, _ = cache.lookup(keys)
-        missing = np.flatnonzero(~found)
-        if len(missing):
-            fresh = self.encode_uncached([unique[index] for index in missing], progress)
-            cache.store([keys[index] for index in missing], fresh)
+        pending: dict[bytes, int] = {}  # key → position in ``texts``, for texts not yet stored
+        texts: list[str] = []
+        batches: list[np.ndarray] = []
+        encoded = 0
+
+        def flush() -> None:
+            nonlocal texts, batches, pending
+            if texts:
+                vectors = self.encode_batches(texts, batches, progress)
+                cache.store(list(pending), vectors[list(pending.values())])
+            pending, texts, batches = {}, [], []
+
+        for call in calls:
+            unique = list(dict.fromkeys(call))
+            keys = [text_key(text) for text in unique]
+            found, _ = cache.lookup(keys)
+            missing = [index for index in np.flatnonzero(~found) if keys[index] not in pending]
+            if not missing:
+                continue
+            offset = len(texts)
+            batches.extend(batch + offset for batch in self.batches([unique[index] for index in missing]))
+            for index in missing:
+                pending[keys[index]] = len(texts)
+                texts.append(unique[index])
+            encoded += len(missing)
+            if len(texts) >= PREFETCH_TEXTS:
+                flush()
+        flush()
         # Counted as embedded now; the embed calls that follow will find them cached, so they are
         # taken off the cached count in advance (the stage's statistics stay what a local run says).
-        self.stats.embedded += len(missing)
-        self.stats.from_cache -= len(missing)
-        return len(missing)
+        self.stats.embedded += encoded
+        self.stats.from_cache -= encoded
+        return encoded
 
     def embed(self, texts: Sequence[str], progress: ProgressCallback | None = None) -> np.ndarray:
         """Unit vectors for ``texts`` (float32, one row per text, duplicates share a vector)."""

@@ -182,14 +182,14 @@ class RunContext:
     def map_shared(self, function: Callable, shared, tasks: Sequence, *, gpus: float = 0) -> Iterator:
         return self.engine.map_shared(function, shared, tasks, gpus=gpus)
 
-    def prefetch_embeddings(self, stage: str, texts: Iterable[str]) -> None:
+    def prefetch_embeddings(self, stage: str, calls: Iterable[Sequence[str]]) -> None:
         if not self.engine.batch_inference:
             return  # texts are embedded as the stage streams them
 
         def callback(done: int, count: int) -> None:
             self.progress(stage, done, count)
 
-        self.embedder.prefetch(texts, progress=callback if self.progress else None)
+        self.embedder.prefetch(calls, progress=callback if self.progress else None)
 
     def close(self) -> None:
         """Stop the engine's workers (a new run starts them again)."""

@@ -155,9 +155,10 @@ class StageContext(Protocol):
         """``function(shared, task)`` over ``tasks`` on the run's engine, ``shared`` (read-only)
         sent once; results in task order. ``gpus``: each task's share of a GPU, where there is one."""
 
-    def prefetch_embeddings(self, stage: str, texts: Iterable[str]) -> None:
-        """On an engine that embeds in one distributed job, embed every uncached text of ``texts``
-        now (the stage's ``embed`` calls then find them cached); elsewhere ``texts`` is not read."""
+    def prefetch_embeddings(self, stage: str, calls: Iterable[Sequence[str]]) -> None:
+        """On an engine that embeds in one distributed job, encode now what the stage's ``embed``
+        calls (``calls``: each one's texts, in order) would encode, batched as they would batch it;
+        they then find every text cached. Elsewhere ``calls`` is not read."""
 
     def has(self, stage: str) -> bool:
         """Whether an upstream stage's output is there to read."""

@@ -69,11 +69,12 @@ def feature_chunks(windows: pl.DataFrame, rows: int = CHUNK_WINDOWS) -> Iterator
     return streamed_chunks(iter([windows]), rows)
 
 
-def streamed_chunks(blocks: Iterator[pl.DataFrame], rows: int = CHUNK_WINDOWS) -> Iterator[pl.DataFrame]:
+def streamed_chunks(blocks: Iterator[pl.DataFrame], rows: int | None = None) -> Iterator[pl.DataFrame]:
     """The windows of ``blocks`` (each whole features, in feature order) cut into chunks the way
     they would be cut all at once: each chunk ends at the first feature boundary at or after
     ``rows`` windows. Where a chunk ends decides which texts share an embedding batch, and with
-    it the vectors (to rounding): streaming must not move it."""
+    it the vectors (to rounding): streaming must not move it. ``rows``: CHUNK_WINDOWS unless given."""
+    rows = rows or CHUNK_WINDOWS
     pending: pl.DataFrame | None = None
     for block in blocks:
         pending = block if pending is None else pl.concat([pending, block])
@@ -181,11 +182,10 @@ def plan(context: StageContext) -> Plan:
                     window=sampling.window,
                 )
 
-        # A distributed engine embeds every missing window text in one job first (a pass of
-        # selection only); the local engine embeds them chunk by chunk below, reading nothing here.
-        context.prefetch_embeddings(
-            STAGE.name, (text for selected in selections() for text in selected["text"].unique(maintain_order=True))
-        )
+        # A distributed engine embeds every chunk's missing window texts in one job first (a pass
+        # of selection only), batched as the chunks below would batch them; the local engine
+        # embeds them chunk by chunk below, and reads nothing here.
+        context.prefetch_embeddings(STAGE.name, (chunk["text"].to_list() for chunk in streamed_chunks(selections())))
 
         def windows() -> Iterator[pl.DataFrame]:
             for selected in selections():
