@@ -148,9 +148,13 @@ def main() -> None:
         ],
         f"| **whole pipeline** | **{total / 3600:.0f} h** | |",
         "",
-        "At a million latents two stages dominate: "
-        + " and ".join(f"{stage} (~{(value or 0) / total:.0%})" for stage, value in ranked[:2])
-        + ". The decoder stage is quadratic in latents (every latent against every other: 2 · n² · d_model "
+        (
+            "At a million latents two stages dominate: "
+            + " and ".join(f"{stage} (~{(value or 0) / total:.0%})" for stage, value in ranked[:2])
+            if total
+            else "A projection needs runs at two widths at least."
+        )
+        + " The decoder stage is quadratic in latents (every latent against every other: 2 · n² · d_model "
         "flops, ~8 PFLOP at 1M, 64× the 131k run) and its W_dec of 1M × 3,584 float32 is 14 GiB, beyond one "
         "24 GiB machine's comfort once normalised; stage 4 grows linearly (windows ∝ latents) but at the model's "
         "speed. Both are what a cluster is for (below). The other stages are linear and stay in minutes.",
