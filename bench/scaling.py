@@ -151,6 +151,7 @@ def main() -> None:
         (
             "At a million latents two stages dominate: "
             + " and ".join(f"{stage} (~{(value or 0) / total:.0%})" for stage, value in ranked[:2])
+            + "."
             if total
             else "A projection needs runs at two widths at least."
         )
