@@ -180,15 +180,16 @@ def plan(context: StageContext) -> Plan:
         normalised = normalise_rows(weights.weights, overwrite=True)
         del weights.weights
         k = max(0, min(settings.top_k, d_sae - 1))
-        parts = list(
-            context.map_shared(
-                neighbour_rows,
-                normalised,
-                row_ranges(d_sae, k, settings.device, rows_per_task=ROWS_PER_TASK),
-                gpus=0 if settings.device == "cpu" else 1,
-            )
+        results = context.map_shared(
+            neighbour_rows,
+            normalised,
+            row_ranges(d_sae, k, settings.device, rows_per_task=ROWS_PER_TASK),
+            gpus=0 if settings.device == "cpu" else 1,
         )
+        # On a cluster the object store holds the matrix now: drop ours (14 GiB at 1M latents).
+        # Locally the tasks still hold it until they are done.
         del normalised
+        parts = list(results)
         ids = np.concatenate([part[0] for part in parts]) if parts else np.zeros((0, k), np.uint32)
         cosines = np.concatenate([part[1] for part in parts]) if parts else np.zeros((0, k), np.float32)
         device = ",".join(sorted({part[2] for part in parts})) or resolve_device(settings.device)
