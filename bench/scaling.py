@@ -36,7 +36,8 @@ def load() -> list[dict]:
 
 
 def label(features: int) -> str:
-    return f"{features // 1024}k" if features < MILLION else f"{features // MILLION}M"
+    # Gemma Scope's names: width_16k, width_65k, width_131k, width_1m
+    return f"{features // 1000}k" if features < MILLION else f"{features // MILLION}M"
 
 
 def exponent(results: list[dict], value) -> float | None:
@@ -157,8 +158,16 @@ def main() -> None:
         )
         + " The decoder stage is quadratic in latents (every latent against every other: 2 · n² · d_model "
         "flops, ~8 PFLOP at 1M, 64× the 131k run) and its W_dec of 1M × 3,584 float32 is 14 GiB, beyond one "
-        "24 GiB machine's comfort once normalised; stage 4 grows linearly (windows ∝ latents) but at the model's "
-        "speed. Both are what a cluster is for (below). The other stages are linear and stay in minutes.",
+        "24 GiB machine's comfort once normalised. Stage 4 grows with the distinct window texts, not the windows: "
+        "windows grow with latents, but over a fixed prompt set they coincide more and more ("
+        + ", ".join(
+            f"{result['stages']['activation_embeddings']['statistics']['distinct_texts']:,} distinct texts at "
+            f"{label(result['features'])}"
+            for result in results
+        )
+        + "; never more than the prompts' 24,571 × 127 positions, 3.1 M), so its projection stays small here; a "
+        "study that grows its prompts with its SAE grows stage 4 with them, at the model's speed. Both are what a "
+        "cluster is for (below). The other stages are linear and stay in minutes.",
         "",
         CLUSTER_MARKER,
     ]

@@ -24,6 +24,7 @@ answer is reported in one line before anything is written.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import socket
 import tempfile
@@ -75,6 +76,10 @@ class RayEngine:
         self._temp_dir: Path | None = None
 
     def start(self) -> None:
+        # Ray's C++ core logs warnings meant for Ray developers to the driver's stderr (e.g. that
+        # Ray Data keeps actor constructor arguments in the object store); the run reports its own
+        # problems. An explicit RAY_BACKEND_LOG_LEVEL wins.
+        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
         if ray.is_initialized():
             self._owned = False
         elif self.execution.address is None:
@@ -104,6 +109,7 @@ class RayEngine:
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False  # the run's own progress bar reports the work
         context.print_on_execution_start = False
+        logging.getLogger("ray.data").setLevel(logging.ERROR)  # "execution finished in …" per job
 
     def _ensure_started(self) -> None:
         if not ray.is_initialized():
