@@ -140,8 +140,10 @@ class Cluster:
         self.address = f"127.0.0.1:{self.port}"
         self.processes: list[psutil.Process] = []
         # Token authentication, as Ray's own local clusters use: every node and the driver read
-        # the token from Ray's default place (~/.ray/auth_token, made by the head if missing).
+        # the token from Ray's default place (~/.ray/auth_token). `ray start` never makes one:
+        # `get-auth-token --generate` does, only where none exists (printed, so captured).
         environment = os.environ | {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}
+        subprocess.run([RAY, "get-auth-token", "--generate"], check=True, capture_output=True, env=environment)
         head = ["--head", "--port", str(self.port), "--temp-dir", str(temp_dir), "--include-dashboard", "false"]
         head += ["--ray-client-server-port", str(next(drawn)), "--dashboard-port", str(next(drawn))]
         low = 20_000 + 200 * (os.getpid() % 60)
