@@ -153,6 +153,13 @@ def wide_scores(scores: pl.DataFrame, metrics: list[str]) -> pl.DataFrame:
     )
 
 
+def _column_values(frame: pl.DataFrame, name: str) -> np.ndarray:
+    """A column of ``frame`` as float64 with NaN for nulls; all NaN when ``frame`` lacks it."""
+    if name not in frame.columns:
+        return np.full(frame.height, np.nan)
+    return frame[name].cast(pl.Float64).fill_null(np.nan).to_numpy()
+
+
 def summary(
     wide: pl.DataFrame,
     metrics: list[str],
@@ -171,14 +178,7 @@ def summary(
         mine = wide.filter(pl.col("explainer") == explainer).sort("feature_id")
         if mine.is_empty():
             continue
-        values = np.column_stack(
-            [
-                mine[column].cast(pl.Float64).fill_null(np.nan).to_numpy()
-                if column in mine.columns
-                else np.full(mine.height, np.nan)
-                for column in columns
-            ]
-        )
+        values = np.column_stack([_column_values(mine, column) for column in columns])
         low, high = bootstrap_means(values, resamples.counts(mine.height), confidence)
         frequency = None
         if weights is not None:
@@ -230,13 +230,9 @@ def paired_differences(
         both = left.join(right, on="feature_id", suffix="#second").sort("feature_id")
         if both.is_empty():
             continue
-
-        def column_values(name: str, frame: pl.DataFrame = both) -> np.ndarray:
-            if name not in frame.columns:
-                return np.full(frame.height, np.nan)
-            return frame[name].cast(pl.Float64).fill_null(np.nan).to_numpy()
-
-        differences = np.column_stack([column_values(column) - column_values(f"{column}#second") for column in columns])
+        differences = np.column_stack(
+            [_column_values(both, column) - _column_values(both, f"{column}#second") for column in columns]
+        )
         low, high = bootstrap_means(differences, resamples.counts(both.height), confidence)
         for column_index, column in enumerate(columns):
             scorer, metric = column.split("|", 1)

@@ -141,6 +141,20 @@ def classifier_correct(record: dict) -> bool | None:
 # case (a current delphi record) inline and call the general helpers only for the rest.
 
 
+def _columns(
+    outcome: list, quantile: list, *, activating: list | None = None, probability: list | None = None
+) -> Columns:
+    """A parser's record columns; those a method does not have are all None."""
+    absent = [None] * len(outcome)
+    return {
+        "outcome": outcome,
+        "activating": absent if activating is None else activating,
+        "probability": absent if probability is None else probability,
+        "quantile": quantile,
+        "pooled": absent,
+    }
+
+
 def parse_classifier(records: list[dict]) -> Columns:
     """fuzz / detection (``ClassifierOutput``) of every generation (raw-formats.md §1.6.1)."""
     outcome, activating, probability, quantile = [], [], [], []
@@ -161,14 +175,7 @@ def parse_classifier(records: list[dict]) -> Columns:
         chance = record.get("probability") if zero_based and correct is not None else None
         probability.append(chance if type(chance) is float and 0.0 <= chance <= 1.0 else None)
         quantile.append(_quantile(record.get("distance"), zero_based) if truth else None)
-    n = len(records)
-    return {
-        "outcome": outcome,
-        "activating": activating,
-        "probability": probability,
-        "quantile": quantile,
-        "pooled": [None] * n,
-    }
+    return _columns(outcome, quantile, activating=activating, probability=probability)
 
 
 def embedding_activating(record: dict) -> bool | None:
@@ -194,14 +201,7 @@ def parse_embedding(records: list[dict]) -> Columns:
         truth = embedding_activating(record)
         activating.append(truth)
         quantile.append(_quantile(record.get("distance"), True) if truth else None)
-    n = len(records)
-    return {
-        "outcome": outcome,
-        "activating": activating,
-        "probability": [None] * n,
-        "quantile": quantile,
-        "pooled": [None] * n,
-    }
+    return _columns(outcome, quantile, activating=activating)
 
 
 def parse_simulation(records: list[dict]) -> Columns:
@@ -219,7 +219,6 @@ def parse_simulation(records: list[dict]) -> Columns:
 
 def parse_intruder(records: list[dict]) -> Columns:
     """intruder (``IntruderResult``): whether the scorer found the intruder; ``sample: null`` fails."""
-    n = len(records)
     outcome = [
         float(record["correct"])
         if record.get("sample") is not None and isinstance(record.get("correct"), bool)
@@ -232,13 +231,7 @@ def parse_intruder(records: list[dict]) -> Columns:
         else None
         for record in records
     ]
-    return {
-        "outcome": outcome,
-        "activating": [None] * n,
-        "probability": [None] * n,
-        "quantile": quantile,
-        "pooled": [None] * n,
-    }
+    return _columns(outcome, quantile)
 
 
 def parse_example_embedding(records: list[dict]) -> Columns:
@@ -252,14 +245,7 @@ def parse_example_embedding(records: list[dict]) -> Columns:
         outcome.append(None if plus is None or minus is None else plus - minus)
         batch = record.get("batch")
         quantile.append(_quantile(batch.get("quantile_positive_query"), True) if isinstance(batch, dict) else None)
-    n = len(records)
-    return {
-        "outcome": outcome,
-        "activating": [None] * n,
-        "probability": [None] * n,
-        "quantile": quantile,
-        "pooled": [None] * n,
-    }
+    return _columns(outcome, quantile)
 
 
 # -- aggregation ----------------------------------------------------------------------------------
