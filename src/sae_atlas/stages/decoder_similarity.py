@@ -4,17 +4,28 @@ Rows are L2-normalised, then compared block by block (``block_rows`` latents aga
 d_sae × d_sae matrix never exists: memory is O(block_rows × d_sae) at any width. Self is excluded;
 neighbours are sorted by descending cosine, ties broken by the lower feature id, exactly, even when
 a tie straddles the k-th place.
+
+The result is a function of the weights alone, not of where or how widely the work runs: each
+block's product is computed by one BLAS thread (OpenBLAS splits a product between its threads in a
+way that changes the last bits of the sums), and the parallelism is across blocks instead, whose
+boundaries are fixed by ``BLOCK_ROWS``. So the local engine at any thread count and Ray at any
+number of workers write byte-identical neighbours on machines whose BLAS picks the same kernel.
 """
 
 from __future__ import annotations
 
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import polars as pl
+from threadpoolctl import threadpool_limits
 
 from sae_atlas import layout
 from sae_atlas.devices import resolve_device
+from sae_atlas.engine import available_cores
 from sae_atlas.problems import Problems
 from sae_atlas.schema import STAGE_DECODER_SIMILARITY
 from sae_atlas.sources import decoder as decoder_source
@@ -76,40 +87,71 @@ def _select(similarities, k: int) -> tuple[np.ndarray, np.ndarray]:
     return ids, top
 
 
+def block_threads() -> int:
+    """Threads that compute blocks side by side: the cores this process may use, or what an
+    engine's task was granted (Ray sets ``OMP_NUM_THREADS`` to a task's CPUs)."""
+    granted = os.environ.get("OMP_NUM_THREADS", "")
+    return max(1, int(granted)) if granted.isdigit() else available_cores()
+
+
+def _cpu_blocks(normalised: np.ndarray, blocks: list[tuple[int, int]], k: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``_select`` of each block's similarities against all rows, products by one BLAS thread each.
+
+    Each thread reuses one block buffer (512 × d_sae float32: 268 MB at 131k latents)."""
+    import torch
+
+    n = normalised.shape[0]
+    buffers = threading.local()
+
+    def one(block: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        first, last = block
+        if getattr(buffers, "block", None) is None:
+            buffers.block = np.empty((blocks[0][1] - blocks[0][0], n), dtype=np.float32)
+        similarities = buffers.block[: last - first]
+        np.matmul(normalised[first:last], normalised.T, out=similarities)
+        local = np.arange(last - first)
+        similarities[local, local + first] = -np.inf
+        return _select(torch.from_numpy(similarities), k)
+
+    threads = min(block_threads(), len(blocks))
+    # threadpool_limits is process-wide: it holds for every block thread until all are done.
+    with threadpool_limits(limits=1, user_api="blas"):
+        if threads <= 1:
+            return [one(block) for block in blocks]
+        with ThreadPoolExecutor(threads, thread_name_prefix="decoder-block") as pool:
+            return list(pool.map(one, blocks))
+
+
 def neighbour_rows(normalised: np.ndarray, rows: tuple[int, int, int, str, int]) -> tuple[np.ndarray, np.ndarray, str]:
     """(ids, cosines, device) of the top-k neighbours of rows ``start:stop`` of ``normalised``.
 
     ``rows`` is ``(start, stop, k, device, block_rows)``; ``normalised`` (unit rows, read only) is
-    compared block by block against all rows. On "cpu" the products are NumPy matmuls into one
-    reused block buffer; on any other torch device ("cuda", or "auto" where there is one) they
-    run there. Selection is the same exact procedure on both. A module-level function of plain
-    arguments: an engine may run row ranges as separate tasks (one copy of ``normalised`` shared).
+    compared block by block against all rows. On "cpu" the products are NumPy matmuls, one BLAS
+    thread per block and blocks on parallel threads (see the module docstring); on any other torch
+    device ("cuda", or "auto" where there is one) they run there. Selection is the same exact
+    procedure on both. A module-level function of plain arguments: an engine may run row ranges
+    as separate tasks (one copy of ``normalised`` shared).
     """
     import torch
 
     start, stop, k, device, block_rows = rows
     device = resolve_device(device)
-    n = normalised.shape[0]
     ids = np.zeros((stop - start, k), dtype=np.uint32)
     cosines = np.zeros((stop - start, k), dtype=np.float32)
     if k == 0 or stop <= start:
         return ids, cosines, device
-    on_cpu = device == "cpu"
-    matrix = None if on_cpu else torch.from_numpy(np.ascontiguousarray(normalised)).to(device)
-    buffer = np.empty((min(block_rows, stop - start), n), dtype=np.float32) if on_cpu else None
-    for first in range(start, stop, block_rows):
-        last = min(first + block_rows, stop)
-        local = np.arange(last - first)
-        if on_cpu:
-            block = buffer[: last - first]
-            np.matmul(normalised[first:last], normalised.T, out=block)
-            block[local, local + first] = -np.inf
-            similarities = torch.from_numpy(block)
-        else:
+    blocks = [(first, min(first + block_rows, stop)) for first in range(start, stop, block_rows)]
+    if device == "cpu":
+        selected = _cpu_blocks(normalised, blocks, k)
+    else:
+        matrix = torch.from_numpy(np.ascontiguousarray(normalised)).to(device)
+        selected = []
+        for first, last in blocks:
             similarities = matrix[first:last] @ matrix.T
-            index = torch.from_numpy(local).to(matrix.device)
+            index = torch.arange(last - first, device=matrix.device)
             similarities[index, index + first] = -torch.inf
-        block_ids, block_values = _select(similarities, k)
+            selected.append(_select(similarities, k))
+    for (first, last), (block_ids, block_values) in zip(blocks, selected, strict=True):
         ids[first - start : last - start] = block_ids
         cosines[first - start : last - start] = np.clip(block_values, -1.0, 1.0)
     return ids, cosines, device
