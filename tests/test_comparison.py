@@ -153,3 +153,34 @@ def test_equal_explainers_are_not_told_apart(tmp_path):
         row = paired_fuzz(tmp_path, 100 + seed, (0.7, 0.7))
         covered += row["ci_low"] <= 0 <= row["ci_high"]
     assert covered >= 17, covered
+
+
+def test_names_are_data_never_separators():
+    """A scorer called ``qwen|fuzz`` beside one called ``qwen``: two scorers, each with its own
+    means and differences, and no metric that is not a metric."""
+    scores = pl.DataFrame(
+        {
+            "feature_id": [0, 0, 1, 1] * 2,
+            "explainer": ["a", "b"] * 4,
+            "scorer": ["qwen|fuzz"] * 4 + ["qwen"] * 4,
+            "fuzz": [0.9, 0.5, 0.8, 0.4, 0.1, 0.2, 0.3, 0.4],
+        }
+    )
+    wide = comparison.wide_scores(scores, ["fuzz"])
+    draws = comparison.Resamples(200, 0)
+    rows = comparison.summary(wide, ["fuzz"], ["a", "b"], ["qwen|fuzz", "qwen"], resamples=draws, confidence=0.9)
+    means = {(row["explainer"], row["scorer"], row["metric"]): row["mean"] for row in rows}
+    assert means == pytest.approx(
+        {
+            ("a", "qwen|fuzz", "fuzz"): 0.85,
+            ("b", "qwen|fuzz", "fuzz"): 0.45,
+            ("a", "qwen", "fuzz"): 0.2,
+            ("b", "qwen", "fuzz"): 0.3,
+        }
+    )
+    paired = comparison.paired_differences(
+        wide, ["fuzz"], ["a", "b"], ["qwen|fuzz", "qwen"], resamples=draws, confidence=0.9
+    )
+    assert {(row["scorer"], row["metric"]): row["mean_difference"] for row in paired} == pytest.approx(
+        {("qwen|fuzz", "fuzz"): 0.4, ("qwen", "fuzz"): -0.1}
+    )

@@ -232,3 +232,106 @@ def test_the_index_page_links_a_download_with_its_filters(client):
         assert "limit=" not in target and "offset=" not in target
         assert client.get(target).status_code == 200
     assert client.get("/api/features", params={"format": "xml"}).status_code == 422
+
+
+# Hardening round 3: nothing a command writes may destroy an output
+
+
+@pytest.mark.parametrize(
+    ("command", "target"),
+    [
+        (["export", "table"], "features.parquet"),
+        (["export", "table"], "stages/scores.parquet"),
+        (["export", "table"], "activation_examples.parquet"),
+        (["report", "--format", "md"], "features.parquet.metadata.json"),
+        (["report", "--format", "md"], "features.parquet"),
+        (["report"], "run_report.json"),
+        (["report"], ".cache/report.html"),
+    ],
+)
+def test_no_command_writes_over_a_file_of_an_output_directory(small_run, command, target):
+    output = small_run[0].output_dir
+    protected = output / target
+    before = protected.read_bytes() if protected.exists() else None
+    result = invoke(*command, output, "-o", protected)
+    assert result.exit_code == 1, result.output
+    assert "refusing to write over" in result.output and len(result.output.strip().splitlines()) == 1
+    assert (protected.read_bytes() if protected.exists() else None) == before
+
+
+def test_a_file_of_ones_own_beside_the_outputs_may_be_written(small_run, tmp_path):
+    output = small_run[0].output_dir
+    mine = output / "my-report.md"
+    try:
+        result = invoke("report", output, "-o", mine, "--resamples", "100")
+        assert result.exit_code == 0, result.output
+        assert mine.read_text().startswith("# Explainers and scorers compared")
+    finally:
+        mine.unlink(missing_ok=True)
+
+
+def test_a_neuronpedia_export_never_leaves_its_directory(small_run, tmp_path):
+    out = tmp_path / "out"
+    for model in ("..", ".", "../x"):
+        result = invoke(
+            "export", "neuronpedia", small_run[0].output_dir, "--model-id", model, "--source", "3-x", "-o", out
+        )
+        assert result.exit_code == 1 and "is not a Neuronpedia model id" in result.output
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_re_export_into_an_earlier_export_leaves_no_stale_batches(neuronpedia, small_run, tmp_path):
+    root = tmp_path / "pythia-70m" / "3-res-sm"
+    stale = [root / kind / "batch-977.jsonl.gz" for kind in ("features", "activations", "explanations")]
+    for path in stale:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(gzip.compress(b'{"stale": true}\n'))
+    result = export_neuronpedia(small_run, tmp_path)
+    assert result.exit_code == 0, result.output
+    assert not any(path.exists() for path in stale)
+    assert sorted(path.name for path in (root / "features").iterdir()) == sorted(
+        path.name for path in (neuronpedia / "features").iterdir()
+    )
+
+
+FORMULAS = ["=1+1", "+SUM(A1)", "-2+3", "@cmd", "\tTAB", "\rCR", "'quoted", "plain text"]
+
+
+def test_csv_cells_a_spreadsheet_would_evaluate_are_escaped_and_read_back_exactly(tmp_path):
+    """OWASP's rule: a leading apostrophe on every text cell starting with = + - @ TAB or CR (and
+    on one already starting with an apostrophe, so the escape can be undone). JSONL and Parquet hold
+    the texts as they are."""
+    frame = pl.DataFrame({"feature_id": list(range(len(FORMULAS))), "explanation_text": FORMULAS, "x": [-1.5] * 8})
+    table_export.write(frame, tmp_path / "t.csv")
+    cells = pl.read_csv(tmp_path / "t.csv")["explanation_text"].to_list()
+    assert cells == ["'=1+1", "'+SUM(A1)", "'-2+3", "'@cmd", "'\tTAB", "'\rCR", "''quoted", "plain text"]
+    assert pl.read_csv(tmp_path / "t.csv")["x"].to_list() == [-1.5] * 8  # numbers are not text
+    assert_frame_equal(table_export.read(tmp_path / "t.csv", frame.schema), frame)
+    for suffix in ("jsonl", "parquet"):
+        table_export.write(frame, tmp_path / f"t.{suffix}")
+        assert table_export.read(tmp_path / f"t.{suffix}", frame.schema)["explanation_text"].to_list() == FORMULAS
+
+
+def test_the_api_csv_download_is_escaped_too(client):
+    body = client.get("/api/features", params={"format": "csv", "limit": 5}).text
+    assert body.splitlines()[0].startswith("feature_id")
+    for line in body.splitlines()[1:]:
+        assert not any(cell.startswith(("=", "+", "@")) for cell in line.split(","))
+
+
+def test_the_report_suffix_decides_the_format_or_is_refused(small_run, tmp_path):
+    result = invoke("report", small_run[0].output_dir, "-o", tmp_path / "x.pdf")
+    assert result.exit_code == 1 and "cannot tell the report format" in result.output
+    assert not (tmp_path / "x.pdf").exists()
+
+
+@pytest.mark.parametrize(
+    ("option", "value"), [("--seed", str(2**64)), ("--seed", "-1"), ("--confidence", "1.0"), ("--resamples", "5")]
+)
+def test_compare_settings_have_the_apis_ranges_and_message(small_run, option, value):
+    result = invoke("compare", small_run[0].output_dir, option, value)
+    assert result.exit_code == 1, result.output
+    assert "unexpected" not in result.output and len(result.output.strip().splitlines()) == 1
+    client = TestClient(create_app(Atlas(small_run[0].output_dir), prepare=False))
+    answer = client.get("/api/compare", params={option.strip("-"): value})
+    assert answer.status_code == 422 and answer.json()["detail"].split(":")[0] in result.output

@@ -309,3 +309,133 @@ def test_temporary_files_of_killed_runs_are_removed_and_those_of_live_runs_kept(
     finally:
         live.kill()
         live.wait()
+
+
+# Round 3. Raw inputs: only regular files, a size cap per kind, links found in a run directory stay inside it
+
+
+def test_fifos_devices_and_links_out_of_a_run_are_reported_and_never_read(corpus):
+    first, second = runs(corpus)
+    explanations = sorted((first / "explanations").glob("*.txt"))
+    explanations[0].unlink()
+    os.mkfifo(explanations[0])  # named like an explanation: opening it would wait for a writer for ever
+    score = sorted((second / "scores" / "fuzz").glob("*.txt"))[0]
+    score.unlink()
+    os.mkfifo(score)
+    (second / "run_config.json").unlink()
+    (second / "run_config.json").symlink_to("/dev/zero")  # read whole, it would fill the memory
+    leaked = sorted((second / "explanations").glob("*.txt"))[0]
+    leaked.unlink()
+    leaked.symlink_to("/etc/passwd")
+    inside = sorted((first / "explanations").glob("*.txt"))[2]
+    kept_text = inside.read_text()
+    inside.unlink()
+    (first / "notes.txt").write_text(kept_text)
+    inside.symlink_to(Path("..") / "notes.txt")  # a link that stays inside the run: read
+    large = sorted((first / "explanations").glob("*.txt"))[1]
+    large.write_text('"' + "x" * (2 * 2**20) + '"')  # over the 1 MiB cap of an explanation file
+    prompts = corpus / "raw" / "activation_examples" / "prompts.json"
+    prompts.unlink()
+    os.mkfifo(prompts)
+
+    command = [sys.executable, "-m", "sae_atlas", "run", str(corpus / "sae-atlas.toml")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    no_traceback(result)
+    assert result.returncode == 0, result.stderr
+    output = result.stdout
+    assert said(output, explanations[0], "explanation file cannot be read (a FIFO, not a regular file)")
+    assert said(output, score, "score file cannot be read (a FIFO, not a regular file)")
+    assert said(output, second / "run_config.json", "cannot be read (a character device, not a regular file)")
+    assert said(output, leaked, "a link to /etc/passwd, outside")
+    assert said(output, large, "over the 1 MiB limit")
+    assert said(output, prompts, "cannot be read (a FIFO, not a regular file)")
+    texts = pl.read_parquet(corpus / "master" / layout.FEATURES)["explanation_text"].to_list()
+    assert not any("root:" in text for text in texts)
+    latent = int(inside.stem.rsplit("latent", 1)[1])
+    texts = pl.read_parquet(corpus / "master" / layout.FEATURES).filter(pl.col("feature_id") == latent)
+    assert orjson.loads(kept_text) in texts["explanation_text"].to_list()
+
+
+def test_a_decoder_that_is_not_a_regular_file_is_one_line(corpus):
+    decoder = next((corpus / "raw").rglob("params.npz"))
+    decoder.unlink()
+    os.mkfifo(decoder)
+    result = subprocess.run(
+        [sys.executable, "-m", "sae_atlas", "run", str(corpus / "sae-atlas.toml"), "--only", "decoder_similarity"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    no_traceback(result)
+    assert said(result.stdout, decoder, "cannot be read (a FIFO, not a regular file)")
+
+
+# Round 3. What a run removes and what it keeps
+
+
+def test_a_run_removes_only_the_temporaries_of_its_own_outputs(corpus):
+    """A temporary-looking name sae-atlas does not write is somebody else's: it stays."""
+    master = corpus / "master"
+    (master / "notes").mkdir()
+    draft = master / "notes" / ".draft.md.tmp-999999"
+    draft.write_text("a person's draft")
+    beside = master / ".my-analysis.parquet.tmp-999999"
+    beside.write_text("not ours")
+    raw = corpus / "raw" / ".prompts.json.tmp-999999"
+    raw.write_text("raw data")
+    ours = master / "stages" / ".scores.parquet.tmp-999999"
+    ours.write_text("left by a killed run")
+    config = corpus / "sae-atlas.toml"
+    original = config.read_text()
+    for output_dir in (".", "master"):  # "." puts raw/ inside the output directory
+        config.write_text(original.replace('output_dir = "master"', f'output_dir = "{output_dir}"'))
+        result = cli("run", config, "--force", "--only", "decoder_similarity")
+        no_traceback(result)
+        assert result.returncode == 0, result.stderr
+    assert draft.exists() and beside.exists() and raw.exists()
+    assert not ours.exists()
+
+
+def test_two_sources_with_the_same_explainer_and_scorer_are_reported(corpus):
+    first, _ = runs(corpus)
+    shutil.copytree(first, corpus / "raw" / "again")
+    import tomllib
+
+    config = corpus / "sae-atlas.toml"
+    text = config.read_text()
+    source = next(item for item in tomllib.loads(text)["sources"] if item["name"] == first.name)
+    again = f'[[sources]]\nname = "again"\npath = "raw/again"\nexplainer = "{source["explainer"]}"\n'
+    again += f'scorer = "{source["scorer"]}"\n\n'
+    config.write_text(text.replace("[[sources]]", again + "[[sources]]", 1))
+    result = cli("run", config)
+    no_traceback(result)
+    assert result.returncode == 0, result.stderr
+    assert said(result.stdout, first, "has the same explainer")
+    assert "features.parquet and compare use 'again'" in result.stdout
+    assert stage(corpus, "features")["problems"]["count"] == 1
+
+
+def test_names_from_the_study_are_data_in_every_report_and_table(corpus):
+    """Markdown gets raw HTML and newlines escaped; rich tables show markup as text; a scorer
+    named like a separator stays one scorer."""
+    config = corpus / "sae-atlas.toml"
+    hostile = r"<img src=x onerror=alert(1)>\n# owned [bold]b|fuzz"  # no "/": short names keep all of it
+    text = config.read_text()
+    config.write_text(
+        text.replace('scorer = "hugging-quants/Meta-Llama-3.1-70B-Instruct-AWQ-INT4"', f'scorer = "{hostile}"')
+    )
+    assert cli("run", config).returncode == 0
+    result = cli("report", corpus / "master", "-o", corpus / "report.md", "--resamples", "100")
+    no_traceback(result)
+    assert result.returncode == 0, result.stderr
+    markdown = (corpus / "report.md").read_text()
+    assert "<img" not in markdown and "&lt;img src=x onerror=alert(1)&gt;" in markdown
+    assert not any(line.startswith("# owned") or line.startswith("#  owned") for line in markdown.splitlines())
+    assert "\\# owned" in markdown
+    compare = cli("compare", corpus / "master", "--resamples", "100")
+    no_traceback(compare)
+    assert compare.returncode == 0, compare.stderr
+    assert "[bold]b|fuzz" in compare.stdout  # shown as written, not as a bold "b|fuzz"
+    as_json = orjson.loads(cli("compare", corpus / "master", "--resamples", "100", "--json").stdout)
+    assert {row["metric"] for row in as_json["summary"]} == set(as_json["settings"]["metrics"])
+    assert {row["scorer"] for row in as_json["summary"]} == {hostile.replace("\\n", "\n")}

@@ -57,21 +57,16 @@ def vectors(frame: pl.DataFrame, column: str) -> np.ndarray:
 
 
 def assert_same_outputs(local: Path, other: Path) -> None:
-    """Every Parquet file of ``local`` is in ``other``: numeric ones identical, embeddings with
-    cosine ≥ 0.99999 vector by vector."""
+    """Every Parquet file of ``local`` is in ``other`` with identical contents, embeddings included
+    (the same batches give the same bytes, whatever process or thread count encodes them)."""
     files = sorted(path.relative_to(local) for path in local.rglob("*.parquet") if ".cache" not in path.parts)
     assert files
     for name in files:
         mine, theirs = pl.read_parquet(local / name), pl.read_parquet(other / name)
+        assert_frame_equal(mine, theirs, check_exact=True)
         column = EMBEDDING_COLUMNS.get(str(name))
-        if column is None:
-            assert_frame_equal(mine, theirs, check_exact=True)
-            continue
-        assert_frame_equal(mine.drop(column), theirs.drop(column), check_exact=True)
-        left, right = vectors(mine, column), vectors(theirs, column)
-        assert left.shape == right.shape and len(left) > 0
-        cosines = (left * right).sum(axis=1) / np.linalg.norm(left, axis=1) / np.linalg.norm(right, axis=1)
-        assert cosines.min() >= 0.99999, (name, cosines.min())
+        if column is not None:
+            assert len(vectors(mine, column)) > 0
 
 
 def test_ray_without_an_address_starts_its_own_instance_and_matches_local(corpus, local_output):

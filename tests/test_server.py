@@ -213,3 +213,13 @@ def test_the_feature_page_shows_scores_by_activation_quantile(client):
     assert record["explanations"][0]["by_quantile"]
     page = client.get(f"/features/{feature}").text
     assert "Scores by activation quantile" in page and "delphi's classification metrics" in page
+
+
+def test_the_blank_field_redirect_passes_the_guard_too(client):
+    """The form's redirect is a response like any other: security headers, and the query cap."""
+    redirect = client.get("/?fuzz_min=&contains=birds", follow_redirects=False)
+    assert redirect.status_code == 303 and redirect.headers["location"] == "/?contains=birds"
+    assert "frame-ancestors 'none'" in redirect.headers["content-security-policy"]
+    assert redirect.headers["x-frame-options"] == "DENY"
+    huge = client.get("/?fuzz_min=&contains=" + "x" * 60_000, follow_redirects=False)
+    assert huge.status_code == 414 and "location" not in huge.headers

@@ -20,7 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from sae_atlas import __version__
+from sae_atlas import __version__, layout
 
 app = typer.Typer(
     name="sae-atlas",
@@ -162,7 +162,9 @@ def run_pipeline(
 
     config = load_config(config_path)
     overrides = {"engine": engine} if engine else {}
-    if ray_address:
+    if ray_address is not None:
+        if not ray_address.strip():
+            raise CommandError("--ray-address '': an empty address; leave the option out to run without a cluster")
         overrides |= {"engine": "ray", "address": ray_address}
     if overrides:
         execution = config.execution.model_validate(config.execution.model_dump() | overrides)
@@ -271,14 +273,18 @@ def validate(output_dir: Annotated[Path, typer.Argument(help="A sae-atlas output
     console.print(f"[green]✓[/green] {output_dir} is valid", highlight=False)
 
 
+def _table_cell(value) -> str:
+    if value is None:
+        return ""
+    return f"{value:.3f}" if isinstance(value, float) else escape(str(value))
+
+
 def _frame_table(frame: pl.DataFrame, title: str) -> Table:
     table = Table(title=title, title_justify="left")
     for column in frame.columns:
         table.add_column(column, justify="right" if frame[column].dtype.is_numeric() else "left")
     for row in frame.iter_rows():
-        table.add_row(
-            *[f"{value:.3f}" if isinstance(value, float) else ("" if value is None else str(value)) for value in row]
-        )
+        table.add_row(*[_table_cell(value) for value in row])
     return table
 
 
@@ -287,8 +293,6 @@ def print_summary(output_dir: Path) -> None:
     from sae_atlas.summary import mean_scores, mean_semantic_similarity, rows_per_file
 
     console.print(_frame_table(rows_per_file(output_dir), "rows per file"))
-    from sae_atlas import layout
-
     features = pl.read_parquet(output_dir / layout.FEATURES)
     console.print(_frame_table(mean_scores(features), "mean score per explainer × scorer × method"))
     console.print(_frame_table(mean_semantic_similarity(features), "mean cross-explainer semantic similarity"))
@@ -332,8 +336,9 @@ def _open_atlas(output_dir: Path):
 
 
 def _short(name: str) -> str:
-    """A model name without its organisation, for narrow table columns."""
-    return name.rsplit("/", 1)[-1]
+    """A model name without its organisation, for narrow table columns; rich markup in it is
+    shown as text (names come from the study's files)."""
+    return escape(name.rsplit("/", 1)[-1])
 
 
 def _highlighted(example: dict) -> Text:
@@ -439,7 +444,7 @@ def search(
     if as_json:
         _print_json(hits.to_dicts())
         return
-    table = Table(title=f"closest explanations to {text!r}", title_justify="left")
+    table = Table(title=escape(f"closest explanations to {text!r}"), title_justify="left")
     for column in ("similarity", "feature", "explainer", "explanation"):
         table.add_column(column, overflow="fold")
     for row in hits.iter_rows(named=True):
@@ -494,6 +499,16 @@ def _n(value: float | None, digits: int = 3) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
+def _compare_settings(metric: list[str] | None, resamples: int, seed: int, confidence: float) -> dict:
+    """The comparison's settings checked by the API's own query model: the same ranges and the same
+    one-line message on either interface."""
+    from sae_atlas.queries import compare_query_model, parse
+
+    params = {"resamples": resamples, "seed": seed, "confidence": confidence}
+    query = parse(compare_query_model(), params)
+    return {"metric_names": metric, "resamples": query.resamples, "seed": query.seed, "confidence": query.confidence}
+
+
 @app.command()
 @_fail_cleanly
 def compare(
@@ -502,14 +517,15 @@ def compare(
         list[str] | None,
         typer.Option(help="A score metric to compare (repeatable; default: headline metrics and balanced accuracy)."),
     ] = None,
-    resamples: Annotated[int, typer.Option(help="Bootstrap resamples.", min=100, max=20_000)] = 2000,
-    seed: Annotated[int, typer.Option(help="Seed of the resampling.", min=0)] = 0,
-    confidence: Annotated[float, typer.Option(help="Coverage of the intervals.", min=0.5, max=0.999)] = 0.95,
+    resamples: Annotated[int, typer.Option(help="Bootstrap resamples (100 to 20,000).")] = 2000,
+    seed: Annotated[int, typer.Option(help="Seed of the resampling (0 to 2³²−1).")] = 0,
+    confidence: Annotated[float, typer.Option(help="Coverage of the intervals (above 0.5, below 1).")] = 0.95,
     as_json: Annotated[bool, typer.Option("--json", help="Print the comparison as JSON.")] = False,
 ) -> None:
     """Which explainer explains better and how far each scorer can be trusted: means with bootstrap
     intervals, paired differences (Wilcoxon, Holm), scorer and explainer agreement, comparability."""
-    data = _open_atlas(output_dir).compare(metric, resamples=resamples, seed=seed, confidence=confidence)
+    settings = _compare_settings(metric, resamples, seed, confidence)
+    data = _open_atlas(output_dir).compare(**settings)
     if as_json:
         _print_json(data)
         return
@@ -582,18 +598,26 @@ def report(
     output: Annotated[Path, typer.Option("-o", "--output", help="The report file to write.")],
     format: Annotated[str | None, typer.Option(help="html or md (default: from the file's suffix, else html).")] = None,
     metric: Annotated[list[str] | None, typer.Option(help="A score metric to compare (repeatable).")] = None,
-    resamples: Annotated[int, typer.Option(help="Bootstrap resamples.", min=100, max=20_000)] = 2000,
-    seed: Annotated[int, typer.Option(help="Seed of the resampling.", min=0)] = 0,
+    resamples: Annotated[int, typer.Option(help="Bootstrap resamples (100 to 20,000).")] = 2000,
+    seed: Annotated[int, typer.Option(help="Seed of the resampling (0 to 2³²−1).")] = 0,
 ) -> None:
     """Write the comparison as one self-contained HTML file (inline SVG and CSS, no network) or as
     Markdown tables, with the score distributions and the run's provenance."""
     from sae_atlas.report import FORMATS, write_report
 
-    chosen = format or ("md" if output.suffix.lower() in (".md", ".markdown") else "html")
+    layout.refuse_output_files(output)
+    suffixes = {".md": "md", ".markdown": "md", ".html": "html", ".htm": "html"}
+    chosen = format or suffixes.get(output.suffix.lower())
+    if chosen is None:
+        raise CommandError(
+            f"{output}: cannot tell the report format from the suffix {output.suffix or '(none)'!r}; "
+            "name the file .html or .md, or give --format html|md"
+        )
     if chosen not in FORMATS:
         raise CommandError(f"unknown report format {chosen!r}; formats are {', '.join(FORMATS)}")
+    settings = _compare_settings(metric, resamples, seed, 0.95)
     atlas = _open_atlas(output_dir)
-    write_report(atlas, atlas.compare(metric, resamples=resamples, seed=seed), output, chosen)
+    write_report(atlas, atlas.compare(**settings), output, chosen)
     console.print(f"wrote {output} ({chosen})", highlight=False)
 
 
@@ -634,7 +658,8 @@ def export_table(
     from sae_atlas import pages, table_export
     from sae_atlas.queries import feature_query_model, parse
 
-    table_export.format_of(output)  # a bad suffix fails before any work
+    table_export.format_of(output)  # a bad suffix or a protected path fails before any work
+    layout.refuse_output_files(output)
     atlas = _open_atlas(output_dir)
     params = {"sort": sort, "order": order, **_bounds(minimum, "min"), **_bounds(maximum, "max")}
     params.update(

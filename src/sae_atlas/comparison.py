@@ -28,6 +28,7 @@ import itertools
 import math
 
 import numpy as np
+import orjson
 import polars as pl
 
 DEFAULT_RESAMPLES = 2000
@@ -145,10 +146,20 @@ def _number(value) -> float | None:
 # -- the comparison of one output -------------------------------------------------------------------
 
 
+def score_column(scorer: str, metric: str) -> str:
+    """The name of a scorer × metric column of :func:`wide_scores`: a JSON pair, so that no scorer
+    name (``qwen|fuzz``, anything) can make two columns one, and nothing is ever split apart."""
+    return orjson.dumps([scorer, metric]).decode()
+
+
 def wide_scores(scores: pl.DataFrame, metrics: list[str]) -> pl.DataFrame:
-    """One row per (feature, explainer), one ``<scorer>|<metric>`` column per scorer and metric."""
+    """One row per (feature, explainer), one :func:`score_column` per scorer and metric."""
     long = scores.unpivot(index=["feature_id", "explainer", "scorer"], on=metrics, variable_name="metric")
-    return long.with_columns(column=pl.col("scorer") + "|" + pl.col("metric")).pivot(
+    pairs = long.select("scorer", "metric").unique()
+    names = pairs.with_columns(
+        column=pl.Series([score_column(scorer, metric) for scorer, metric in pairs.rows()], dtype=pl.String)
+    )
+    return long.join(names, on=["scorer", "metric"]).pivot(
         "column", index=["feature_id", "explainer"], values="value", aggregate_function="first"
     )
 
@@ -172,7 +183,8 @@ def summary(
 ) -> list[dict]:
     """Per explainer × scorer × metric (``wide``: :func:`wide_scores`): latents, mean, median,
     weighted mean, bootstrap CI."""
-    columns = [f"{scorer}|{metric}" for scorer in scorers for metric in metrics]
+    pairs = [(scorer, metric) for scorer in scorers for metric in metrics]
+    columns = [score_column(scorer, metric) for scorer, metric in pairs]
     rows = []
     for explainer in explainers:
         mine = wide.filter(pl.col("explainer") == explainer).sort("feature_id")
@@ -185,8 +197,7 @@ def summary(
             frequency = (
                 mine.select("feature_id").join(weights, on="feature_id", how="left")["weight"].fill_null(0).to_numpy()
             )
-        for column_index, column in enumerate(columns):
-            scorer, metric = column.split("|", 1)
+        for column_index, (scorer, metric) in enumerate(pairs):
             present = ~np.isnan(values[:, column_index])
             chosen = values[present, column_index]
             if not len(chosen):
@@ -222,7 +233,8 @@ def paired_differences(
     """Every two explainers on the latents both explained (``wide``: :func:`wide_scores`), per
     scorer × metric: mean difference (first − second), paired bootstrap CI, Wilcoxon p
     (Holm-adjusted over every row), win / tie / loss counts of the first against the second."""
-    columns = [f"{scorer}|{metric}" for scorer in scorers for metric in metrics]
+    pairs = [(scorer, metric) for scorer in scorers for metric in metrics]
+    columns = [score_column(scorer, metric) for scorer, metric in pairs]
     rows = []
     for first, second in itertools.combinations(explainers, 2):
         left = wide.filter(pl.col("explainer") == first).drop("explainer")
@@ -234,8 +246,7 @@ def paired_differences(
             [_column_values(both, column) - _column_values(both, f"{column}#second") for column in columns]
         )
         low, high = bootstrap_means(differences, resamples.counts(both.height), confidence)
-        for column_index, column in enumerate(columns):
-            scorer, metric = column.split("|", 1)
+        for column_index, (scorer, metric) in enumerate(pairs):
             difference = differences[:, column_index]
             difference = difference[~np.isnan(difference)]
             if not len(difference):

@@ -101,6 +101,13 @@ class ExecutionConfig(_Section):
     cpus_per_actor: Annotated[float, Field(gt=0, le=1024)] = 1.0
     gpus_per_actor: Annotated[float, Field(ge=0, le=64)] = 0.0
 
+    @field_validator("address")
+    @classmethod
+    def _address_given(cls, address: str | None) -> str | None:
+        if address is not None and not address.strip():
+            raise ValueError("an empty Ray address; leave it out to start a Ray instance of the run's own")
+        return address
+
 
 class AtlasConfig(_Section):
     """A whole ``sae-atlas.toml``."""

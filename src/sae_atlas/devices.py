@@ -18,3 +18,31 @@ def resolve_device(device: str) -> str:
     if device != "auto":
         return device
     return "cuda" if cuda_available() else "cpu"
+
+
+class DeviceError(ValueError):
+    """A configured device is not a torch device, or this machine does not have it."""
+
+
+def check_device(device: str, key: str, *, available_here: bool = True) -> None:
+    """Raise :class:`DeviceError` (one line naming the config ``key``) unless ``device`` is "auto"
+    or a torch device string and, with ``available_here``, one this process can allocate on."""
+    if device == "auto":
+        return
+    try:
+        import torch
+
+        parsed = torch.device(device)
+    except ImportError:
+        if device != "cpu":
+            raise DeviceError(f"{key} = {device!r}: torch is not installed, only 'cpu' or 'auto' can run") from None
+        return
+    except (RuntimeError, ValueError):
+        raise DeviceError(f"{key} = {device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if not available_here or parsed.type == "cpu":
+        return
+    try:
+        torch.empty(1, device=parsed)
+    except (RuntimeError, AssertionError, ValueError) as error:
+        reason = " ".join(str(error).split())[:160]
+        raise DeviceError(f"{key} = {device!r} is not available on this machine ({reason})") from None

@@ -21,6 +21,7 @@ never leaves a half-written file, and a reader never sees one.
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 from collections.abc import Iterable
@@ -43,6 +44,8 @@ SAMPLED_EXAMPLES = "stages/sampled_examples.parquet"
 RUN_REPORT = "run_report.json"
 EMBEDDING_CACHE = ".cache/embeddings"
 SIDECAR_SUFFIX = ".metadata.json"
+# What people wrote into an output directory: never written by ``run``, never written over.
+PEOPLES_FILES: tuple[str, ...] = ()
 
 # The five files downstream consumers read, in the contract's order (DESIGN.md §2).
 MASTER_FILES = (FEATURES, EXPLANATION_EMBEDDINGS, ACTIVATION_EXAMPLES, ACTIVATION_EMBEDDINGS, ACTIVATION_SIMILARITY)
@@ -76,6 +79,44 @@ def write_sidecar(output: Path, sidecar: dict) -> None:
     write_atomic_bytes(sidecar_path(output), orjson.dumps(sidecar, option=orjson.OPT_INDENT_2))
 
 
+# -- what belongs to an output directory ---------------------------------------------------------
+
+# Directories of an output directory whose every file is sae-atlas's own.
+OWN_DIRECTORIES = ("stages", ".cache")
+
+
+class ProtectedOutput(ValueError):
+    """A command was asked to write over a file of an output directory."""
+
+
+def own_files() -> set[str]:
+    """The names at the top of an output directory that sae-atlas writes (beside OWN_DIRECTORIES)."""
+    return {RUN_REPORT, *MASTER_FILES, *(name + SIDECAR_SUFFIX for name in MASTER_FILES), *PEOPLES_FILES}
+
+
+def is_output_directory(path: Path) -> bool:
+    """Whether ``path`` holds a sae-atlas run's outputs (a run report or a master file's sidecar)."""
+    return (path / RUN_REPORT).is_file() or any((path / (name + SIDECAR_SUFFIX)).is_file() for name in MASTER_FILES)
+
+
+def refuse_output_files(target: Path) -> None:
+    """Raise :class:`ProtectedOutput` when writing ``target`` would write over (or into) a file an
+    output directory owns: a master file, a sidecar, the run report, anything under ``stages/`` or
+    ``.cache/``, or what people wrote there (labels). Checked on the path as given and with links
+    resolved. Other files in an output directory (a report a user keeps beside it) may be written."""
+    given = Path(os.path.abspath(target))
+    for candidate in dict.fromkeys((given, given.resolve())):
+        for parent in candidate.parents:
+            if not is_output_directory(parent):
+                continue
+            relative = candidate.relative_to(parent)
+            if relative.parts[0] in OWN_DIRECTORIES or relative.as_posix() in own_files():
+                raise ProtectedOutput(
+                    f"{target}: refusing to write over {relative.as_posix()} of the output directory {parent}; "
+                    "choose a path outside it"
+                )
+
+
 # -- atomic writers ------------------------------------------------------------------------------
 
 
@@ -95,12 +136,23 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temporaries(directory: Path) -> list[Path]:
-    """Delete the temporary files and scratch directories under ``directory`` whose writing
-    process is gone (a run killed mid-write); those of a live process (a concurrent run) are left
-    alone. Returns what went."""
+def remove_stale_temporaries(directory: Path, outputs: Iterable[str], caches: Iterable[Path] = ()) -> list[Path]:
+    """Delete the temporary files and scratch directories of ``outputs`` (paths relative to
+    ``directory``: the files a run writes) whose writing process is gone (a run killed mid-write),
+    and those of the embedding cache's segments under ``caches``. Those of a live process (a
+    concurrent run) are left alone, and so is every other file: a temporary-looking name that
+    sae-atlas does not write is somebody else's. Returns what went."""
+    candidates = []
+    for name in outputs:
+        path = Path(directory) / name
+        if path.parent.is_dir():
+            candidates.extend(path.parent.glob(f".{glob.escape(path.name)}.tmp-*"))
+    for cache in caches:
+        for segments in Path(cache).glob("*"):  # <cache>/<model>-<namespace>/.segment-….tmp-<pid>
+            if segments.is_dir() and not segments.is_symlink():
+                candidates.extend(segments.glob(".segment-*.tmp-*"))
     removed = []
-    for path in sorted(Path(directory).rglob(".*.tmp-*")):
+    for path in sorted(set(candidates)):
         pid = path.name.rsplit(".tmp-", 1)[1]
         if not pid.isascii() or not pid.isdigit() or _alive(int(pid)) or not os.path.lexists(path):
             continue

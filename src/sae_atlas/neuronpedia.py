@@ -208,9 +208,13 @@ def export(
         raise ExportError(
             f"source {source!r} is not a Neuronpedia source id <layer>-<set name> (e.g. 30-gemmascope-res-16k)"
         )
-    if not re.fullmatch(r"[A-Za-z0-9._-]+", model_id, re.ASCII):
-        raise ExportError(f"model id {model_id!r} is not a Neuronpedia model id (letters, digits, . _ -)")
+    # A leading letter or digit: "." and ".." would put the files beside or above ``out``.
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", model_id, re.ASCII):
+        raise ExportError(
+            f"model id {model_id!r} is not a Neuronpedia model id (a letter or digit, then letters, digits, . _ -)"
+        )
     root = Path(out) / model_id / source
+    layout.refuse_output_files(root / "source.jsonl")
     created_at = datetime.now().strftime("%Y-%m-%dT%H:%M:%S.%f")
     common = {"model_id": model_id, "source": source, "creator_id": creator_id, "created_at": created_at}
     layout.write_atomic_bytes(root / "source.jsonl", orjson.dumps(source_row(atlas, **common)) + b"\n")
@@ -227,6 +231,7 @@ def export(
         )
     ).astype(np.int64)
     counts = {"features": 0, "activations": 0, "explanations": 0, "batches": 0}
+    written: set[Path] = set()
     for batch, members in _batches(latents):
         features, activations = [], []
         for index in members.tolist():
@@ -256,15 +261,20 @@ def export(
             for index, explainer, text, _ in batch_explanations.rows()
         ]
         name = f"batch-{batch}.jsonl.gz"
-        _gzip_lines(root / "features" / name, features)
-        if activations:
-            _gzip_lines(root / "activations" / name, activations)
-        if described:
-            _gzip_lines(root / "explanations" / name, described)
+        for kind, rows in (("features", features), ("activations", activations), ("explanations", described)):
+            if rows or kind == "features":
+                _gzip_lines(root / kind / name, rows)
+                written.add(root / kind / name)
         counts["features"] += len(features)
         counts["activations"] += len(activations)
         counts["explanations"] += len(described)
         counts["batches"] += 1
+    # An earlier export into the same directory may have had other batches: they would be imported
+    # beside this one's.
+    for kind in ("features", "activations", "explanations"):
+        for stale in sorted((root / kind).glob("batch-*.jsonl.gz")):
+            if stale not in written:
+                stale.unlink()
     return {"directory": str(root), **counts}
 
 

@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 
 from sae_atlas import __version__, layout
 from sae_atlas.config import AtlasConfig, ExecutionConfig
+from sae_atlas.devices import DeviceError, check_device
 from sae_atlas.embedding import Embedder
 from sae_atlas.engine import Engine, LocalEngine
 from sae_atlas.problems import Problem, Problems
@@ -173,7 +174,21 @@ class RunContext:
         before anything is written."""
         try:
             self.engine.start()
-        except (ConnectionError, ImportError) as error:
+        except (ConnectionError, ImportError, ValueError) as error:
+            raise PipelineError(str(error)) from None
+
+    def check_devices(self) -> None:
+        """Every configured device is a torch device this run can use: checked before anything is
+        read, not when a stage first needs it. On Ray the work runs on the cluster's devices, so
+        only the spelling is checked here."""
+        here = isinstance(self.engine, LocalEngine)
+        settings = [("embedding.device", self.config.embedding.device)]
+        if self.config.decoder is not None:
+            settings.append(("decoder.device", self.config.decoder.device))
+        try:
+            for key, device in settings:
+                check_device(device, key, available_here=here)
+        except DeviceError as error:
             raise PipelineError(str(error)) from None
 
     def map(self, function: Callable, tasks: Sequence) -> Iterator:
@@ -616,6 +631,12 @@ class Pipeline:
 
     # -- a whole run ----------------------------------------------------------------------------
 
+    def written_files(self) -> list[str]:
+        """Every file and scratch directory a run writes, relative to the output directory."""
+        outputs = [stage.output for stage in self.stages]
+        sidecars = [name + layout.SIDECAR_SUFFIX for name in outputs]
+        return [*outputs, *sidecars, layout.RUN_REPORT, *(f"{stage.name}.scratch" for stage in self.stages)]
+
     def run(self, only: Iterable[str] | None = None) -> RunReport:
         """Run every stage (or only those named), in pipeline order, and write ``run_report.json``."""
         only = list(only or [])
@@ -625,9 +646,12 @@ class Pipeline:
                 f"unknown stage(s) {', '.join(unknown)}; stages are {', '.join(stage.name for stage in self.stages)}"
             )
         started = time.perf_counter()
+        self.context.check_devices()
         self.context.start_engine()
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        removed = layout.remove_stale_temporaries(self.output_dir)
+        removed = layout.remove_stale_temporaries(
+            self.output_dir, self.written_files(), caches=[self.config.embedding_cache_dir]
+        )
         if removed:
             self.log(f"removed {len(removed)} temporary file(s) left by interrupted runs")
         outcomes: dict[str, StageOutcome] = {}

@@ -23,10 +23,12 @@ answer is reported in one line before anything is written.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import socket
+import sys
 import tempfile
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -47,21 +49,68 @@ class ClusterUnreachable(ConnectionError):
     """No Ray cluster answers at the configured address."""
 
 
+# The client connection preface of HTTP/2 and an empty SETTINGS frame: a gRPC server (Ray's GCS
+# and its client server) answers with a SETTINGS frame of its own; anything else (an HTTP/1 server,
+# a database) does not, and ray.init would retry against it for minutes.
+HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+SETTINGS_FRAME = 0x04
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """(host, port) of ``host:port``, ``[v6]:port`` or ``ray://`` either; ValueError otherwise."""
+    host, separator, port = address.removeprefix(CLIENT_PREFIX).rpartition(":")
+    if not separator or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(address)
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host or "127.0.0.1", int(port)
+
+
 def check_reachable(address: str, timeout: float = CONNECT_SECONDS) -> None:
-    """Raise :class:`ClusterUnreachable` unless something listens at ``address``'s host:port.
+    """Raise :class:`ClusterUnreachable` unless a gRPC server (a Ray cluster, or its client server
+    for ``ray://``) answers at ``address``'s host:port within ``timeout``.
 
     ``"auto"`` is left to Ray, which fails at once when no cluster runs on this machine."""
     if address == "auto":
         return
-    host, _, port = address.removeprefix(CLIENT_PREFIX).rpartition(":")
     try:
-        socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout).close()
+        host, port = split_address(address)
     except ValueError:
         raise ClusterUnreachable(f"Ray address {address!r} is not host:port, ray://host:port or auto") from None
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as connection:
+            if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+                return  # a TLS cluster expects a handshake first: the TCP connection is all we check
+            connection.settimeout(timeout)
+            connection.sendall(HTTP2_PREFACE)
+            answer = connection.recv(9)
     except OSError as error:
         raise ClusterUnreachable(
             f"no Ray cluster answers at {address} ({error.strerror or type(error).__name__})"
         ) from None
+    if len(answer) < 4 or answer[3] != SETTINGS_FRAME:
+        raise ClusterUnreachable(f"no Ray cluster answers at {address} (something else listens there, not gRPC)")
+
+
+@contextlib.contextmanager
+def quiet_stderr() -> Iterator[Path]:
+    """Standard error, at the file-descriptor level (Ray's C++ core writes there), sent to a
+    temporary file for the duration; yields its path, so that a failure can quote it."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.NamedTemporaryFile(prefix="sae-atlas-ray-", suffix=".log") as log:
+        os.dup2(log.fileno(), 2)
+        try:
+            yield Path(log.name)
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0][:300] if lines else type(error).__name__
 
 
 class RayEngine:
@@ -95,12 +144,26 @@ class RayEngine:
         else:
             check_reachable(self.execution.address)
             try:
-                ray.init(address=self.execution.address, log_to_driver=False, logging_level=logging.ERROR)
-            except ConnectionError as error:
-                raise ClusterUnreachable(f"no Ray cluster at {self.execution.address} ({error})") from None
+                # Ray logs its retries and an authentication failure in many lines: the run says one.
+                with quiet_stderr():
+                    ray.init(address=self.execution.address, log_to_driver=False, logging_level=logging.ERROR)
+            except Exception as error:  # ConnectionError, an authentication error, a version mismatch, …
+                raise ClusterUnreachable(
+                    f"cannot join the Ray cluster at {self.execution.address}: {first_line(error)}"
+                ) from None
             self._owned = True  # our connection (the cluster itself stays up)
         self._quiet_ray_data()
-        self.workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        resources = ray.cluster_resources()
+        self.workers = max(1, int(resources.get("CPU", 1)))
+        wanted = self.execution.gpus_per_actor
+        if wanted and resources.get("GPU", 0) < wanted:
+            gpus = resources.get("GPU", 0)
+            self.close()
+            # Ray would wait for ever for an actor no node can place.
+            raise ClusterUnreachable(
+                f"gpus_per_actor = {wanted:g} but the Ray cluster has {gpus:g} GPU(s); "
+                "set gpus_per_actor = 0 to embed on CPUs"
+            )
 
     @staticmethod
     def _quiet_ray_data() -> None:

@@ -9,6 +9,7 @@ Markdown: the same numbers as tables, for a paper's appendix.
 from __future__ import annotations
 
 import platform
+import re
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -95,12 +96,28 @@ def render_html(atlas: Atlas, comparison: dict) -> str:
     )
 
 
+# Characters with a meaning in CommonMark inline text or tables; each is written backslash-escaped.
+# (Inside one line of a table or paragraph: what would open emphasis, code, a link, an image, a
+# cell or strike-through. Newlines are gone, so line-start markers such as "#" or "1." cannot fire.)
+MARKDOWN_PUNCTUATION = re.compile(r"([\\`*_\[\]#!|~])")
+
+
+def md(value) -> str:
+    """``value`` as literal Markdown text on one line: HTML special characters as entities (raw
+    HTML passes through Markdown renderers), every run of whitespace as one space (a newline
+    could start a heading or a list), Markdown punctuation backslash-escaped. Names, ids and
+    settings come from the study's files: they are data, never markup."""
+    text = " ".join(str(value).split())
+    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return MARKDOWN_PUNCTUATION.sub(r"\\\1", text)
+
+
 def _cell(value, digits: int = 3) -> str:
     if value is None:
         return "–"
     if isinstance(value, float):
         return f"{value:.{digits}f}"
-    return str(value).replace("|", "\\|").replace("\n", " ")
+    return md(value)
 
 
 def _table(header: list[str], rows: list[list]) -> list[str]:
@@ -116,7 +133,7 @@ def render_markdown(atlas: Atlas, comparison: dict) -> str:
     """The report's numbers as Markdown tables."""
     settings = comparison["settings"]
     lines = [
-        f"# Explainers and scorers compared: {atlas.sae_id}",
+        f"# Explainers and scorers compared: {md(atlas.sae_id)}",
         "",
         f"{len(comparison['explainers'])} explainers, {len(comparison['scorers'])} scorers. Means over latents with "
         f"{settings['confidence']:.0%} percentile-bootstrap intervals ({settings['resamples']:,} resamples, seed "
@@ -126,7 +143,7 @@ def render_markdown(atlas: Atlas, comparison: dict) -> str:
         "## Comparability",
         "",
         *(
-            [f"- **Warning**: {warning['message']}" for warning in comparison["comparability"]["warnings"]]
+            [f"- **Warning**: {md(warning['message'])}" for warning in comparison["comparability"]["warnings"]]
             or ["The runs agree on every recorded setting that changes scores."]
         ),
         "",
@@ -193,7 +210,8 @@ def render_markdown(atlas: Atlas, comparison: dict) -> str:
             for name, value in pair["correlation_with_scores"].items()
         )
         lines += [
-            f"**{short_name(pair['first'])} and {short_name(pair['second'])}**: {pair['latents']:,} latents, cosine "
+            f"**{md(short_name(pair['first']))} and {md(short_name(pair['second']))}**: "
+            f"{pair['latents']:,} latents, cosine "
             f"mean {_cell(pair['mean'])}, quartiles {_cell(pair['q1'])} / {_cell(pair['median'])} / "
             f"{_cell(pair['q3'])}; Spearman with the score: {correlation}.",
             "",
@@ -225,5 +243,6 @@ def render_markdown(atlas: Atlas, comparison: dict) -> str:
 
 def write_report(atlas: Atlas, comparison: dict, path: Path, format: str) -> None:
     """Write the report in ``format`` ("html" or "md") to ``path`` (atomically)."""
+    layout.refuse_output_files(Path(path))
     text = render_html(atlas, comparison) if format == "html" else render_markdown(atlas, comparison)
     layout.write_atomic_bytes(Path(path), text.encode("utf-8"))

@@ -364,8 +364,6 @@ def create_app(atlas: Atlas, *, prepare: bool = True, page_threads: int | None =
         lifespan=lifespan,
     )
 
-    app.add_middleware(Guard)
-
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, error: RequestValidationError):
         # One readable line ("limit: Input should be less than or equal to 1000"), not pydantic's list.
@@ -449,6 +447,8 @@ def create_app(atlas: Atlas, *, prepare: bool = True, page_threads: int | None =
     from sae_atlas.web import mount_browser
 
     mount_browser(app, atlas)
+    # Added last, so outermost: every response passes it, the browser's redirects included.
+    app.add_middleware(Guard)
     return app
 
 

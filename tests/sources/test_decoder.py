@@ -182,3 +182,37 @@ def test_a_malformed_sparsity_file_is_no_dead_latent_count(tmp_path):
     (directory / "sparsity.safetensors").write_bytes(b"junk")
     decoder = read_decoder(directory)
     assert "dead_latents" not in decoder.details and decoder.weights.shape == (16, 8)
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.uint16, np.int32])
+def test_integer_weights_are_refused_with_one_line(tmp_path, dtype):
+    """An int8 tensor or bf16 bits kept as uint16 are codes, not weights: using them as numbers
+    gives wrong neighbours without a word."""
+    directory = shutil.copytree(SAELENS, tmp_path / "saelens")
+    tensors = load_file(str(directory / "sae_weights.safetensors"))
+    save_file({**tensors, "W_dec": (tensors["W_dec"] * 100).astype(dtype)}, str(directory / "sae_weights.safetensors"))
+    with pytest.raises(DecoderError, match=f"W_dec holds {np.dtype(dtype).name} values"):
+        read_decoder(directory)
+    archive = tmp_path / "params.npz"
+    np.savez(archive, W_dec=np.zeros((16, 8), dtype=dtype))
+    with pytest.raises(DecoderError, match="not floating-point weights"):
+        read_decoder(archive)
+
+
+def test_a_width_the_decoder_contradicts_decides_nothing(tmp_path):
+    """cfg.json says d_sae = 4 beside a 16-row W_dec: the decoder is refused, and its declared
+    width is not believed either; a consistent one is."""
+    from sae_atlas.sources.decoder import declared_width
+
+    directory = shutil.copytree(SAELENS, tmp_path / "saelens")
+    assert declared_width(directory) == 16
+    config = orjson.loads((directory / "cfg.json").read_bytes())
+    (directory / "cfg.json").write_bytes(orjson.dumps({**config, "d_sae": 4}))
+    with pytest.raises(DecoderError):
+        read_decoder(directory)
+    assert declared_width(directory) is None
+    archive = tmp_path / "params.npz"
+    np.savez(archive, W_dec=np.zeros((16, 8), np.float32), threshold=np.zeros(4, np.float32))
+    assert declared_width(archive) is None
+    np.savez(archive, W_dec=np.zeros((16, 8), np.float32), threshold=np.zeros(16, np.float32))
+    assert declared_width(archive) == 16

@@ -249,7 +249,7 @@ def read_prompts(path: Path, problems: Problems) -> pa.ListArray:
     if not path.exists():
         problems.add(path, "prompts.json is missing", kind="missing")
         return pa.array([], pa.list_(pa.string()))
-    raw = files.read_bytes(path, problems)
+    raw = files.read_bytes(path, problems, what="prompts.json")
     if raw is None:
         return pa.array([], pa.list_(pa.string()))
     try:
@@ -374,11 +374,16 @@ def stream_jsonl(
         problems.add(activations_path, "activations.jsonl is missing", kind="missing")
         handle = None
     else:
-        try:
-            handle = activations_path.open("rb")
-        except OSError as error:
-            problems.add(activations_path, f"file cannot be read ({files.reason(error)})", kind="unreadable")
+        refused = files.regular_file_problem(activations_path)
+        if refused:
+            problems.add(activations_path, refused, kind="unreadable")
             handle = None
+        else:
+            try:
+                handle = activations_path.open("rb")
+            except OSError as error:
+                problems.add(activations_path, f"file cannot be read ({files.reason(error)})", kind="unreadable")
+                handle = None
     buckets = buckets or FeatureBuckets(scratch)
     empty = 0
     if handle is not None:
@@ -554,6 +559,10 @@ def _read_shard(
     gets ``path`` when the file could be opened."""
     from safetensors import SafetensorError, safe_open
 
+    refused = files.regular_file_problem(path)
+    if refused:
+        problems.add(path, refused, kind="unreadable")
+        return
     try:
         handle_context = safe_open(str(path), framework="numpy")
         handle = handle_context.__enter__()

@@ -72,7 +72,18 @@ def width_from_text(text: str) -> int | None:
     return int(match.group(1)) * {"": 1, "k": 1024, "m": 1 << 20}[match.group(2)]
 
 
+def _require_regular(path: Path) -> None:
+    """A decoder file is opened only when it is a regular file: numpy and safetensors would wait on
+    a FIFO for ever, or read a device until memory runs out."""
+    refused = files.regular_file_problem(path)
+    if refused:
+        raise DecoderError(path, refused)
+
+
 def _read_json(path: Path) -> dict:
+    _require_regular(path)
+    if path.stat().st_size > files.LIMITS["run config file"]:
+        raise DecoderError(path, f"over the {files.LIMITS['run config file'] // files.MiB} MiB limit of a config file")
     try:
         data = orjson.loads(path.read_bytes())
     except OSError as error:
@@ -87,6 +98,7 @@ def _read_json(path: Path) -> dict:
 def _safetensors_decoder(path: Path) -> np.ndarray:
     from safetensors import SafetensorError, safe_open
 
+    _require_regular(path)
     try:
         with safe_open(str(path), framework="numpy") as handle:
             names = set(handle.keys())  # safe_open handles are not containers
@@ -108,6 +120,7 @@ def _safetensors_decoder(path: Path) -> np.ndarray:
 
 
 def _npz_decoder(path: Path) -> tuple[np.ndarray, int | None]:
+    _require_regular(path)
     try:
         with np.load(path) as archive:
             key = next((key for key in DECODER_KEYS if key in archive.files), None)
@@ -125,7 +138,38 @@ def _npz_decoder(path: Path) -> tuple[np.ndarray, int | None]:
         raise DecoderError(path, f"not a readable .npz archive ({error})") from None
 
 
+def _stored_decoder_shape(path: Path) -> tuple[int, ...] | None:
+    """The shape of the W_dec a ``.npz`` or ``.safetensors`` file stores, read from its header
+    (nothing loaded); None when there is none or it cannot be read."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        _require_regular(path)
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="numpy") as handle:
+                names = set(handle.keys())
+                key = next((key for key in DECODER_KEYS if key in names), None)
+                return tuple(handle.get_slice(key).get_shape()) if key else None
+        with zipfile.ZipFile(path) as archive:
+            member = next((f"{key}.npy" for key in DECODER_KEYS if f"{key}.npy" in archive.namelist()), None)
+            if member is None:
+                return None
+            with archive.open(member) as handle:
+                major, _ = np.lib.format.read_magic(handle)
+                reader = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+                shape, _, _ = reader(handle)
+                return tuple(shape)
+    except (DecoderError, OSError, ValueError, EOFError, zipfile.BadZipFile, SafetensorError):
+        return None
+
+
 def _orient(weights: np.ndarray, d_sae: int | None, d_model: int | None, path: Path, notes: list[str]) -> np.ndarray:
+    if weights.dtype.kind not in "f":
+        # Integer codes (a quantised tensor, bf16 bits kept as uint16) are not weights: their
+        # cosines would be wrong without a word. Floating-point dtypes and bf16 proper are read.
+        raise DecoderError(
+            path, f"W_dec holds {weights.dtype} values, not floating-point weights; store float32, float16 or bf16"
+        )
     if weights.ndim == 3:  # Gemma Scope 2 cross-layer transcoders: sum the per-layer decoders
         weights = weights.sum(axis=1)
         notes.append(f"{path}: 3-D decoder summed over its layer axis")
@@ -325,21 +369,32 @@ def declared_width(path: Path, *, sae_id: str | None = None) -> int | None:
                 width = data.get("d_sae") or data.get("num_latents")
                 if not width and isinstance(d_in, int) and isinstance(factor, int):
                     width = d_in * factor
-                if isinstance(width, int) and width > 0:
+                weights = next((path / name for name, _ in WEIGHT_FILES if (path / name).exists()), None)
+                shape = _stored_decoder_shape(weights) if weights is not None else None
+                # A width the decoder contradicts is not believed: the decoder stage refuses that
+                # decoder, and a refused decoder must not decide which latents exist.
+                if isinstance(width, int) and width > 0 and shape is not None and width in shape:
                     return width
+                return None
             for name in ("params.npz", "params.safetensors"):
                 if (path / name).exists():
                     return declared_width(path / name, sae_id=sae_id)
-        elif path.suffix == ".npz":
-            with np.load(path) as archive:
-                for key in ("threshold", "b_enc"):
-                    if key in archive.files:  # [d_sae] vectors: small, unlike W_dec
-                        return int(archive[key].shape[0])
-        elif path.suffix == ".safetensors":
-            with safe_open(str(path), framework="numpy") as handle:
-                for key in ("threshold", "b_enc"):
-                    if key in set(handle.keys()):
-                        return int(handle.get_slice(key).get_shape()[0])
+        elif path.suffix in (".npz", ".safetensors"):
+            _require_regular(path)
+            width = None
+            if path.suffix == ".npz":
+                with np.load(path) as archive:
+                    key = next((key for key in ("threshold", "b_enc") if key in archive.files), None)
+                    width = int(archive[key].shape[0]) if key else None  # [d_sae] vectors: small, unlike W_dec
+            else:
+                with safe_open(str(path), framework="numpy") as handle:
+                    key = next((key for key in ("threshold", "b_enc") if key in set(handle.keys())), None)
+                    width = int(handle.get_slice(key).get_shape()[0]) if key else None
+            shape = _stored_decoder_shape(path)
+            if shape is None:
+                return None  # no decoder to check a width against: the stage will refuse it
+            if width is not None:
+                return width if width in shape else None
     except (DecoderError, OSError, ValueError, EOFError, zipfile.BadZipFile, SafetensorError):
         pass
     return width_from_text(path.as_posix()) or (width_from_text(sae_id) if sae_id else None)

@@ -90,10 +90,11 @@ class DelphiRun:
     file_hook: str | None = None  # the hookpoint the per-latent file names use
 
 
-def _walk_files(root: Path, problems: Problems) -> list[Path]:
-    """All files under ``root`` (hidden ones too: legacy names can start with a dot); a directory
-    named like a per-latent file is reported, since its latent's file is then missing."""
-    found, directories = files.walk(root, problems)
+def _walk_files(root: Path, problems: Problems, run: Path) -> list[Path]:
+    """All files under ``root`` (hidden ones too: legacy names can start with a dot) that lie inside
+    the ``run`` directory; a directory named like a per-latent file is reported, since its latent's
+    file is then missing."""
+    found, directories = files.walk(root, problems, within=run)
     for directory in directories:
         if LATENT_FILE.fullmatch(directory.name):
             problems.add(directory, "is a directory, not a per-latent file; skipped", kind="unreadable")
@@ -117,7 +118,7 @@ def read_run_config(path: Path, problems: Problems) -> dict | None:
     """``run_config.json`` of any delphi generation, or None when absent or unreadable."""
     if not path.exists():
         return None
-    raw = files.read_bytes(path, problems)
+    raw = files.read_bytes(path, problems, what="run config file")
     if raw is None:
         return None
     try:
@@ -268,9 +269,9 @@ def list_run_files(run: DelphiRun, problems: Problems, *, width: int | None = No
     if not root.is_dir():
         return
     explanation_dir, score_dir = root / "explanations", root / "scores"
-    explanations = _latent_files(explanation_dir, _walk_files(explanation_dir, problems), problems)
+    explanations = _latent_files(explanation_dir, _walk_files(explanation_dir, problems, root), problems)
     scores: dict[str, list[tuple[str, int, Path]]] = {}
-    score_files = _walk_files(score_dir, problems)
+    score_files = _walk_files(score_dir, problems, root)
     for path in score_files:
         if path.parent == score_dir:
             problems.add(path, "score file outside a <method>/ directory; skipped", kind="foreign")
@@ -374,7 +375,7 @@ def read_explanation_files(entries: list[LatentFile], problems: Problems) -> tup
     """The latent and text of each readable explanation file of ``entries``."""
     latents, texts = [], []
     for entry in entries:
-        raw = files.read_bytes(entry.path, problems, latent=entry.latent)
+        raw = files.read_bytes(entry.path, problems, what="explanation file", latent=entry.latent)
         if raw is None:
             continue
         try:
@@ -430,7 +431,7 @@ class ScoreRecords:
 
 
 def _load_records(entry: LatentFile, problems: Problems) -> list[dict] | None:
-    raw = files.read_bytes(entry.path, problems, latent=entry.latent)
+    raw = files.read_bytes(entry.path, problems, what="score file", latent=entry.latent)
     if raw is None:
         return None
     try:

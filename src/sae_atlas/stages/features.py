@@ -169,10 +169,32 @@ def build_features(
     return table, statistics
 
 
+def duplicate_pairs(runs: pl.DataFrame) -> list[tuple[str, str, str, str]]:
+    """(kept source, ignored source, explainer, scorer) for every source whose explainer and scorer
+    an earlier source already has: features.parquet holds one row per (feature, explainer) with one
+    score entry per scorer, so only the first such source's explanations and scores reach it."""
+    seen: dict[tuple[str, str], str] = {}
+    duplicates = []
+    for source, explainer, scorer in runs.select("data_source", "llm_explainer", "llm_scorer").rows():
+        first = seen.setdefault((explainer, scorer), source)
+        if first != source:
+            duplicates.append((first, source, explainer, scorer))
+    return duplicates
+
+
 def plan(context: StageContext) -> Plan:
     runs = context.runs_table()
 
     def execute(problems: Problems) -> Product:
+        paths = {run.name: run.path for run in context.runs()}
+        for kept, ignored, explainer, scorer in duplicate_pairs(runs):
+            problems.add(
+                paths.get(ignored, ignored),
+                f"source {ignored!r} has the same explainer ({explainer}) and scorer ({scorer}) as {kept!r}: "
+                f"features.parquet and compare use {kept!r}'s explanations and scores, {ignored!r}'s stay in "
+                "stages/scores.parquet only; name a different scorer or explainer in its [[sources]] to keep both",
+                kind="invalid",
+            )
         table, statistics = build_features(
             explanations=context.read("explanation_embeddings"),
             scores=context.read("scores"),
