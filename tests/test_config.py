@@ -86,3 +86,33 @@ def test_bad_configs_fail_with_one_line_naming_the_file(tmp_path, text, fragment
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="no such config file"):
         load_config(tmp_path / "absent.toml")
+
+
+PYTHIA_RUN = Path(__file__).parent / "fixtures" / "raw-formats" / "results" / "pythia-demo"
+
+
+@pytest.mark.parametrize(
+    ("section", "device", "fragment"),
+    [
+        ("embedding", "tpu", "embedding.device = 'tpu' is not a device"),
+        ("embedding", "cuda:7", "embedding.device = 'cuda:7' is not available on this machine"),
+        ("decoder", "mps", "decoder.device = 'mps' is not available on this machine"),
+    ],
+)
+def test_devices_are_checked_before_the_run_starts(tmp_path, section, device, fragment):
+    """Not 20 s into the run as an unexpected RuntimeError: one line, and nothing written."""
+    import subprocess
+    import sys
+
+    decoder = Path(__file__).parent / "fixtures" / "raw-formats" / "saelens" / "blocks.3.hook_resid_post"
+    device_line = f'device = "{device}"\n'
+    text = f'output_dir = "out"\n[[sources]]\npath = "{PYTHIA_RUN}"\n'
+    text += f'[decoder]\npath = "{decoder}"\n' + (device_line if section == "decoder" else "")
+    text += "[embedding]\n" + (device_line if section == "embedding" else "")
+    path = write(tmp_path, text)
+    result = subprocess.run(
+        [sys.executable, "-m", "sae_atlas", "run", str(path)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 1 and fragment in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "unexpected" not in result.stderr
+    assert not (tmp_path / "out").exists()

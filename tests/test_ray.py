@@ -258,25 +258,103 @@ def test_killing_an_embedding_actor_mid_stage_changes_nothing(corpus, local_outp
     assert_same_outputs(local_output, config.output_dir)
 
 
-def test_an_unreachable_cluster_is_one_line_and_writes_nothing(corpus, tmp_path):
+def run_elsewhere(corpus: Path, tmp_path: Path, *arguments: str, env: dict | None = None, execution: str = ""):
+    """``sae-atlas run`` of the corpus into tmp_path/out in its own process: (result, seconds)."""
     config = (
         (corpus / "sae-atlas.toml").read_text().replace('output_dir = "master"', f'output_dir = "{tmp_path / "out"}"')
     )
     path = tmp_path / "sae-atlas.toml"
-    path.write_text(config.replace('path = "raw/', f'path = "{corpus}/raw/'))
-    address = f"127.0.0.1:{free_port()}"
+    path.write_text(config.replace('path = "raw/', f'path = "{corpus}/raw/') + execution)
     started = time.monotonic()
     result = subprocess.run(
-        [sys.executable, "-m", "sae_atlas", "run", str(path), "--ray-address", address],
+        [sys.executable, "-m", "sae_atlas", "run", str(path), *arguments],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=300,
+        env=env,
     )
+    return result, time.monotonic() - started
+
+
+def test_an_unreachable_cluster_is_one_line_and_writes_nothing(corpus, tmp_path):
+    address = f"127.0.0.1:{free_port()}"
+    result, seconds = run_elsewhere(corpus, tmp_path, "--ray-address", address)
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and address in lines[0] and "no Ray cluster" in lines[0], result.stderr
     assert not (tmp_path / "out").exists()
-    assert time.monotonic() - started < 60
+    assert seconds < 60
+
+
+class HttpServer:
+    """An HTTP server on a free loopback port (IPv4 or IPv6), answering every request with 404."""
+
+    def __init__(self, host: str = "127.0.0.1"):
+        import http.server
+
+        class Server(http.server.ThreadingHTTPServer):
+            address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+        self.server = Server((host, 0), http.server.BaseHTTPRequestHandler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("form", ["127.0.0.1:{port}", "ray://127.0.0.1:{port}", "[::1]:{port}"])
+def test_an_address_where_something_else_listens_is_one_line_within_30_s(corpus, tmp_path, form):
+    """An HTTP server accepts the TCP connection; Ray would retry against it for minutes."""
+    server = HttpServer("::1" if "::1" in form else "127.0.0.1")
+    try:
+        address = form.format(port=server.port)
+        result, seconds = run_elsewhere(corpus, tmp_path, "--ray-address", address)
+    finally:
+        server.close()
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and address in lines[0] and "something else listens there" in lines[0], result.stderr
+    assert seconds < 30 and not (tmp_path / "out").exists()
+
+
+def test_gpus_per_actor_on_a_cluster_without_gpus_is_one_line(corpus, tmp_path):
+    """Ray would wait for ever for an actor no node can place."""
+    result, seconds = run_elsewhere(corpus, tmp_path, execution='[execution]\nengine = "ray"\ngpus_per_actor = 1\n')
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "gpus_per_actor = 1 but the Ray cluster has 0 GPU(s)" in lines[0], result.stderr
+    assert not (tmp_path / "out").exists() and seconds < 120
+
+
+def test_an_empty_address_is_refused_not_taken_for_none(corpus, tmp_path):
+    result, _ = run_elsewhere(corpus, tmp_path, "--ray-address", "")
+    assert result.returncode == 1 and "an empty address" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_addresses_are_parsed_in_every_form():
+    from sae_atlas.ray_engine import split_address
+
+    assert split_address("127.0.0.1:6379") == ("127.0.0.1", 6379)
+    assert split_address("[::1]:6379") == ("::1", 6379)
+    assert split_address("ray://head.example:10001") == ("head.example", 10001)
+    assert split_address(":6379") == ("127.0.0.1", 6379)
+    for bad in ("head", "head:port", "head:70000"):
+        with pytest.raises(ValueError):
+            split_address(bad)
+
+
+def test_a_token_cluster_joined_without_its_token_is_one_line(corpus, tmp_path, cluster):
+    environment = {key: value for key, value in os.environ.items() if not key.startswith("RAY_AUTH")}
+    environment["HOME"] = str(tmp_path / "home")  # no ~/.ray/auth_token there
+    result, seconds = run_elsewhere(corpus, tmp_path, "--ray-address", cluster.address, env=environment)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and cluster.address in lines[0], result.stderr
+    assert not (tmp_path / "out").exists() and seconds < 60
 
 
 def test_a_config_names_the_engine(tmp_path):

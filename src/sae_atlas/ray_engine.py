@@ -133,13 +133,14 @@ class RayEngine:
             self._owned = False
         elif self.execution.address is None:
             self._temp_dir = Path(tempfile.mkdtemp(prefix="sae-atlas-ray-"))
-            ray.init(
-                num_cpus=available_cores(),
-                include_dashboard=False,
-                _temp_dir=str(self._temp_dir),
-                log_to_driver=False,
-                logging_level=logging.ERROR,
-            )
+            with quiet_stderr():  # Ray's C++ core announces its log level on stderr
+                ray.init(
+                    num_cpus=available_cores(),
+                    include_dashboard=False,
+                    _temp_dir=str(self._temp_dir),
+                    log_to_driver=False,
+                    logging_level=logging.ERROR,
+                )
             self._owned = True
         else:
             check_reachable(self.execution.address)
