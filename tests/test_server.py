@@ -223,3 +223,42 @@ def test_the_blank_field_redirect_passes_the_guard_too(client):
     assert redirect.headers["x-frame-options"] == "DENY"
     huge = client.get("/?fuzz_min=&contains=" + "x" * 60_000, follow_redirects=False)
     assert huge.status_code == 414 and "location" not in huge.headers
+
+
+def test_a_long_comparison_does_not_hold_up_the_pages(small_run, embedder, monkeypatch):
+    """Pages share one worker thread in `serve`; comparisons run on a thread of their own."""
+    import threading
+    import time
+
+    atlas = Atlas(small_run[0].output_dir, embedder=embedder)
+    real = atlas.compare
+
+    def slow(*args, **kwargs):
+        time.sleep(3)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(atlas, "compare", slow)
+    client = TestClient(create_app(atlas, prepare=False, page_threads=1))
+    client.get("/api/stats")  # warm
+    answers = {}
+    comparing = threading.Thread(target=lambda: answers.update(compare=client.get("/api/compare?resamples=100")))
+    comparing.start()
+    time.sleep(0.5)
+    started = time.monotonic()
+    assert client.get("/api/stats").status_code == 200
+    waited = time.monotonic() - started
+    comparing.join()
+    assert answers["compare"].status_code == 200
+    assert waited < 1.5, waited
+
+
+def test_the_comparison_cache_is_bounded(small_run, embedder):
+    from sae_atlas.atlas import COMPARISONS_KEPT
+
+    atlas = Atlas(small_run[0].output_dir, embedder=embedder)
+    for seed in range(COMPARISONS_KEPT + 3):
+        atlas.compare(["fuzz"], resamples=100, seed=seed)
+    assert len(atlas._comparisons) == COMPARISONS_KEPT
+    assert atlas.compare(["fuzz"], resamples=100, seed=COMPARISONS_KEPT + 2) is atlas.compare(
+        ["fuzz"], resamples=100, seed=COMPARISONS_KEPT + 2
+    )

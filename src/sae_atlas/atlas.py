@@ -17,6 +17,7 @@ on it are then empty.
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from sae_atlas.summary import mean_scores, mean_semantic_similarity
 
 # The names of the per-(feature, explainer) metrics that can be filtered, sorted and plotted.
 METRICS = metrics.NAMES
+COMPARISONS_KEPT = 8
 SCORE_NAMES = tuple(metric.name for metric in metrics.SCORE_METRICS)
 COLUMNS = ("feature_id", "explainer", "explanation_text", "explanation_ok", *METRICS)
 DEFAULT_WINDOW = 32  # tokens shown around the peak of an example sampled without stage 4's table
@@ -179,7 +181,10 @@ class Atlas:
         self._vectors: tuple[pl.DataFrame, np.ndarray] | None = None
         self._embedder = embedder
         self._stats: dict | None = None
-        self._comparisons: dict[tuple, dict] = {}
+        # The last few comparisons asked for (a page and its JSON twin ask for the same one); bounded,
+        # since a server answers comparisons with any settings for as long as it runs.
+        self._comparisons: OrderedDict[tuple, dict] = OrderedDict()
+        self._comparisons_lock = threading.Lock()
         self._quantiles: pl.DataFrame | None = None
         self._quantile_ids = np.zeros(0, dtype=np.int64)
 
@@ -651,9 +656,11 @@ class Atlas:
         if not 0 < confidence < 1:
             raise QueryError(f"confidence must be between 0 and 1, not {confidence}")
         key = (tuple(chosen), resamples, seed, confidence)
-        cached = self._comparisons.get(key)
-        if cached is not None:
-            return cached
+        with self._comparisons_lock:
+            cached = self._comparisons.get(key)
+            if cached is not None:
+                self._comparisons.move_to_end(key)
+                return cached
         scores = self._scores.select("feature_id", "explainer", "scorer", *chosen)
         wide = comparison.wide_scores(scores, chosen)
         draws = comparison.Resamples(resamples, seed)
@@ -702,7 +709,10 @@ class Atlas:
             "explainer_agreement": comparison.explainer_agreement(similarity, scores, texts, chosen, self.explainers),
             "comparability": comparison.comparability(*self._run_settings()),
         }
-        self._comparisons[key] = result
+        with self._comparisons_lock:
+            self._comparisons[key] = result
+            while len(self._comparisons) > COMPARISONS_KEPT:
+                self._comparisons.popitem(last=False)
         return result
 
     def _run_settings(self) -> tuple[dict, list[dict]]:

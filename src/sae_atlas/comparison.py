@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import orjson
@@ -45,32 +46,53 @@ def resample_counts(n: int, resamples: int, rng: np.random.Generator) -> np.ndar
     """How often each of ``n`` items is drawn in each of ``resamples`` bootstrap samples
     ([resamples, n] float32): the draws are ``rng.integers(0, n, (resamples, n))``."""
     draws = rng.integers(0, n, size=(resamples, n))
-    flat = draws + np.arange(resamples)[:, None] * n
-    return np.bincount(flat.ravel(), minlength=resamples * n).reshape(resamples, n).astype(np.float32)
+    draws += np.arange(resamples)[:, None] * n  # in place: one [resamples, n] int64 array at a time
+    return np.bincount(draws.ravel(), minlength=resamples * n).reshape(resamples, n).astype(np.float32)
+
+
+# Resample counts are made and used a block at a time, so a comparison's memory does not grow with
+# latents × resamples (20,000 resamples of 16k latents are 1.3 GB as one float32 matrix): each block
+# holds at most this many counts.
+BLOCK_CELLS = 1 << 22
 
 
 class Resamples:
-    """Bootstrap resample counts by sample size, drawn once per size from ``[seed, n]``: a
-    comparison's result does not depend on which other groups it computes."""
+    """Bootstrap resample counts by sample size n: ``resamples`` rows, made in blocks of
+    :meth:`block_rows` rows, block k drawn from ``[seed, n, k]``. The counts depend only on the
+    seed, n and the number of resamples, so a comparison's result does not depend on which other
+    groups it computes, and nothing is kept between uses."""
 
     def __init__(self, resamples: int, seed: int):
         self.resamples = resamples
         self.seed = seed
-        self._counts: dict[int, np.ndarray] = {}
+
+    @staticmethod
+    def block_rows(n: int) -> int:
+        return max(1, BLOCK_CELLS // max(n, 1))
+
+    def blocks(self, n: int) -> Iterator[np.ndarray]:
+        """The [rows, n] float32 count blocks of the resamples of n items, in order."""
+        rows = self.block_rows(n)
+        for index, start in enumerate(range(0, self.resamples, rows)):
+            size = min(rows, self.resamples - start)
+            yield resample_counts(n, size, np.random.default_rng([self.seed, n, index]))
 
     def counts(self, n: int) -> np.ndarray:
-        if n not in self._counts:
-            self._counts[n] = resample_counts(n, self.resamples, np.random.default_rng([self.seed, n]))
-        return self._counts[n]
+        """All the counts at once ([resamples, n]); for small n and tests."""
+        return np.concatenate(list(self.blocks(n)))
 
 
-def bootstrap_means(values: np.ndarray, counts: np.ndarray, confidence: float) -> tuple[np.ndarray, np.ndarray]:
+def bootstrap_means(
+    values: np.ndarray, counts: np.ndarray | Iterable[np.ndarray], confidence: float
+) -> tuple[np.ndarray, np.ndarray]:
     """Percentile-bootstrap CI of the mean of each column of ``values`` [n, g] (NaN = missing,
-    left out of that column's mean), from shared resample ``counts`` [B, n]: (low, high) [g].
-    Sums and counts of every column come from one float32 matrix product."""
+    left out of that column's mean), from shared resample ``counts`` [B, n] (one array, or blocks
+    of rows of it): (low, high) [g]. Sums and counts of every column come from one float32 matrix
+    product per block; only the [B, g] means are kept."""
     present = ~np.isnan(values)
     stacked = np.concatenate([np.where(present, values, 0.0), present], axis=1).astype(np.float32)
-    totals = (counts @ stacked).astype(np.float64)
+    blocks = [counts] if isinstance(counts, np.ndarray) else counts
+    totals = np.concatenate([(block @ stacked).astype(np.float64) for block in blocks])
     sums, weights = totals[:, : values.shape[1]], totals[:, values.shape[1] :]
     with np.errstate(invalid="ignore", divide="ignore"):
         means = sums / weights
@@ -191,7 +213,7 @@ def summary(
         if mine.is_empty():
             continue
         values = np.column_stack([_column_values(mine, column) for column in columns])
-        low, high = bootstrap_means(values, resamples.counts(mine.height), confidence)
+        low, high = bootstrap_means(values, resamples.blocks(mine.height), confidence)
         frequency = None
         if weights is not None:
             frequency = (
@@ -245,7 +267,7 @@ def paired_differences(
         differences = np.column_stack(
             [_column_values(both, column) - _column_values(both, f"{column}#second") for column in columns]
         )
-        low, high = bootstrap_means(differences, resamples.counts(both.height), confidence)
+        low, high = bootstrap_means(differences, resamples.blocks(both.height), confidence)
         for column_index, (scorer, metric) in enumerate(pairs):
             difference = differences[:, column_index]
             difference = difference[~np.isnan(difference)]

@@ -15,6 +15,7 @@ import threading
 from pathlib import Path
 from typing import Annotated, Literal
 
+import anyio
 import anyio.to_thread
 import orjson
 from fastapi import FastAPI, Query, Request
@@ -328,6 +329,20 @@ def is_page(path: str) -> bool:
     return not path.startswith(("/api/", "/health", "/docs", "/redoc", "/openapi.json", "/static/"))
 
 
+class OwnThreads:
+    """Runs blocking work on worker threads of its own (``tokens`` at a time), not on the pool that
+    builds pages: a comparison at 20,000 resamples takes seconds, and must not hold up ``/``."""
+
+    def __init__(self, tokens: int = 1):
+        self.tokens = tokens
+        self._limiter: anyio.CapacityLimiter | None = None
+
+    async def __call__(self, function, *args):
+        if self._limiter is None:  # made in the event loop that uses it
+            self._limiter = anyio.CapacityLimiter(self.tokens)
+        return await anyio.to_thread.run_sync(function, *args, limiter=self._limiter)
+
+
 def create_app(atlas: Atlas, *, prepare: bool = True, page_threads: int | None = None) -> FastAPI:
     """The application serving ``atlas``. With ``prepare``, what the first requests would wait for
     (the example index, the embedding model) loads in the background as the server starts.
@@ -356,6 +371,7 @@ def create_app(atlas: Atlas, *, prepare: bool = True, page_threads: int | None =
             threading.Thread(target=prepare_in_background, name="prepare-atlas", daemon=True).start()
         yield
 
+    comparing = OwnThreads(1)
     app = FastAPI(
         title="sae-atlas",
         version=__version__,
@@ -364,12 +380,16 @@ def create_app(atlas: Atlas, *, prepare: bool = True, page_threads: int | None =
         lifespan=lifespan,
     )
 
+    app.state.comparing = comparing
+
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, error: RequestValidationError):
         # One readable line ("limit: Input should be less than or equal to 1000"), not pydantic's list.
         message = validation_message(error, skip_location=1)
         if is_page(request.url.path):  # an HTML page answers in HTML, with the same message
-            return app.state.invalid_page(request, message)
+            # off the event loop, as the page itself would be (the compare page computes a comparison)
+            run = comparing if request.url.path == "/compare" else anyio.to_thread.run_sync
+            return await run(app.state.invalid_page, request, message)
         return JSONResponse({"detail": message}, status_code=422)
 
     @app.exception_handler(QueryError)
@@ -434,10 +454,10 @@ def create_app(atlas: Atlas, *, prepare: bool = True, page_threads: int | None =
         return FastJSON(atlas.histogram(metric, bins, explainer=explainer, scorer=scorer))
 
     @app.get("/api/compare", response_model=Comparison, responses=ERRORS, tags=["compare"])
-    def compare(query: Annotated[CompareQuery, Query()]):
+    async def compare(query: Annotated[CompareQuery, Query()]):
         """Explainers and scorers compared: bootstrap CIs, paired differences, agreement (the compare
         page's data)."""
-        return FastJSON(pages.compare(atlas, query))
+        return FastJSON(await app.state.comparing(pages.compare, atlas, query))
 
     @app.get("/api/plots", response_model=Plots, responses=ERRORS, tags=["plots"])
     def plots(query: Annotated[PlotsQuery, Query()]):

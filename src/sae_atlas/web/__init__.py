@@ -317,12 +317,12 @@ def mount_browser(app: FastAPI, atlas: Atlas) -> None:
         )
 
     @app.get("/compare", response_class=HTMLResponse, tags=["pages"], responses=PAGE_RESPONSES)
-    def compare(request: Request, query: Annotated[ComparisonQuery, Query()]):
+    async def compare(request: Request, query: Annotated[ComparisonQuery, Query()]):
         """Explainers and scorers compared, with uncertainty (JSON twin: ``/api/compare``)."""
         try:
-            return compare_page(request, query)
+            return await app.state.comparing(compare_page, request, query)
         except QueryError as problem:
-            return compare_page(request, ComparisonQuery(), str(problem))
+            return await app.state.comparing(compare_page, request, ComparisonQuery(), str(problem))
 
     @app.get("/plots", response_class=HTMLResponse, tags=["pages"], responses=PAGE_RESPONSES)
     def plots(request: Request, query: Annotated[PlotsQuery, Query()]):
