@@ -93,3 +93,20 @@ def test_a_local_model_with_a_similarity_prompt_uses_it(embedder, tmp_path):
     np.testing.assert_allclose(local.embed(texts), expected, atol=1e-5)
     plain = embedder.encode_uncached(texts)
     assert np.abs(local.embed(texts) - plain).max() > 1e-3  # the prompt changes the vectors
+
+
+def test_a_text_gets_the_same_bytes_whatever_it_is_embedded_with(embedder, tmp_path):
+    """Batches hold texts of one token count: no padding, so an incremental run (a few new texts
+    beside cached ones) gives exactly the vectors a run from scratch gives."""
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+    rng = np.random.default_rng(0)
+    texts = [" ".join(rng.choice(words, int(size))) for size in rng.integers(2, 12, 90)]
+    scratch = Embedder(cache_dir=tmp_path / "a", backend=embedder.backend, batch_size=16).embed(texts)
+    first = Embedder(cache_dir=tmp_path / "b", backend=embedder.backend, batch_size=16)
+    first.embed(texts[::3])  # an earlier run saw a third of them
+    incremental = Embedder(cache_dir=tmp_path / "b", backend=embedder.backend, batch_size=16).embed(texts)
+    np.testing.assert_array_equal(incremental, scratch)
+    counts = embedder.backend.token_counts(texts)
+    batches = Embedder(backend=embedder.backend, batch_size=16).batches(texts)
+    assert all(len(set(counts[batch])) == 1 and len(batch) <= 16 for batch in batches)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(len(texts)))

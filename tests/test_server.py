@@ -262,3 +262,44 @@ def test_the_comparison_cache_is_bounded(small_run, embedder):
     assert atlas.compare(["fuzz"], resamples=100, seed=COMPARISONS_KEPT + 2) is atlas.compare(
         ["fuzz"], resamples=100, seed=COMPARISONS_KEPT + 2
     )
+
+
+def test_a_malformed_chunked_request_leaves_no_traceback_in_the_log(small_run, tmp_path):
+    """uvicorn answers 400 and gives up the connection while the app is still answering: the app's
+    late response is dropped, not logged as a traceback."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = tmp_path / "serve.log"
+    with log.open("w") as handle:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "sae_atlas", "serve", str(small_run[0].output_dir), "--port", str(port)],
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                connection = socket.create_connection(("127.0.0.1", port), timeout=5)
+                break
+            except OSError:
+                assert time.monotonic() < deadline and server.poll() is None
+                time.sleep(0.2)
+        with connection:
+            connection.sendall(
+                b"POST /api/features HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nZZZ\r\nabc\r\n0\r\n\r\n"
+            )
+            assert connection.recv(100).startswith(b"HTTP/1.1 400")
+        time.sleep(1)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    text = log.read_text()
+    assert "Invalid HTTP request" in text  # the request reached the server
+    assert "Traceback" not in text, text

@@ -7,8 +7,8 @@
 - embeds each distinct text once, and only texts the content-addressed cache
   (:mod:`sae_atlas.embedding_cache`) has not seen, which is how re-runs after a small change stay
   cheap;
-- forms batches from texts sorted by token count, which pads less than sentence-transformers' own
-  character-length sort and gives identical vectors;
+- forms batches of texts of one token count (sorted by it): no padding, so a float32 vector is the
+  same whatever else is embedded with it;
 - loads the model lazily, so a run whose texts are all cached never loads it;
 - hands the batches of missing texts to an ``encoder`` when the run's engine has one (a Ray Data
   actor pool, :mod:`sae_atlas.ray_engine`): the same batches, encoded elsewhere.
@@ -52,6 +52,14 @@ class EmbeddingStats:
     def since(self, before: EmbeddingStats) -> dict:
         """What was done after ``before`` was taken."""
         return {name: value - getattr(before, name) for name, value in self.__dict__.items()}
+
+
+def encode_filled(backend, texts: list[str], rows: int | None) -> np.ndarray:
+    """``backend.encode(texts)``, the batch filled to ``rows`` rows with copies of its first text
+    (their vectors dropped) when it is shorter: the model then sees one shape per token count."""
+    if rows is None or len(texts) >= rows:
+        return backend.encode(texts)
+    return backend.encode([*texts, *[texts[0]] * (rows - len(texts))])[: len(texts)]
 
 
 ProgressCallback = Callable[[int, int], None]
@@ -134,11 +142,31 @@ class Embedder:
         return EmbeddingCache(self.cache_root / f"{slug}-{namespace}")
 
     def batches(self, texts: Sequence[str]) -> list[np.ndarray]:
-        """Indices of ``texts`` in the batches they are encoded in: consecutive runs of the texts
-        sorted by token count (stable), ``batch_size`` each. Every engine encodes these same
-        batches, so int8's per-batch activation ranges, and with them the vectors, agree."""
-        order = np.argsort(self.backend.token_counts(texts), kind="stable")
-        return [order[start : start + self.batch_size] for start in range(0, len(order), self.batch_size)]
+        """Indices of ``texts`` in the batches they are encoded in: the texts sorted by token count
+        (stable), each batch up to ``batch_size`` texts of one token count.
+
+        One token count per batch means no padding tokens; float32 batches are also filled to
+        ``batch_size`` rows (:meth:`full_rows`), so every product the model computes has one shape
+        per token count, and a vector does not depend on its batch-mates (CPU kernels pick their
+        blocking by shape, and the last bits with it): a text embedded in an incremental run is the
+        bytes it is in a run from scratch. Every engine encodes these same batches, so int8's
+        per-batch activation ranges, and with them its vectors, agree across engines too.
+        """
+        counts = self.backend.token_counts(texts)
+        order = np.argsort(counts, kind="stable")
+        boundaries = np.flatnonzero(np.diff(counts[order])) + 1
+        return [
+            run[start : start + self.batch_size]
+            for run in np.split(order, boundaries)
+            for start in range(0, len(run), self.batch_size)
+        ]
+
+    @property
+    def full_rows(self) -> int | None:
+        """Rows every float32 batch is filled to (copies of its first text, results dropped); None
+        for int8, whose vectors depend on their batch-mates through its per-batch activation scale
+        whatever is done, so filling would only cost time."""
+        return None if self.int8 else self.batch_size
 
     def encode_uncached(self, texts: Sequence[str], progress: ProgressCallback | None = None) -> np.ndarray:
         """Embed ``texts`` with the model, batches formed from token-count-sorted texts."""
@@ -158,7 +186,7 @@ class Embedder:
             vectors = np.zeros((len(texts), self.backend.dimension), dtype=np.float32)
             done = 0
             for batch in batches:
-                vectors[batch] = self.backend.encode([texts[index] for index in batch])
+                vectors[batch] = encode_filled(self.backend, [texts[index] for index in batch], self.full_rows)
                 done += len(batch)
                 if progress:
                     progress(done, len(texts))

@@ -7,12 +7,24 @@ A pure ASGI middleware (no per-request task or thread, so it costs microseconds)
   ``X-Frame-Options: DENY``, ``X-Content-Type-Options: nosniff``, ``Referrer-Policy``;
 - ``HEAD`` answered as ``GET`` without the body, on every route (``/health`` for probes);
 - query strings over :data:`MAX_QUERY_BYTES` refused with 414: no valid query is that long, and
-  pages copy their query string into every link.
+  pages copy their query string into every link;
+- a response to a request the server already refused as malformed is dropped, not logged as a
+  traceback.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import orjson
+
+try:  # uvicorn's HTTP/1.1 implementation: its error when a response comes after it gave up
+    from h11 import LocalProtocolError as ProtocolRefused
+except ImportError:  # pragma: no cover - another server
+
+    class ProtocolRefused(Exception):
+        pass
+
 
 MAX_QUERY_BYTES = 2048
 PAGE_POLICY = (
@@ -61,7 +73,10 @@ class Guard:
                 message = {**message, "headers": [*message.get("headers", []), *added]}
             elif head and message["type"] == "http.response.body":
                 message = {**message, "body": b""}
-            await send(message)
+            # The server may already have answered 400 to a malformed request (a bad chunked
+            # body) and closed the connection while the app was answering: nothing left to send.
+            with contextlib.suppress(ProtocolRefused):
+                await send(message)
 
         query = scope.get("query_string", b"")
         if len(query) > MAX_QUERY_BYTES:

@@ -224,7 +224,16 @@ class RayEngine:
 class EmbeddingActor:
     """One model per actor; each call encodes the pre-formed batches it is given."""
 
-    def __init__(self, spec: str, device: str, quantize: str, threads: int, onnx_model: list | None = None):
+    def __init__(
+        self,
+        spec: str,
+        device: str,
+        quantize: str,
+        threads: int,
+        onnx_model: list | None = None,
+        rows: int | None = None,
+    ):
+        self.rows = rows
         if onnx_model is not None:
             from sae_atlas.embedding_int8 import OnnxInt8Backend
 
@@ -236,7 +245,9 @@ class EmbeddingActor:
 
     def __call__(self, items: dict) -> dict:
         positions = [np.asarray(batch, dtype=np.int64) for batch in items["positions"]]
-        vectors = [self.backend.encode(list(texts)) for texts in items["texts"]]
+        from sae_atlas.embedding import encode_filled
+
+        vectors = [encode_filled(self.backend, list(texts), self.rows) for texts in items["texts"]]
         return {"position": np.concatenate(positions), "vector": np.concatenate(vectors)}
 
 
@@ -287,6 +298,7 @@ class RayTextEncoder:
                 "quantize": embedder.quantize if embedder.int8 else "none",
                 "threads": max(1, int(self.execution.cpus_per_actor)),
                 "onnx_model": onnx_model,
+                "rows": embedder.full_rows,
             },
             batch_format="numpy",
         )
