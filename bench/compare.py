@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 from common import OUT, update_section
 from queries import wide_copy
 from sae_atlas import Atlas
-from sae_atlas.report import render_html, render_markdown
+from sae_atlas.exports.report import render_html, render_markdown
 
 
 def timed(function, repeat: int = 3) -> tuple[float, object]:

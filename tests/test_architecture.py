@@ -11,8 +11,8 @@ from fastapi.testclient import TestClient
 
 from sae_atlas import layout, metrics
 from sae_atlas.config import load_config
-from sae_atlas.pages import TWINS
 from sae_atlas.pipeline import Pipeline, PipelineError, order_stages
+from sae_atlas.serve.pages import TWINS
 from sae_atlas.stage import Plan, Product, Skip, Stage
 from sae_atlas.stages import REGISTERED
 
@@ -208,7 +208,7 @@ def test_a_streamed_stage_writes_its_outputs_together_or_not_at_all(small_corpus
 @pytest.fixture(scope="module")
 def client(small_run, embedder):
     from sae_atlas import Atlas
-    from sae_atlas.server import create_app
+    from sae_atlas.serve.app import create_app
 
     return TestClient(create_app(Atlas(small_run[0].output_dir, embedder=embedder)))
 
@@ -249,7 +249,7 @@ def test_intruder_is_a_visible_metric(tmp_path, embedder):
     import orjson
 
     from sae_atlas import Atlas
-    from sae_atlas.server import create_app
+    from sae_atlas.serve.app import create_app
     from sae_atlas.synth import SynthOptions, synthesize
 
     corpus = synthesize(
@@ -326,10 +326,10 @@ LAYERS = [
     {"stage", "stages"},
     # the runner
     {"pipeline"},
-    # reading outputs back
-    {"comparison", "atlas", "summary", "sql", "validate"},
-    # interfaces
-    {"queries", "pages", "guard", "table_export", "neuronpedia", "server", "web", "report", "cli", "__main__"},
+    # reading outputs back: the query layer (Atlas, its results and parameters, the comparison)
+    {"query", "sql", "validate"},
+    # interfaces: serving the query layer (API, pages), files for other tools, the command line
+    {"serve", "exports", "cli", "__main__"},
 ]
 
 
@@ -395,5 +395,6 @@ def test_no_import_cycles():
 
 def test_readers_of_outputs_never_import_the_runner():
     graph = package_imports()
-    for module in ("sae_atlas.atlas", "sae_atlas.validate", "sae_atlas.sql", "sae_atlas.summary", "sae_atlas.server"):
+    readers = ("sae_atlas.query.atlas", "sae_atlas.validate", "sae_atlas.sql", "sae_atlas.query.summary")
+    for module in (*readers, "sae_atlas.serve.app"):
         assert "sae_atlas.pipeline" not in graph[module], module

@@ -9,7 +9,7 @@ import polars as pl
 import pytest
 
 from sae_atlas import Atlas
-from sae_atlas.atlas import COLUMNS, METRICS, FeatureNotFound, QueryError
+from sae_atlas.query.atlas import COLUMNS, METRICS, FeatureNotFound, QueryError
 from sae_atlas.synth.concepts import CONCEPTS
 from sae_atlas.vector_storage import read_activation_embeddings
 

@@ -20,7 +20,7 @@ import pytest
 import uvicorn
 
 from sae_atlas import Atlas
-from sae_atlas.server import create_app
+from sae_atlas.serve.app import create_app
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = Path(os.environ.get("SAE_ATLAS_ARTIFACTS", ROOT / "artifacts")) / "screenshots"

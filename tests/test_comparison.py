@@ -7,10 +7,10 @@ import numpy as np
 import polars as pl
 import pytest
 
-from sae_atlas import comparison
-from sae_atlas.atlas import score_columns
 from sae_atlas.config import load_config
 from sae_atlas.pipeline import Pipeline
+from sae_atlas.query import comparison
+from sae_atlas.query.atlas import score_columns
 from sae_atlas.synth import SynthOptions, synthesize
 
 

@@ -15,9 +15,10 @@ from fastapi.testclient import TestClient
 from polars.testing import assert_frame_equal
 from typer.testing import CliRunner
 
-from sae_atlas import Atlas, table_export
+from sae_atlas import Atlas
 from sae_atlas.cli import app
-from sae_atlas.server import create_app
+from sae_atlas.exports import tables
+from sae_atlas.serve.app import create_app
 
 SCHEMA = orjson.loads((Path(__file__).parent / "fixtures" / "neuronpedia" / "export.schema.json").read_bytes())
 runner = CliRunner()
@@ -155,7 +156,7 @@ def test_the_table_export_reads_back_as_the_filtered_rows(small_run, atlas, tmp_
     expected = expected_rows(atlas)
     assert 0 < expected.height < atlas.features(limit=None).height  # the filters select, and not everything
     assert f"wrote {expected.height:,} rows" in result.output
-    assert_frame_equal(table_export.read(output, expected.schema), expected)
+    assert_frame_equal(tables.read(output, expected.schema), expected)
     assert [path.name for path in output.parent.iterdir()] == [output.name]  # no temporary file left behind
 
 
@@ -192,11 +193,11 @@ def test_the_table_export_refuses_bad_options_in_one_line(small_run, tmp_path, a
 def test_text_formats_are_encoded_a_chunk_at_a_time(atlas):
     frame = atlas.features(limit=None)
     for chosen in ("csv", "jsonl"):
-        chunks = list(table_export.encode(frame, chosen, chunk_rows=50))
+        chunks = list(tables.encode(frame, chosen, chunk_rows=50))
         assert len(chunks) == -(-frame.height // 50)
         whole = b"".join(chunks)
-        assert whole == b"".join(table_export.encode(frame, chosen, chunk_rows=frame.height))
-    assert b"".join(table_export.encode(frame.clear(), "csv")).decode().startswith("feature_id,")
+        assert whole == b"".join(tables.encode(frame, chosen, chunk_rows=frame.height))
+    assert b"".join(tables.encode(frame.clear(), "csv")).decode().startswith("feature_id,")
 
 
 @pytest.fixture(scope="module")
@@ -208,7 +209,7 @@ def client(atlas):
 def test_the_api_downloads_every_matching_row(client, atlas, chosen):
     response = client.get("/api/features", params={**FILTERS, "format": chosen})
     assert response.status_code == 200
-    assert response.headers["content-type"].split(";")[0] == table_export.MEDIA_TYPES[chosen].split(";")[0]
+    assert response.headers["content-type"].split(";")[0] == tables.MEDIA_TYPES[chosen].split(";")[0]
     assert response.headers["content-disposition"] == f'attachment; filename="features.{chosen}"'
     expected = expected_rows(atlas)
     assert expected.height > 100  # more than one JSON page: a download is not paged
@@ -302,14 +303,14 @@ def test_csv_cells_a_spreadsheet_would_evaluate_are_escaped_and_read_back_exactl
     on one already starting with an apostrophe, so the escape can be undone). JSONL and Parquet hold
     the texts as they are."""
     frame = pl.DataFrame({"feature_id": list(range(len(FORMULAS))), "explanation_text": FORMULAS, "x": [-1.5] * 8})
-    table_export.write(frame, tmp_path / "t.csv")
+    tables.write(frame, tmp_path / "t.csv")
     cells = pl.read_csv(tmp_path / "t.csv")["explanation_text"].to_list()
     assert cells == ["'=1+1", "'+SUM(A1)", "'-2+3", "'@cmd", "'\tTAB", "'\rCR", "''quoted", "plain text"]
     assert pl.read_csv(tmp_path / "t.csv")["x"].to_list() == [-1.5] * 8  # numbers are not text
-    assert_frame_equal(table_export.read(tmp_path / "t.csv", frame.schema), frame)
+    assert_frame_equal(tables.read(tmp_path / "t.csv", frame.schema), frame)
     for suffix in ("jsonl", "parquet"):
-        table_export.write(frame, tmp_path / f"t.{suffix}")
-        assert table_export.read(tmp_path / f"t.{suffix}", frame.schema)["explanation_text"].to_list() == FORMULAS
+        tables.write(frame, tmp_path / f"t.{suffix}")
+        assert tables.read(tmp_path / f"t.{suffix}", frame.schema)["explanation_text"].to_list() == FORMULAS
 
 
 def test_the_api_csv_download_is_escaped_too(client):

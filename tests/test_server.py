@@ -11,7 +11,7 @@ from schemathesis.config import SchemathesisConfig
 from schemathesis.generation import GenerationMode
 
 from sae_atlas import Atlas
-from sae_atlas.server import create_app
+from sae_atlas.serve.app import create_app
 
 
 @pytest.fixture(scope="module")
@@ -195,7 +195,7 @@ def test_the_model_loads_in_the_background_when_the_server_starts(small_run, emb
 
 
 def test_feature_page_tokens_are_escaped_and_shaded():
-    from sae_atlas.web import display_tokens, highlighted_tokens
+    from sae_atlas.serve.web import display_tokens, highlighted_tokens
 
     tokens = ["▁<script>", "alert('x')", "</script>", "<0x0A>", "a\x1fb", "▁&"]
     shown = display_tokens(tokens)
@@ -253,7 +253,7 @@ def test_a_long_comparison_does_not_hold_up_the_pages(small_run, embedder, monke
 
 
 def test_the_comparison_cache_is_bounded(small_run, embedder):
-    from sae_atlas.atlas import COMPARISONS_KEPT
+    from sae_atlas.query.atlas import COMPARISONS_KEPT
 
     atlas = Atlas(small_run[0].output_dir, embedder=embedder)
     for seed in range(COMPARISONS_KEPT + 3):

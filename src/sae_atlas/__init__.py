@@ -12,7 +12,7 @@ __all__ = ["Atlas", "__version__"]
 def __getattr__(name: str):
     # Imported lazily: `import sae_atlas` stays cheap for the CLI and the pipeline.
     if name == "Atlas":
-        from sae_atlas.atlas import Atlas
+        from sae_atlas.query.atlas import Atlas
 
         return Atlas
     raise AttributeError(f"module 'sae_atlas' has no attribute {name!r}")

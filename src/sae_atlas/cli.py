@@ -290,7 +290,7 @@ def _frame_table(frame: pl.DataFrame, title: str) -> Table:
 
 def print_summary(output_dir: Path) -> None:
     """Rows per file, mean scores per explainer × scorer × method, mean cross-explainer similarity."""
-    from sae_atlas.summary import mean_scores, mean_semantic_similarity, rows_per_file
+    from sae_atlas.query.summary import mean_scores, mean_semantic_similarity, rows_per_file
 
     console.print(_frame_table(rows_per_file(output_dir), "rows per file"))
     features = pl.read_parquet(output_dir / layout.FEATURES)
@@ -330,7 +330,7 @@ def _print_json(value) -> None:
 
 
 def _open_atlas(output_dir: Path):
-    from sae_atlas.atlas import Atlas
+    from sae_atlas.query.atlas import Atlas
 
     return Atlas(output_dir)
 
@@ -366,7 +366,7 @@ def show(
     as_json: Annotated[bool, typer.Option("--json", help="Print the full record as JSON.")] = False,
 ) -> None:
     """Everything about one latent: explanations, scores, agreement, neighbours, examples."""
-    from sae_atlas.atlas import FeatureNotFound
+    from sae_atlas.query.atlas import FeatureNotFound
 
     atlas = _open_atlas(output_dir)
     try:
@@ -502,7 +502,7 @@ def _n(value: float | None, digits: int = 3) -> str:
 def _compare_settings(metric: list[str] | None, resamples: int, seed: int, confidence: float) -> dict:
     """The comparison's settings checked by the API's own query model: the same ranges and the same
     one-line message on either interface."""
-    from sae_atlas.queries import compare_query_model, parse
+    from sae_atlas.query.parameters import compare_query_model, parse
 
     params = {"resamples": resamples, "seed": seed, "confidence": confidence}
     query = parse(compare_query_model(), params)
@@ -603,7 +603,7 @@ def report(
 ) -> None:
     """Write the comparison as one self-contained HTML file (inline SVG and CSS, no network) or as
     Markdown tables, with the score distributions and the run's provenance."""
-    from sae_atlas.report import FORMATS, write_report
+    from sae_atlas.exports.report import FORMATS, write_report
 
     layout.refuse_output_files(output)
     suffixes = {".md": "md", ".markdown": "md", ".html": "html", ".htm": "html"}
@@ -655,10 +655,11 @@ def export_table(
 ) -> None:
     """Write the rows of the feature table the filters select (every match, as the index page's
     download does) to CSV, JSON Lines or Parquet, the format from the file's suffix."""
-    from sae_atlas import pages, table_export
-    from sae_atlas.queries import feature_query_model, parse
+    from sae_atlas.exports import tables
+    from sae_atlas.query.parameters import feature_query_model, parse
+    from sae_atlas.serve import pages
 
-    table_export.format_of(output)  # a bad suffix or a protected path fails before any work
+    tables.format_of(output)  # a bad suffix or a protected path fails before any work
     layout.refuse_output_files(output)
     atlas = _open_atlas(output_dir)
     params = {"sort": sort, "order": order, **_bounds(minimum, "min"), **_bounds(maximum, "max")}
@@ -667,7 +668,7 @@ def export_table(
     )
     query = parse(feature_query_model(atlas.explainers, atlas.scorers), params)
     frame = pages.feature_export(atlas, query)
-    chosen = table_export.write(frame, output)
+    chosen = tables.write(frame, output)
     console.print(f"wrote {frame.height:,} rows to {output} ({chosen})", highlight=False)
 
 
@@ -685,7 +686,7 @@ def export_neuronpedia(
 ) -> None:
     """Write the features (with decoder neighbours), sampled activation records and explanations in
     the batch files Neuronpedia's importer reads."""
-    from sae_atlas.neuronpedia import export
+    from sae_atlas.exports.neuronpedia import export
 
     counts = export(
         _open_atlas(output_dir),
@@ -711,7 +712,7 @@ def serve(
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
 ) -> None:
     """Serve the outputs over HTTP: the JSON API (docs at /docs) and the feature browser."""
-    from sae_atlas.server import serve as run_server
+    from sae_atlas.serve.app import serve as run_server
 
     atlas_dir = output_dir.resolve()
     _open_atlas(atlas_dir)  # fail here, with one line, if the directory is not an output directory

@@ -3,7 +3,7 @@ and compared, declared once.
 
 ``Atlas``, the JSON API's models and query parameters, the HTML forms and tables, ``sae-atlas
 show`` and the feature page all read this list; adding a metric is one entry here (plus, for a new
-kind of source, the code that computes its column in :mod:`sae_atlas.atlas`).
+kind of source, the code that computes its column in :mod:`sae_atlas.query.atlas`).
 
 Score metrics (``per_scorer``) come from ``stages/scores.parquet``: the value of ``column`` on the
 rows of score method ``method`` (any method's row when ``method`` is None). They have one value per

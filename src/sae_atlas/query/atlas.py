@@ -25,10 +25,11 @@ import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 
-from sae_atlas import comparison, layout, metrics
+from sae_atlas import layout, metrics
+from sae_atlas.query import comparison
+from sae_atlas.query.summary import mean_scores, mean_semantic_similarity
 from sae_atlas.sampling import centre_positions, sample_examples, window_bounds
 from sae_atlas.schema import CONTRACT_SCORE_FIELDS
-from sae_atlas.summary import mean_scores, mean_semantic_similarity
 
 # The names of the per-(feature, explainer) metrics that can be filtered, sorted and plotted.
 METRICS = metrics.NAMES
@@ -646,7 +647,7 @@ class Atlas:
         seed: int = comparison.DEFAULT_SEED,
         confidence: float = 0.95,
     ) -> dict:
-        """Explainers and scorers compared (see :mod:`sae_atlas.comparison`): per explainer × scorer
+        """Explainers and scorers compared (see :mod:`sae_atlas.query.comparison`): per explainer × scorer
         × metric summaries with bootstrap CIs, paired differences between explainers, scorer and
         explainer agreement, and the comparability of the runs. Plain data, JSON-ready."""
         chosen = list(dict.fromkeys(metric_names)) if metric_names else self.comparable_metrics()

@@ -35,7 +35,7 @@ import orjson
 import polars as pl
 
 from sae_atlas import __version__, layout
-from sae_atlas.atlas import Atlas
+from sae_atlas.query.atlas import Atlas
 
 BATCH_FEATURES = 1024
 DEFAULT_CREATOR_ID = "clkht01d40000jv08hvalcvly"  # the utilities' default creator

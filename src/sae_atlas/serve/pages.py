@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from sae_atlas.atlas import Atlas
-from sae_atlas.queries import CompareQuery, FeatureQuery, PlotQuery
+from sae_atlas.query.atlas import Atlas
+from sae_atlas.query.parameters import CompareQuery, FeatureQuery, PlotQuery
 
 SEARCH_HITS = 25
 MAX_SCATTER_POINTS = 5000

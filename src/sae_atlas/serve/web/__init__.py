@@ -1,7 +1,7 @@
 """The feature browser served at ``/`` by ``sae-atlas serve``.
 
-Server-rendered HTML (Jinja2) of the same page data as the JSON API (:mod:`sae_atlas.pages`, its
-JSON twins), with query parameters parsed by the same models (:mod:`sae_atlas.queries`). Every page
+Server-rendered HTML (Jinja2) of the same page data as the JSON API (:mod:`sae_atlas.serve.pages`, its
+JSON twins), with query parameters parsed by the same models (:mod:`sae_atlas.query.parameters`). Every page
 holds its data as soon as it loads and needs no JavaScript to be useful (a few lines add keyboard
 navigation to the table). Plots are inline SVG computed here: a histogram of any metric and a
 scatter of two metrics whose points link to their features. Metric names, labels, descriptions and
@@ -24,9 +24,9 @@ from fastapi.templating import Jinja2Templates
 from markupsafe import Markup, escape
 from starlette.datastructures import QueryParams
 
-from sae_atlas import metrics, pages
-from sae_atlas.atlas import Atlas, FeatureNotFound, QueryError
-from sae_atlas.queries import (
+from sae_atlas import metrics
+from sae_atlas.query.atlas import Atlas, FeatureNotFound, QueryError
+from sae_atlas.query.parameters import (
     CompareQuery,
     FeatureQuery,
     PlotQuery,
@@ -35,7 +35,8 @@ from sae_atlas.queries import (
     plot_query_model,
     without_blanks,
 )
-from sae_atlas.web.charts import comparison_charts, histogram_svg_data, scatter_svg_data, short_name
+from sae_atlas.serve import pages
+from sae_atlas.serve.web.charts import comparison_charts, histogram_svg_data, scatter_svg_data, short_name
 
 HERE = Path(__file__).parent
 PAGE_SIZES = (25, 50, 100, 250, 500)

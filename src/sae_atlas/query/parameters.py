@@ -14,7 +14,7 @@ from typing import Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from sae_atlas import metrics
-from sae_atlas.atlas import COLUMNS, QueryError
+from sae_atlas.query.atlas import COLUMNS, QueryError
 
 MAX_TEXT = 500
 MAX_LIMIT = 1000

@@ -17,9 +17,9 @@ from pathlib import Path
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from sae_atlas import __version__, layout, metrics
-from sae_atlas.atlas import Atlas
-from sae_atlas.web import HERE, colour
-from sae_atlas.web.charts import comparison_charts, histogram_svg_data, short_name
+from sae_atlas.query.atlas import Atlas
+from sae_atlas.serve.web import HERE, colour
+from sae_atlas.serve.web.charts import comparison_charts, histogram_svg_data, short_name
 
 FORMATS = ("html", "md")
 PACKAGES = ("polars", "pyarrow", "numpy", "scipy", "sentence-transformers", "torch")

@@ -1,4 +1,4 @@
-"""``sae-atlas serve``: a read-only FastAPI app over :class:`~sae_atlas.atlas.Atlas`.
+"""``sae-atlas serve``: a read-only FastAPI app over :class:`~sae_atlas.query.atlas.Atlas`.
 
 JSON API under ``/api`` (OpenAPI docs at ``/docs``), ``/health`` for probes. Every parameter is
 validated (422 with a message naming it), an unknown feature is a 404, and nothing a client sends
@@ -24,16 +24,18 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from sae_atlas import __version__, metrics, pages, table_export
-from sae_atlas.atlas import METRICS, Atlas, FeatureNotFound, QueryError
-from sae_atlas.guard import Guard
-from sae_atlas.queries import (
+from sae_atlas import __version__, metrics
+from sae_atlas.exports import tables
+from sae_atlas.query.atlas import METRICS, Atlas, FeatureNotFound, QueryError
+from sae_atlas.query.parameters import (
     compare_query_model,
     feature_query_model,
     names_type,
     plot_query_model,
     validation_message,
 )
+from sae_atlas.serve import pages
+from sae_atlas.serve.guard import Guard
 
 MAX_FEATURE_ID = 2**32 - 1
 
@@ -412,7 +414,7 @@ def create_app(atlas: Atlas, *, prepare: bool = True, page_threads: int | None =
     @app.get(
         "/api/features",
         response_model=FeaturePage,
-        responses={**ERRORS, 200: {"content": {media: {} for media in table_export.MEDIA_TYPES.values()}}},
+        responses={**ERRORS, 200: {"content": {media: {} for media in tables.MEDIA_TYPES.values()}}},
         tags=["features"],
     )
     def features(query: Annotated[TableQuery, Query()]):
@@ -421,8 +423,8 @@ def create_app(atlas: Atlas, *, prepare: bool = True, page_threads: int | None =
         if query.format == "json":
             return FastJSON(pages.feature_table(atlas, query))
         return StreamingResponse(
-            table_export.encode(pages.feature_export(atlas, query), query.format),
-            media_type=table_export.MEDIA_TYPES[query.format],
+            tables.encode(pages.feature_export(atlas, query), query.format),
+            media_type=tables.MEDIA_TYPES[query.format],
             headers={"Content-Disposition": f'attachment; filename="features.{query.format}"'},
         )
 
@@ -464,7 +466,7 @@ def create_app(atlas: Atlas, *, prepare: bool = True, page_threads: int | None =
         """A histogram of one metric and a scatter of two (the plots page's data)."""
         return FastJSON(pages.plots(atlas, query))
 
-    from sae_atlas.web import mount_browser
+    from sae_atlas.serve.web import mount_browser
 
     mount_browser(app, atlas)
     # Added last, so outermost: every response passes it, the browser's redirects included.

@@ -46,7 +46,7 @@ def histogram_svg_data(histogram: dict, width: int = 640, height: int = 260) -> 
 
 
 def scatter_svg_data(scatter: dict, width: int = 640, height: int = 420) -> dict:
-    """Point geometry for the scatter data of :func:`sae_atlas.pages.scatter`."""
+    """Point geometry for the scatter data of :func:`sae_atlas.serve.pages.scatter`."""
     points = scatter["points"]
     xs = [point["x"] for point in points]
     ys = [point["y"] for point in points]
