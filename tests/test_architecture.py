@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from sae_atlas import layout, metrics
 from sae_atlas.config import load_config
 from sae_atlas.pipeline import Pipeline, PipelineError, order_stages
-from sae_atlas.serve.pages import TWINS
+from sae_atlas.serve.pages import twins
 from sae_atlas.stage import Plan, Product, Skip, Stage
 from sae_atlas.stages import REGISTERED
 
@@ -288,9 +288,9 @@ def test_every_html_page_has_a_json_twin_with_the_same_data(client):
         and route.response_class.__name__ == "HTMLResponse"
         and not route.path.startswith("/docs")
     }
-    assert html_routes == set(TWINS)
+    assert html_routes == set(twins())
     api_paths = set(client.get("/openapi.json").json()["paths"])
-    assert set(TWINS.values()) <= api_paths
+    assert set(twins().values()) <= api_paths
     rows = client.get("/api/features", params={"limit": 3, "sort": "fuzz", "order": "desc"}).json()["rows"]
     page = client.get("/", params={"limit": 3, "sort": "fuzz", "order": "desc"}).text
     assert 'rel="alternate" type="application/json" href="/api/features?limit=3&amp;sort=fuzz&amp;order=desc"' in page

@@ -22,6 +22,8 @@ import uvicorn
 from sae_atlas import Atlas
 from sae_atlas.serve.app import create_app
 
+pytestmark = pytest.mark.browser
+
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = Path(os.environ.get("SAE_ATLAS_ARTIFACTS", ROOT / "artifacts")) / "screenshots"
 CHROMIUM_FLAGS = [

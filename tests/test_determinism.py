@@ -69,6 +69,7 @@ def run_decoder_stage(decoder: Path, output: Path, *, blas_threads: int, cores: 
     return done.stdout.strip().splitlines()[-1]
 
 
+@pytest.mark.ray
 def test_decoder_neighbours_do_not_depend_on_blas_threads_cores_or_engine(decoder, tmp_path):
     cases = [("local", 1, 1), ("local", 2, 2), ("local", 2, 1), ("ray", 2, 1), ("ray", 2, 2)]
     digests = {

@@ -209,7 +209,7 @@ def client(atlas):
 def test_the_api_downloads_every_matching_row(client, atlas, chosen):
     response = client.get("/api/features", params={**FILTERS, "format": chosen})
     assert response.status_code == 200
-    assert response.headers["content-type"].split(";")[0] == tables.MEDIA_TYPES[chosen].split(";")[0]
+    assert response.headers["content-type"].split(";")[0] == tables.RENDERERS[chosen].media_type.split(";")[0]
     assert response.headers["content-disposition"] == f'attachment; filename="features.{chosen}"'
     expected = expected_rows(atlas)
     assert expected.height > 100  # more than one JSON page: a download is not paged

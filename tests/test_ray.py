@@ -24,6 +24,8 @@ from sae_atlas.pipeline import Pipeline
 from sae_atlas.stages import activation_embeddings
 from sae_atlas.synth import SynthOptions, synthesize
 
+pytestmark = pytest.mark.ray
+
 RAY = str(Path(sys.executable).with_name("ray"))
 EMBEDDING_COLUMNS = {"explanation_embeddings.parquet": "embedding", "activation_embeddings.parquet": "embeddings"}
 

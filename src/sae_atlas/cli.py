@@ -21,6 +21,7 @@ from rich.table import Table
 from rich.text import Text
 
 from sae_atlas import __version__, layout
+from sae_atlas.exports import tables
 
 app = typer.Typer(
     name="sae-atlas",
@@ -502,7 +503,7 @@ def _n(value: float | None, digits: int = 3) -> str:
 def _compare_settings(metric: list[str] | None, resamples: int, seed: int, confidence: float) -> dict:
     """The comparison's settings checked by the API's own query model: the same ranges and the same
     one-line message on either interface."""
-    from sae_atlas.query.parameters import compare_query_model, parse
+    from sae_atlas.serve.parameters import compare_query_model, parse
 
     params = {"resamples": resamples, "seed": seed, "confidence": confidence}
     query = parse(compare_query_model(), params)
@@ -640,7 +641,7 @@ def _bounds(values: list[str] | None, option: str) -> dict[str, str]:
 @_fail_cleanly
 def export_table(
     output_dir: Annotated[Path, typer.Argument(help="A sae-atlas output directory.")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="The file to write: .csv, .jsonl or .parquet.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help=f"The file to write: {tables.suffix_help()}.")],
     explainer: Annotated[str | None, typer.Option(help="Only this explainer's rows.")] = None,
     scorer: Annotated[str | None, typer.Option(help="Score columns from this scorer only (default: the mean).")] = None,
     contains: Annotated[str | None, typer.Option(help="Text the explanation contains.")] = None,
@@ -656,8 +657,8 @@ def export_table(
     """Write the rows of the feature table the filters select (every match, as the index page's
     download does) to CSV, JSON Lines or Parquet, the format from the file's suffix."""
     from sae_atlas.exports import tables
-    from sae_atlas.query.parameters import feature_query_model, parse
     from sae_atlas.serve import pages
+    from sae_atlas.serve.parameters import feature_query_model, parse
 
     tables.format_of(output)  # a bad suffix or a protected path fails before any work
     layout.refuse_output_files(output)

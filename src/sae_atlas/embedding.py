@@ -168,6 +168,12 @@ class Embedder:
         whatever is done, so filling would only cost time."""
         return None if self.int8 else self.batch_size
 
+    def encode_query(self, text: str) -> np.ndarray:
+        """One text's vector, encoded alone and not cached: a search query, where a person waits.
+        Not filled to ``batch_size`` rows (10× the latency), so it may differ from a stored vector of
+        the same text in the last bits."""
+        return self.backend.encode([text])[0]
+
     def encode_uncached(self, texts: Sequence[str], progress: ProgressCallback | None = None) -> np.ndarray:
         """Embed ``texts`` with the model, batches formed from token-count-sorted texts."""
         if not texts:

@@ -803,7 +803,7 @@ class Atlas:
             )
         rows, vectors = loaded
         # One short query: the content cache would cost more than encoding it.
-        query = self.embedder.encode_uncached([text])[0]
+        query = self.embedder.encode_query(text)
         similarity = vectors @ query
         if explainer is not None:
             if explainer not in self.explainers:

@@ -2,42 +2,38 @@
 
 JSON API under ``/api`` (OpenAPI docs at ``/docs``), ``/health`` for probes. Every parameter is
 validated (422 with a message naming it), an unknown feature is a 404, and nothing a client sends
-can make the server answer 5xx. There is no SQL over HTTP and no route that writes.
+can make the server answer 5xx. There is no SQL over HTTP and no route that writes. The routes are
+derived from the page declarations of :mod:`sae_atlas.serve.pages`; the response models are the
+query layer's (:mod:`sae_atlas.query.results`): this module declares none of its own.
 
 (No ``from __future__ import annotations`` here: FastAPI reads the parameter types of the routes,
 some of which are built per atlas inside :func:`create_app`.)
 """
 
 import contextlib
+import functools
 import gc
+import inspect
 import sys
 import threading
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated
 
 import anyio
 import anyio.to_thread
 import orjson
 from fastapi import FastAPI, Query, Request
-from fastapi import Path as PathParameter
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from sae_atlas import __version__, metrics
+from sae_atlas import __version__
 from sae_atlas.exports import tables
-from sae_atlas.query.atlas import METRICS, Atlas, FeatureNotFound, QueryError
-from sae_atlas.query.parameters import (
-    compare_query_model,
-    feature_query_model,
-    names_type,
-    plot_query_model,
-    validation_message,
-)
+from sae_atlas.query import results
+from sae_atlas.query.atlas import Atlas, FeatureNotFound, QueryError
 from sae_atlas.serve import pages
 from sae_atlas.serve.guard import Guard
-
-MAX_FEATURE_ID = 2**32 - 1
+from sae_atlas.serve.parameters import validation_message
+from sae_atlas.serve.web import mount_browser
 
 
 class FastJSON(JSONResponse):
@@ -47,282 +43,10 @@ class FastJSON(JSONResponse):
         return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
-# -- response models (the OpenAPI schema) -------------------------------------------------------
-
-
-class Health(BaseModel):
-    status: Literal["ok"]
-    version: str
-
-
-class ScorerScores(BaseModel):
-    """One entry of the contract's ``scores`` struct of features.parquet."""
-
-    scorer: str
-    fuzz: float | None
-    simulation: float | None
-    detection: float | None
-    embedding: float | None
-
-
-def _metric_fields(chosen) -> dict:
-    return {metric.name: (float | None, Field(description=metric.description)) for metric in chosen}
-
-
-# Every score metric of the registry, per scorer.
-ScorerMetrics = create_model("ScorerMetrics", scorer=(str, ...), **_metric_fields(metrics.SCORE_METRICS))
-
-
-class SemanticSimilarity(BaseModel):
-    explainer: str
-    cosine_similarity: float | None
-
-
-class QuantileScore(BaseModel):
-    scorer: str
-    method: str
-    quantile: int = Field(description="activation quantile, 0 = the top one (delphi's convention)")
-    score: float | None = Field(
-        description="fuzz / detection: recall; embedding: AUC against every non-activating example; "
-        "simulation: the quantile group's correlation"
-    )
-    examples: int
-
-
-class Explanation(BaseModel):
-    explainer: str
-    explanation_text: str
-    explanation_ok: bool
-    explanation_method: str | None
-    scores: list[ScorerScores] = Field(description="the contract's scores struct, as features.parquet holds it")
-    semantic_similarity: list[SemanticSimilarity]
-    metrics: list[ScorerMetrics] = Field(description="every score metric, per scorer")
-    by_quantile: list[QuantileScore] = Field(description="each score method's value per activation quantile")
-
-
-class NeighbourExplanation(BaseModel):
-    explainer: str
-    text: str
-    ok: bool
-
-
-class Neighbour(BaseModel):
-    feature_id: int
-    cosine_similarity: float
-    explanations: list[NeighbourExplanation]
-
-
-class ActivationSimilarity(BaseModel):
-    num_examples_sampled: int
-    mean_pairwise_similarity: float | None
-    std_pairwise_similarity: float | None
-    min_pairwise_similarity: float | None
-    max_pairwise_similarity: float | None
-
-
-class ActivationExample(BaseModel):
-    prompt_id: int
-    quantile: int = Field(description="sampling bin, 0 = lowest activations")
-    max_activation: float
-    max_position: int
-    window: list[int] = Field(description="[start, stop) of the embedded window")
-    tokens: list[str]
-    activations: list[float] = Field(description="activation value of every token")
-
-
-class Feature(BaseModel):
-    feature_id: int
-    sae_id: str | None
-    explanations: list[Explanation]
-    decoder_neighbours: list[Neighbour]
-    activation_similarity: ActivationSimilarity | None
-    activation_examples: list[ActivationExample]
-
-
-# One row of the feature table: a column per metric of the registry.
-FeatureRow = create_model(
-    "FeatureRow",
-    feature_id=(int, ...),
-    explainer=(str, ...),
-    explanation_text=(str, ...),
-    explanation_ok=(bool, ...),
-    **_metric_fields(metrics.METRICS),
-)
-
-
-class SearchHit(BaseModel):
-    feature_id: int
-    explainer: str
-    explanation_text: str
-    similarity: float
-
-
-class FeaturePage(BaseModel):
-    total: int = Field(description="rows matching the filters, before limit and offset")
-    limit: int
-    offset: int
-    rows: list[FeatureRow]
-    hits: list[SearchHit] | None = Field(None, description="with q: the closest explanations")
-
-
-class SearchResult(BaseModel):
-    query: str
-    hits: list[SearchHit]
-
-
-class Histogram(BaseModel):
-    metric: str
-    description: str
-    edges: list[float]
-    counts: list[int]
-    count: int
-    missing: int
-
-
-class ScatterPoint(BaseModel):
-    feature_id: int
-    explainer: str
-    x: float
-    y: float
-
-
-class Scatter(BaseModel):
-    x: str
-    y: str
-    points: list[ScatterPoint]
-    total: int = Field(description="rows with both metrics")
-    shown: int = Field(description="points returned (a fixed sample above 5,000)")
-    correlation: float | None
-
-
-class Plots(BaseModel):
-    histogram: Histogram
-    scatter: Scatter
-
-
-class Stats(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    sae_id: str | None
-    features: int
-    rows: int
-    explainers: list[str]
-    scorers: list[str]
-    files: dict[str, int | None]
-    metrics: dict[str, str]
-    mean_scores: list[dict]
-    mean_semantic_similarity: list[dict]
-    mean_activation_similarity: float | None
-
-
-class ComparisonSettings(BaseModel):
-    resamples: int
-    seed: int
-    confidence: float
-    metrics: list[str]
-    holm_family: str
-    weights: str | None = Field(description="what the weighted means are weighted by (None: no firing counts)")
-
-
-class SummaryRow(BaseModel):
-    explainer: str
-    scorer: str
-    metric: str
-    latents: int
-    mean: float
-    median: float
-    ci_low: float | None
-    ci_high: float | None
-    weighted_mean: float | None = Field(description="mean weighted by firing frequency, as delphi weights F1")
-
-
-class PairedRow(BaseModel):
-    first: str
-    second: str
-    scorer: str
-    metric: str
-    latents: int = Field(description="latents both explainers explained and the scorer scored")
-    mean_difference: float = Field(description="first minus second")
-    ci_low: float | None
-    ci_high: float | None
-    wilcoxon_p: float | None
-    holm_p: float | None
-    wins: int
-    ties: int
-    losses: int
-
-
-class ScorerAgreementRow(BaseModel):
-    first: str
-    second: str
-    metric: str
-    explanations: int
-    spearman: float | None
-    kendall: float | None
-    top_decile_overlap: float | None
-    rv: float | None = Field(description="RV coefficient of the two scorers' profiles over rv_metrics")
-    rv_metrics: list[str]
-
-
-class Disagreement(BaseModel):
-    feature_id: int
-    cosine: float
-    first_text: str | None
-    second_text: str | None
-
-
-class ExplainerAgreementRow(BaseModel):
-    first: str
-    second: str
-    latents: int
-    mean: float
-    min: float
-    q1: float
-    median: float
-    q3: float
-    max: float
-    correlation_with_scores: dict[str, float | None]
-    disagreements: list[Disagreement]
-
-
-class ComparabilityWarning(BaseModel):
-    setting: str
-    message: str
-
-
-class RunSettings(BaseModel):
-    data_source: str
-    explainer: str
-    scorer: str
-    settings: dict
-
-
-class Comparability(BaseModel):
-    runs: list[RunSettings]
-    warnings: list[ComparabilityWarning]
-    not_recorded: list[str]
-
-
-class Comparison(BaseModel):
-    settings: ComparisonSettings
-    explainers: list[str]
-    scorers: list[str]
-    metrics: dict[str, str]
-    summary: list[SummaryRow]
-    paired: list[PairedRow]
-    scorer_agreement: list[ScorerAgreementRow]
-    explainer_agreement: list[ExplainerAgreementRow]
-    comparability: Comparability
-
-
-class Problem(BaseModel):
-    detail: str
-
-
-Metric = Literal[METRICS]  # type: ignore[valid-type]
 ERRORS = {
-    404: {"model": Problem},
-    414: {"model": Problem, "description": "query string too long"},
-    422: {"model": Problem},
+    404: {"model": results.Problem},
+    414: {"model": results.Problem, "description": "query string too long"},
+    422: {"model": results.Problem},
 }
 
 
@@ -345,15 +69,13 @@ class OwnThreads:
         return await anyio.to_thread.run_sync(function, *args, limiter=self._limiter)
 
 
-def create_app(atlas: Atlas, *, prepare: bool = True, page_threads: int | None = None) -> FastAPI:
-    """The application serving ``atlas``. With ``prepare``, what the first requests would wait for
-    (the example index, the embedding model) loads in the background as the server starts.
-    ``page_threads`` caps the worker threads that build pages, tables and searches (default:
-    Starlette's 40)."""
-    Explainer, Scorer = names_type(atlas.explainers), names_type(atlas.scorers)
-    TableQuery = feature_query_model(atlas.explainers, atlas.scorers)
-    PlotsQuery = plot_query_model(atlas.explainers, atlas.scorers)
-    CompareQuery = compare_query_model()
+async def inline(function, *args):
+    """Run ``function`` on the event loop itself (a look-up cheaper than a hop to a thread)."""
+    return function(*args)
+
+
+def lifespan_of(atlas: Atlas, *, prepare: bool, page_threads: int | None):
+    """What the app does as it starts: cap the page threads, load what the first requests need."""
 
     def prepare_in_background() -> None:
         atlas.prepare()
@@ -373,24 +95,47 @@ def create_app(atlas: Atlas, *, prepare: bool = True, page_threads: int | None =
             threading.Thread(target=prepare_in_background, name="prepare-atlas", daemon=True).start()
         yield
 
-    comparing = OwnThreads(1)
+    return lifespan
+
+
+def create_app(atlas: Atlas, *, prepare: bool = True, page_threads: int | None = None) -> FastAPI:
+    """The application serving ``atlas``: a JSON route per declared page (:data:`pages.PAGES`),
+    the HTML pages (:func:`mount_browser`) and ``/health``. With ``prepare``, what the first
+    requests would wait for (the example index, the embedding model) loads in the background as
+    the server starts. ``page_threads`` caps the worker threads that build pages, tables and
+    searches (default: Starlette's 40)."""
     app = FastAPI(
         title="sae-atlas",
         version=__version__,
         description=f"Read-only API over the sae-atlas outputs of `{atlas.sae_id}`.",
         default_response_class=FastJSON,
-        lifespan=lifespan,
+        lifespan=lifespan_of(atlas, prepare=prepare, page_threads=page_threads),
     )
+    runners = {"pages": anyio.to_thread.run_sync, "own": OwnThreads(1), "loop": inline}
+    add_error_handlers(app)
 
-    app.state.comparing = comparing
+    @app.get("/health", response_model=results.Health, tags=["meta"])
+    def health():
+        return {"status": "ok", "version": __version__}
+
+    for page in pages.PAGES.values():
+        add_api_route(app, atlas, page, runners[page.runs_on])
+    mount_browser(app, atlas, runners)
+    # Added last, so outermost: every response passes it, the browser's redirects included.
+    app.add_middleware(Guard)
+    return app
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """One line for every refusal: 422 for a bad parameter (an HTML page answers with itself and
+    the message), 404 for an unknown feature."""
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, error: RequestValidationError):
         # One readable line ("limit: Input should be less than or equal to 1000"), not pydantic's list.
         message = validation_message(error, skip_location=1)
         if is_page(request.url.path):  # an HTML page answers in HTML, with the same message
-            # off the event loop, as the page itself would be (the compare page computes a comparison)
-            run = comparing if request.url.path == "/compare" else anyio.to_thread.run_sync
+            run = app.state.page_runner(request.url.path)  # off the event loop, as the page itself
             return await run(app.state.invalid_page, request, message)
         return JSONResponse({"detail": message}, status_code=422)
 
@@ -402,76 +147,45 @@ def create_app(atlas: Atlas, *, prepare: bool = True, page_threads: int | None =
     async def not_found(request: Request, error: FeatureNotFound) -> JSONResponse:
         return JSONResponse({"detail": f"feature {error.args[0]} not found"}, status_code=404)
 
-    @app.get("/health", response_model=Health, tags=["meta"])
-    def health():
-        return {"status": "ok", "version": __version__}
 
-    @app.get("/api/stats", response_model=Stats, tags=["features"])
-    def stats():
-        """What the output directory holds, and its headline numbers."""
-        return FastJSON(atlas.stats())
+def add_api_route(app: FastAPI, atlas: Atlas, page: pages.Page, run) -> None:
+    """The JSON route of one declared page; with an ``export`` and a ``format`` other than json, a
+    file of every matching row in that registered format, streamed."""
+    query_model = page.query(atlas) if page.query else None
 
-    @app.get(
-        "/api/features",
-        response_model=FeaturePage,
-        responses={**ERRORS, 200: {"content": {media: {} for media in tables.MEDIA_TYPES.values()}}},
-        tags=["features"],
-    )
-    def features(query: Annotated[TableQuery, Query()]):
-        """One row per (feature, explainer), filtered, sorted and paged (the index page's data);
-        with ``format`` csv, jsonl or parquet, a file of every matching row."""
-        if query.format == "json":
-            return FastJSON(pages.feature_table(atlas, query))
-        return StreamingResponse(
-            tables.encode(pages.feature_export(atlas, query), query.format),
-            media_type=tables.MEDIA_TYPES[query.format],
-            headers={"Content-Disposition": f'attachment; filename="features.{query.format}"'},
+    async def endpoint(query=None, **path):
+        if page.export is not None and query.format != "json":
+            renderer = tables.RENDERERS[query.format]
+            frame = await run(page.export, atlas, query)
+            return StreamingResponse(
+                tables.encode(frame, renderer.name),
+                media_type=renderer.media_type,
+                headers={"Content-Disposition": f'attachment; filename="features{renderer.suffixes[0]}"'},
+            )
+        return FastJSON(await run(functools.partial(page.data, atlas, query, **path)))
+
+    parameters = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=Annotated[kind, spec])
+        for name, (kind, spec) in page.path_parameters.items()
+    ]
+    if query_model is not None:
+        parameters.append(
+            inspect.Parameter("query", inspect.Parameter.KEYWORD_ONLY, annotation=Annotated[query_model, Query()])
         )
-
-    @app.get("/api/features/{feature_id}", response_model=Feature, responses=ERRORS, tags=["features"])
-    async def feature(feature_id: Annotated[int, PathParameter(ge=0, le=MAX_FEATURE_ID)]):
-        """Everything about one latent (the feature page's data)."""
-        # On the event loop, not the thread pool: the look-up is array slicing (a fraction of a
-        # millisecond), less than the hop to a worker thread would cost.
-        return FastJSON(pages.feature(atlas, feature_id))
-
-    @app.get("/api/search", response_model=SearchResult, responses=ERRORS, tags=["features"])
-    def search(
-        q: Annotated[str, Query(min_length=1, max_length=500, description="free text")],
-        k: Annotated[int, Query(ge=1, le=100)] = 10,
-        explainer: Explainer | None = None,
-    ):
-        """Explanations closest in meaning to ``q``."""
-        hits = atlas.search(q, k, explainer=explainer)
-        return FastJSON({"query": q, "hits": hits.to_dicts()})
-
-    @app.get("/api/histogram", response_model=Histogram, responses=ERRORS, tags=["plots"])
-    def histogram(
-        metric: Metric,
-        bins: Annotated[int, Query(ge=1, le=200)] = 20,
-        explainer: Explainer | None = None,
-        scorer: Scorer | None = None,
-    ):
-        """Counts of a metric over equal-width bins."""
-        return FastJSON(atlas.histogram(metric, bins, explainer=explainer, scorer=scorer))
-
-    @app.get("/api/compare", response_model=Comparison, responses=ERRORS, tags=["compare"])
-    async def compare(query: Annotated[CompareQuery, Query()]):
-        """Explainers and scorers compared: bootstrap CIs, paired differences, agreement (the compare
-        page's data)."""
-        return FastJSON(await app.state.comparing(pages.compare, atlas, query))
-
-    @app.get("/api/plots", response_model=Plots, responses=ERRORS, tags=["plots"])
-    def plots(query: Annotated[PlotsQuery, Query()]):
-        """A histogram of one metric and a scatter of two (the plots page's data)."""
-        return FastJSON(pages.plots(atlas, query))
-
-    from sae_atlas.serve.web import mount_browser
-
-    mount_browser(app, atlas)
-    # Added last, so outermost: every response passes it, the browser's redirects included.
-    app.add_middleware(Guard)
-    return app
+    endpoint.__signature__ = inspect.Signature(parameters)
+    responses = dict(ERRORS)
+    if page.export is not None:
+        responses[200] = {"content": {renderer.media_type: {} for renderer in tables.RENDERERS.values()}}
+    app.add_api_route(
+        page.api,
+        endpoint,
+        methods=["GET"],
+        response_model=page.result,
+        responses=responses,
+        tags=list(page.tags),
+        name=page.name,
+        description=page.description + (f" (the data of the page ``{page.path}``)" if page.path else ""),
+    )
 
 
 def serve(output_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000) -> None:

@@ -1,25 +1,96 @@
-"""The data behind every page of ``sae-atlas serve``: one function per page.
+"""Every page of ``sae-atlas serve``, declared once.
 
-The JSON API returns a page's data as it is; the browser renders the same data as HTML. So every
-HTML page has a JSON twin by construction (:data:`TWINS`), and the two can never disagree.
+A page is a data function (``atlas, query, **path`` → a JSON-ready dict) and a :class:`Page`
+declaration: its JSON route, its HTML route and template, its query model, its result model (from
+:mod:`sae_atlas.query.results`), its label in the navigation bar. :func:`sae_atlas.serve.app.create_app`
+and :func:`sae_atlas.serve.web.mount_browser` are loops over :data:`PAGES`: the JSON route, the
+HTML route, the JSON twin link, the 422 page (the page's default view with the one-line message)
+and the navigation are all derived from the declaration, so an HTML page and its JSON twin can
+never disagree. A new page is its data function, its declaration (:func:`register`) and its template.
 """
 
 from __future__ import annotations
 
-import numpy as np
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+from urllib.parse import urlencode
 
+import numpy as np
+from fastapi import Path as PathParameter
+from pydantic import BaseModel
+
+from sae_atlas import metrics
+from sae_atlas.exports import tables
+from sae_atlas.query import results
 from sae_atlas.query.atlas import Atlas
-from sae_atlas.query.parameters import CompareQuery, FeatureQuery, PlotQuery
+from sae_atlas.serve.parameters import (
+    CompareQuery,
+    FeatureQuery,
+    PlotQuery,
+    compare_query_model,
+    feature_query_model,
+    histogram_query_model,
+    plot_query_model,
+    search_query_model,
+)
+from sae_atlas.serve.web.charts import comparison_charts, histogram_svg_data, scatter_svg_data
+from sae_atlas.serve.web.render import HEADERS, PAGE_SIZES, shown_metrics
 
 SEARCH_HITS = 25
 MAX_SCATTER_POINTS = 5000
-# HTML page → its JSON twin (same path parameters and query string).
-TWINS = {
-    "/": "/api/features",
-    "/features/{feature_id}": "/api/features/{feature_id}",
-    "/plots": "/api/plots",
-    "/compare": "/api/compare",
-}
+MAX_FEATURE_ID = 2**32 - 1
+
+
+@dataclass(frozen=True)
+class Page:
+    """One page: a data function and everything the API and the browser derive from it."""
+
+    name: str
+    api: str  # the JSON route (the HTML page's twin): "/api/features/{feature_id}"
+    data: Callable[..., dict]  # (atlas, query, **path parameters) → the page's data
+    result: type[BaseModel]  # the data's model: the API's response model
+    description: str  # what the page shows (the routes' OpenAPI description)
+    query: Callable[[Atlas], type[BaseModel]] | None = None  # the atlas's query model; None: none
+    path: str | None = None  # the HTML route; None: a JSON route only
+    template: str | None = None
+    nav: str | None = None  # its label in the navigation bar
+    # Path parameters: name → (type, FastAPI's Path(...) with its bounds).
+    path_parameters: dict[str, tuple[type, Any]] = field(default_factory=dict)
+    # The table a file download holds (the query's ``format`` other than json), for table pages.
+    export: Callable[[Atlas, BaseModel], Any] | None = None
+    # Where the work runs: "pages" (the worker threads), "loop" (the event loop: a look-up cheaper
+    # than a thread hop), "own" (threads of its own: long work never holds up the pages).
+    runs_on: Literal["pages", "loop", "own"] = "pages"
+    # Extra template context: (atlas, query, data, request) → dict.
+    context: Callable[..., dict] | None = None
+    tags: tuple[str, ...] = ("pages",)
+
+
+PAGES: dict[str, Page] = {}
+
+
+def register(page: Page) -> Page:
+    """Declare a page (replacing one of the same name); apps built afterwards serve it."""
+    PAGES[page.name] = page
+    return page
+
+
+def html_pages() -> list[Page]:
+    return [page for page in PAGES.values() if page.path is not None]
+
+
+def twins() -> dict[str, str]:
+    """HTML page path → its JSON twin's path."""
+    return {page.path: page.api for page in html_pages()}
+
+
+def form_paths() -> tuple[str, ...]:
+    """The HTML pages whose forms submit query strings (every page with a query model)."""
+    return tuple(page.path for page in html_pages() if page.query is not None and not page.path_parameters)
+
+
+# -- data functions --------------------------------------------------------------------------------
 
 
 def feature_table(atlas: Atlas, query: FeatureQuery) -> dict:
@@ -36,7 +107,7 @@ def feature_export(atlas: Atlas, query: FeatureQuery):
     return atlas.query_features(**query.export_arguments())[0]
 
 
-def feature(atlas: Atlas, feature_id: int) -> dict:
+def feature(atlas: Atlas, query: None = None, *, feature_id: int) -> dict:
     """Everything about one latent."""
     return atlas.feature(feature_id)
 
@@ -76,3 +147,202 @@ def plots(atlas: Atlas, query: PlotQuery) -> dict:
 def compare(atlas: Atlas, query: CompareQuery) -> dict:
     """Explainers and scorers compared, with their uncertainty (:meth:`Atlas.compare`)."""
     return atlas.compare(**query.arguments())
+
+
+def stats(atlas: Atlas, query: None = None) -> dict:
+    """What the output directory holds, and its headline numbers."""
+    return atlas.stats()
+
+
+def search(atlas: Atlas, query) -> dict:
+    """Explanations closest in meaning to ``q``."""
+    return {"query": query.q, "hits": atlas.search(query.q, query.k, explainer=query.explainer).to_dicts()}
+
+
+def histogram(atlas: Atlas, query) -> dict:
+    """Counts of a metric over equal-width bins."""
+    return atlas.histogram(query.metric, query.bins, explainer=query.explainer, scorer=query.scorer)
+
+
+# -- what the HTML pages add to their data ---------------------------------------------------------
+
+
+def index_context(atlas: Atlas, query: FeatureQuery, data: dict, request) -> dict:
+    """The table page: its rows, links that keep the filters, downloads in every format."""
+    shown = shown_metrics(query)
+    params = request.query_params
+    kept = {key: value for key, value in params.items() if value not in ("", None) and key != "offset"}
+
+    def link(**changes) -> str:
+        merged = {**kept, **{key: value for key, value in changes.items() if value is not None}}
+        return "/?" + urlencode({key: value for key, value in merged.items() if value not in ("", None)})
+
+    def download(format: str) -> str:
+        """Every row the current filters and sort select, as a file (the JSON twin's ``format``)."""
+        chosen = {key: value for key, value in kept.items() if key not in ("limit", "q", "format")}
+        return "/api/features?" + urlencode({**chosen, "format": format})
+
+    return {
+        "rows": data["rows"],
+        "total": data["total"],
+        "limit": query.limit,
+        "offset": query.offset,
+        "sort": query.sort,
+        "order": query.order,
+        "explainers": atlas.explainers,
+        "scorers": atlas.scorers,
+        "explainer": query.explainer,
+        "scorer": query.scorer,
+        "contains": query.contains or "",
+        "query": query.q or "",
+        "hits": data.get("hits", []),
+        "params": params,
+        "link": link,
+        "download": download,
+        "renderers": list(tables.RENDERERS.values()),
+        "page_sizes": PAGE_SIZES,
+        "stats": atlas.stats(),
+        "headers": [*HEADERS, *[(metric.name, metric.label, metric.description) for metric in shown]],
+        "shown": shown,
+        "filtered": list(query.filters()),
+        "filtering": bool(query.explainer or query.scorer or query.contains or query.filters()),
+    }
+
+
+def feature_context(atlas: Atlas, query: None, data: dict, request) -> dict:
+    """The feature page: explanations side by side, agreement, examples grouped by quantile."""
+    explainers = [item["explainer"] for item in data["explanations"]]
+    agreement = {
+        (item["explainer"], entry["explainer"]): entry["cosine_similarity"]
+        for item in data["explanations"]
+        for entry in item["semantic_similarity"]
+    }
+    groups: dict[int, list[dict]] = {}
+    for example in data["activation_examples"]:
+        groups.setdefault(example["quantile"], []).append(example)
+    return {
+        "record": data,
+        "explainers": explainers,
+        "agreement": agreement,
+        "groups": sorted(groups.items(), reverse=True),
+        "neighbours": data["decoder_neighbours"],
+        # the detail metrics some scorer has a value for
+        "detail": [
+            metric
+            for metric in metrics.SCORE_METRICS
+            if not metric.headline
+            and any(row[metric.name] is not None for item in data["explanations"] for row in item["metrics"])
+        ],
+    }
+
+
+def plots_context(atlas: Atlas, query: PlotQuery, data: dict, request) -> dict:
+    return {
+        "metric": query.metric,
+        "bins": query.bins,
+        "x": query.x,
+        "y": query.y,
+        "explainer": query.explainer,
+        "scorer": query.scorer,
+        "explainers": atlas.explainers,
+        "scorers": atlas.scorers,
+        "histogram": data["histogram"],
+        "bars": histogram_svg_data(data["histogram"]),
+        "scatter": scatter_svg_data(data["scatter"]),
+    }
+
+
+def compare_context(atlas: Atlas, query: CompareQuery, data: dict, request) -> dict:
+    return {"charts": comparison_charts(data)}
+
+
+# -- the pages -------------------------------------------------------------------------------------
+
+FEATURE_ID = {"feature_id": (int, PathParameter(ge=0, le=MAX_FEATURE_ID))}
+
+register(
+    Page(
+        "features",
+        "/api/features",
+        feature_table,
+        results.FeaturePage,
+        "One row per (feature, explainer), filtered, sorted and paged, with semantic search; with "
+        "``format`` other than json, a file of every matching row.",
+        query=lambda atlas: feature_query_model(atlas.explainers, atlas.scorers),
+        path="/",
+        template="index.html",
+        nav="Features",
+        export=feature_export,
+        context=index_context,
+        tags=("features",),
+    )
+)
+register(
+    Page(
+        "feature",
+        "/api/features/{feature_id}",
+        feature,
+        results.Feature,
+        "Everything about one latent: explanations, scores, agreement, decoder neighbours, examples.",
+        path="/features/{feature_id}",
+        template="feature.html",
+        path_parameters=FEATURE_ID,
+        runs_on="loop",  # array slicing: a fraction of a millisecond, less than a thread hop
+        context=feature_context,
+        tags=("features",),
+    )
+)
+register(
+    Page(
+        "plots",
+        "/api/plots",
+        plots,
+        results.Plots,
+        "A histogram of one metric and a scatter of two.",
+        query=lambda atlas: plot_query_model(atlas.explainers, atlas.scorers),
+        path="/plots",
+        template="plots.html",
+        nav="Plots",
+        context=plots_context,
+        tags=("plots",),
+    )
+)
+register(
+    Page(
+        "compare",
+        "/api/compare",
+        compare,
+        results.Comparison,
+        "Explainers and scorers compared: bootstrap CIs, paired differences, agreement.",
+        query=lambda atlas: compare_query_model(),
+        path="/compare",
+        template="compare.html",
+        nav="Compare",
+        runs_on="own",
+        context=compare_context,
+        tags=("compare",),
+    )
+)
+register(Page("stats", "/api/stats", stats, results.Stats, "What the output directory holds.", tags=("features",)))
+register(
+    Page(
+        "search",
+        "/api/search",
+        search,
+        results.SearchResult,
+        "Explanations closest in meaning to ``q``.",
+        query=lambda atlas: search_query_model(atlas.explainers),
+        tags=("features",),
+    )
+)
+register(
+    Page(
+        "histogram",
+        "/api/histogram",
+        histogram,
+        results.Histogram,
+        "Counts of a metric over equal-width bins.",
+        query=lambda atlas: histogram_query_model(atlas.explainers, atlas.scorers),
+        tags=("plots",),
+    )
+)

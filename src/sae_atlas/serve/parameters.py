@@ -14,6 +14,7 @@ from typing import Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from sae_atlas import metrics
+from sae_atlas.exports import tables
 from sae_atlas.query.atlas import COLUMNS, QueryError
 
 MAX_TEXT = 500
@@ -41,7 +42,7 @@ class FeatureQuery(_Query):
     order: Literal["asc", "desc"] = "asc"
     limit: int = 100
     offset: int = 0
-    format: Literal["json", "csv", "jsonl", "parquet"] = "json"
+    format: str = "json"
 
     def filters(self) -> dict[str, tuple[float | None, float | None]]:
         """``{metric: (low, high)}`` for every metric with a bound."""
@@ -102,8 +103,8 @@ def feature_query_model(explainers: list[str], scorers: list[str]) -> type[Featu
         limit=(int, Field(100, ge=1, le=MAX_LIMIT)),
         offset=(int, Field(0, ge=0, le=MAX_OFFSET)),
         format=(
-            Literal["json", "csv", "jsonl", "parquet"],
-            Field("json", description="json: one page; csv, jsonl, parquet: a file of every matching row"),
+            Literal[("json", *tables.formats())],  # type: ignore[valid-type]
+            Field("json", description=f"json: one page; {', '.join(tables.formats())}: a file of every matching row"),
         ),
         **bounds,
     )
@@ -121,6 +122,46 @@ def plot_query_model(explainers: list[str], scorers: list[str]) -> type[PlotQuer
         y=(metric, Field("fuzz", description="metric on the scatter's y axis")),
         explainer=(names_type(explainers) | None, Field(None, description="only this explainer's rows")),
         scorer=(names_type(scorers) | None, Field(None, description="score metrics from this scorer only")),
+    )
+
+
+class SearchQuery(_Query):
+    """Query parameters of the semantic search (``GET /api/search``)."""
+
+    q: str
+    k: int = 10
+    explainer: str | None = None
+
+
+def search_query_model(explainers: list[str]) -> type[SearchQuery]:
+    """The search query of an atlas with these explainers."""
+    return create_model(
+        "SearchQuery",
+        __base__=SearchQuery,
+        q=(str, Field(min_length=1, max_length=MAX_TEXT, description="free text")),
+        k=(int, Field(10, ge=1, le=100)),
+        explainer=(names_type(explainers) | None, None),
+    )
+
+
+class HistogramQuery(_Query):
+    """Query parameters of one histogram (``GET /api/histogram``)."""
+
+    metric: str
+    bins: int = 20
+    explainer: str | None = None
+    scorer: str | None = None
+
+
+def histogram_query_model(explainers: list[str], scorers: list[str]) -> type[HistogramQuery]:
+    """The histogram query of an atlas with these explainers and scorers."""
+    return create_model(
+        "HistogramQuery",
+        __base__=HistogramQuery,
+        metric=(Literal[metrics.NAMES], ...),  # type: ignore[valid-type]
+        bins=(int, Field(20, ge=1, le=200)),
+        explainer=(names_type(explainers) | None, None),
+        scorer=(names_type(scorers) | None, None),
     )
 
 

@@ -1,0 +1,282 @@
+"""What the query layer returns, typed: one pydantic model per result of
+:class:`~sae_atlas.query.atlas.Atlas` (and of the page data functions built on it).
+
+The JSON API declares these as its response models (so the OpenAPI schema documents every field);
+the HTML pages, the CLI's ``--json``, ``report`` and the exports read the same dicts. Models whose
+fields follow the metric registry (a column per metric) or the contract (the ``scores`` struct of
+features.parquet) are generated from them, so a new metric needs no edit here.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+from sae_atlas import metrics
+from sae_atlas.schema import CONTRACT_SCORE_FIELDS
+
+
+def _metric_fields(chosen) -> dict:
+    return {metric.name: (float | None, Field(description=metric.description)) for metric in chosen}
+
+
+# One entry of the contract's ``scores`` struct of features.parquet.
+ScorerScores = create_model(
+    "ScorerScores", scorer=(str, ...), **{field: (float | None, None) for field in CONTRACT_SCORE_FIELDS}
+)
+
+# Every score metric of the registry, per scorer.
+ScorerMetrics = create_model("ScorerMetrics", scorer=(str, ...), **_metric_fields(metrics.SCORE_METRICS))
+
+
+class SemanticSimilarity(BaseModel):
+    explainer: str
+    cosine_similarity: float | None
+
+
+class QuantileScore(BaseModel):
+    scorer: str
+    method: str
+    quantile: int = Field(description="activation quantile, 0 = the top one (delphi's convention)")
+    score: float | None = Field(
+        description="fuzz / detection: recall; embedding: AUC against every non-activating example; "
+        "simulation: the quantile group's correlation"
+    )
+    examples: int
+
+
+class Explanation(BaseModel):
+    explainer: str
+    explanation_text: str
+    explanation_ok: bool
+    explanation_method: str | None
+    scores: list[ScorerScores] = Field(description="the contract's scores struct, as features.parquet holds it")
+    semantic_similarity: list[SemanticSimilarity]
+    metrics: list[ScorerMetrics] = Field(description="every score metric, per scorer")
+    by_quantile: list[QuantileScore] = Field(description="each score method's value per activation quantile")
+
+
+class NeighbourExplanation(BaseModel):
+    explainer: str
+    text: str
+    ok: bool
+
+
+class Neighbour(BaseModel):
+    feature_id: int
+    cosine_similarity: float
+    explanations: list[NeighbourExplanation]
+
+
+class ActivationSimilarity(BaseModel):
+    num_examples_sampled: int
+    mean_pairwise_similarity: float | None
+    std_pairwise_similarity: float | None
+    min_pairwise_similarity: float | None
+    max_pairwise_similarity: float | None
+
+
+class ActivationExample(BaseModel):
+    prompt_id: int
+    quantile: int = Field(description="sampling bin, 0 = lowest activations")
+    max_activation: float
+    max_position: int
+    window: list[int] = Field(description="[start, stop) of the embedded window")
+    tokens: list[str]
+    activations: list[float] = Field(description="activation value of every token")
+
+
+class Feature(BaseModel):
+    feature_id: int
+    sae_id: str | None
+    explanations: list[Explanation]
+    decoder_neighbours: list[Neighbour]
+    activation_similarity: ActivationSimilarity | None
+    activation_examples: list[ActivationExample]
+
+
+# One row of the feature table: a column per metric of the registry.
+FeatureRow = create_model(
+    "FeatureRow",
+    feature_id=(int, ...),
+    explainer=(str, ...),
+    explanation_text=(str, ...),
+    explanation_ok=(bool, ...),
+    **_metric_fields(metrics.METRICS),
+)
+
+
+class SearchHit(BaseModel):
+    feature_id: int
+    explainer: str
+    explanation_text: str
+    similarity: float
+
+
+class FeaturePage(BaseModel):
+    total: int = Field(description="rows matching the filters, before limit and offset")
+    limit: int
+    offset: int
+    rows: list[FeatureRow]
+    hits: list[SearchHit] | None = Field(None, description="with q: the closest explanations")
+
+
+class SearchResult(BaseModel):
+    query: str
+    hits: list[SearchHit]
+
+
+class Histogram(BaseModel):
+    metric: str
+    description: str
+    edges: list[float]
+    counts: list[int]
+    count: int
+    missing: int
+
+
+class ScatterPoint(BaseModel):
+    feature_id: int
+    explainer: str
+    x: float
+    y: float
+
+
+class Scatter(BaseModel):
+    x: str
+    y: str
+    points: list[ScatterPoint]
+    total: int = Field(description="rows with both metrics")
+    shown: int = Field(description="points returned (a fixed sample above 5,000)")
+    correlation: float | None
+
+
+class Plots(BaseModel):
+    histogram: Histogram
+    scatter: Scatter
+
+
+class Stats(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    sae_id: str | None
+    features: int
+    rows: int
+    explainers: list[str]
+    scorers: list[str]
+    files: dict[str, int | None]
+    metrics: dict[str, str]
+    mean_scores: list[dict]
+    mean_semantic_similarity: list[dict]
+    mean_activation_similarity: float | None
+
+
+class ComparisonSettings(BaseModel):
+    resamples: int
+    seed: int
+    confidence: float
+    metrics: list[str]
+    holm_family: str
+    weights: str | None = Field(description="what the weighted means are weighted by (None: no firing counts)")
+
+
+class SummaryRow(BaseModel):
+    explainer: str
+    scorer: str
+    metric: str
+    latents: int
+    mean: float
+    median: float
+    ci_low: float | None
+    ci_high: float | None
+    weighted_mean: float | None = Field(description="mean weighted by firing frequency, as delphi weights F1")
+
+
+class PairedRow(BaseModel):
+    first: str
+    second: str
+    scorer: str
+    metric: str
+    latents: int = Field(description="latents both explainers explained and the scorer scored")
+    mean_difference: float = Field(description="first minus second")
+    ci_low: float | None
+    ci_high: float | None
+    wilcoxon_p: float | None
+    holm_p: float | None
+    wins: int
+    ties: int
+    losses: int
+
+
+class ScorerAgreementRow(BaseModel):
+    first: str
+    second: str
+    metric: str
+    explanations: int
+    spearman: float | None
+    kendall: float | None
+    top_decile_overlap: float | None
+    rv: float | None = Field(description="RV coefficient of the two scorers' profiles over rv_metrics")
+    rv_metrics: list[str]
+
+
+class Disagreement(BaseModel):
+    feature_id: int
+    cosine: float
+    first_text: str | None
+    second_text: str | None
+
+
+class ExplainerAgreementRow(BaseModel):
+    first: str
+    second: str
+    latents: int
+    mean: float
+    min: float
+    q1: float
+    median: float
+    q3: float
+    max: float
+    correlation_with_scores: dict[str, float | None]
+    disagreements: list[Disagreement]
+
+
+class ComparabilityWarning(BaseModel):
+    setting: str
+    message: str
+
+
+class RunSettings(BaseModel):
+    data_source: str
+    explainer: str
+    scorer: str
+    settings: dict
+
+
+class Comparability(BaseModel):
+    runs: list[RunSettings]
+    warnings: list[ComparabilityWarning]
+    not_recorded: list[str]
+
+
+class Comparison(BaseModel):
+    settings: ComparisonSettings
+    explainers: list[str]
+    scorers: list[str]
+    metrics: dict[str, str]
+    summary: list[SummaryRow]
+    paired: list[PairedRow]
+    scorer_agreement: list[ScorerAgreementRow]
+    explainer_agreement: list[ExplainerAgreementRow]
+    comparability: Comparability
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    version: str
+
+
+class Problem(BaseModel):
+    """Why a request was refused (404, 414, 422): one line."""
+
+    detail: str
