@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench bench-scale bench-cluster chromium clean
+.PHONY: demo test test-fast lint bench bench-scale bench-cluster chromium clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,11 @@ demo: $(STAMP)
 
 test: $(STAMP) chromium
 	$(BIN)/python -m pytest
+
+# Everything but the slow groups (a Ray instance or cluster, Chromium, many pipeline subprocesses):
+# the loop while working. `make test` runs every test.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not ray and not browser and not slow" -n 2 -q
 
 # The browser tests drive the system's Chromium (Debian's package); install it when it is missing.
 chromium:

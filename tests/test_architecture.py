@@ -8,6 +8,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 from fastapi.testclient import TestClient
+from pydantic import BaseModel, ConfigDict, Field
 
 from sae_atlas import layout, metrics
 from sae_atlas.config import load_config
@@ -91,6 +92,7 @@ TOY = Stage(
 )
 
 
+@pytest.mark.slow
 def test_a_new_stage_runs_fingerprints_and_skips_without_touching_the_runner(small_corpus, embedder, tmp_path):
     import shutil
 
@@ -139,6 +141,27 @@ def test_a_stage_may_only_read_what_it_declared(small_corpus, embedder, tmp_path
         pipeline.run(only=["sneaky"])
 
 
+def test_a_stage_may_only_read_the_config_keys_it_declared(small_corpus, embedder, tmp_path):
+    """A config key a stage reads but did not declare would change its output without changing
+    its fingerprint: reading one fails, like an undeclared stage output."""
+    seen = []
+
+    def plan(context):
+        seen.append(context.config.decoder.top_k)  # declared
+        seen.append(context.config.sampling)  # declared whole
+        context.config.decoder.path  # noqa: B018 - not declared
+
+        return Plan(key={}, execute=lambda problems: None)
+
+    sneaky = Stage("sneaky", "stages/sneaky.parquet", 1, plan, config=("decoder.top_k", "sampling"))
+    config = load_config(small_corpus.config)
+    config.output_dir = tmp_path / "out"
+    pipeline = Pipeline(config, embedder=embedder, stages=(*REGISTERED, sneaky))
+    with pytest.raises(PipelineError, match=r"reads config key 'decoder\.path' without declaring it"):
+        pipeline.run(only=["sneaky"])
+    assert seen == [config.decoder.top_k, config.sampling]
+
+
 def test_a_stage_that_skips_keeps_going(small_corpus, embedder, tmp_path):
     def plan(context):
         raise Skip("nothing to do here")
@@ -179,7 +202,14 @@ def test_a_streamed_stage_writes_its_outputs_together_or_not_at_all(small_corpus
 
         return Plan(key={"fail": fail}, execute=execute)
 
-    counted = Stage("counted", "stages/counted.parquet", 1, plan, extra_outputs=("stages/squares.parquet",))
+    counted = Stage(
+        "counted",
+        "stages/counted.parquet",
+        1,
+        plan,
+        config=("sampling.per_quantile",),
+        extra_outputs=("stages/squares.parquet",),
+    )
     config = load_config(small_corpus.config)
     config.output_dir = tmp_path / "out"
     report = Pipeline(config, embedder=embedder, stages=(*REGISTERED, counted)).run(only=["counted"])
@@ -312,6 +342,97 @@ def test_pages_and_api_refuse_the_same_values_with_the_same_message(client):
     assert redirect.status_code == 303 and redirect.headers["location"] == "/?limit=25"
 
 
+# -- a page and a format, each declared once ----------------------------------------------------------
+
+
+class ToyQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    word: str = Field("hello", max_length=5)
+
+
+class ToyResult(BaseModel):
+    latents: int
+    word: str
+
+
+@pytest.fixture
+def toy_template():
+    """The toy page's template, where the package keeps templates (a page = data + declaration + template)."""
+    from sae_atlas.serve.web import HERE
+
+    path = HERE / "templates" / "toy.html"
+    path.write_text(
+        '{% extends "base.html" %}{% block content %}<h1>Toy</h1>{% if error %}<p class="error">{{ error }}</p>'
+        "{% endif %}<p>{{ data.word }} × {{ data.latents }}</p>{% endblock %}"
+    )
+    yield
+    path.unlink()
+
+
+def test_a_page_declared_once_is_html_json_twin_nav_and_the_shared_422(small_run, embedder, monkeypatch, toy_template):
+    from sae_atlas import Atlas
+    from sae_atlas.serve import pages
+    from sae_atlas.serve.app import create_app
+
+    toy = pages.Page(
+        "toy",
+        "/api/toy",
+        lambda atlas, query: {"latents": atlas.stats()["features"], "word": query.word},
+        ToyResult,
+        "A toy page.",
+        query=lambda atlas: ToyQuery,
+        path="/toy",
+        template="toy.html",
+        nav="Toy",
+    )
+    monkeypatch.setitem(pages.PAGES, "toy", toy)
+    client = TestClient(create_app(Atlas(small_run[0].output_dir, embedder=embedder), prepare=False))
+    latents = client.get("/api/stats").json()["features"]
+    assert client.get("/api/toy", params={"word": "hi"}).json() == {"latents": latents, "word": "hi"}
+    page = client.get("/toy", params={"word": "hi"})
+    assert page.status_code == 200 and f"hi × {latents}" in page.text
+    assert 'href="/api/toy?word=hi"' in page.text  # its JSON twin, linked
+    assert '<a href="/toy">Toy</a>' in client.get("/").text  # in every page's navigation
+    assert "/api/toy" in client.get("/openapi.json").json()["paths"]
+    refused_page, refused_api = client.get("/toy?word=toolong"), client.get("/api/toy?word=toolong")
+    assert refused_page.status_code == refused_api.status_code == 422
+    assert refused_api.json()["detail"] in refused_page.text  # the same one-line message, in the page
+    assert "hello ×" in refused_page.text  # over the page's default view
+
+
+def test_a_format_registered_once_is_in_the_api_the_download_links_and_the_cli(
+    small_run, embedder, monkeypatch, tmp_path
+):
+    from typer.testing import CliRunner
+
+    from sae_atlas import Atlas
+    from sae_atlas.cli import app
+    from sae_atlas.exports import tables
+    from sae_atlas.serve.app import create_app
+
+    def tsv(frame, chunk_rows):
+        yield frame.select(pl.col(pl.String, pl.Int64, pl.UInt32)).write_csv(separator="\t").encode()
+
+    renderer = tables.Renderer(
+        "tsv",
+        "TSV",
+        "text/tab-separated-values",
+        (".tsv",),
+        tsv,
+        lambda path, schema: pl.read_csv(path, separator="\t"),
+        "tabs",
+    )
+    monkeypatch.setitem(tables.RENDERERS, "tsv", renderer)
+    client = TestClient(create_app(Atlas(small_run[0].output_dir, embedder=embedder), prepare=False))
+    download = client.get("/api/features", params={"format": "tsv", "limit": 2})
+    assert download.status_code == 200 and download.headers["content-type"].startswith("text/tab-separated-values")
+    assert download.text.splitlines()[0].startswith("feature_id\texplainer")
+    assert '/api/features?format=tsv" download>TSV</a>' in client.get("/").text
+    result = CliRunner().invoke(app, ["export", "table", str(small_run[0].output_dir), "-o", str(tmp_path / "t.tsv")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "t.tsv").read_text().startswith("feature_id\texplainer")
+
+
 # -- imports ---------------------------------------------------------------------------------------
 
 # The data path, bottom to top: a module may import modules of its own layer or below, never above.
@@ -398,3 +519,19 @@ def test_readers_of_outputs_never_import_the_runner():
     readers = ("sae_atlas.query.atlas", "sae_atlas.validate", "sae_atlas.sql", "sae_atlas.query.summary")
     for module in (*readers, "sae_atlas.serve.app"):
         assert "sae_atlas.pipeline" not in graph[module], module
+
+
+def test_no_function_is_longer_than_80_lines():
+    """A function that does not fit on a screen does several things: split it where they part."""
+    long = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.end_lineno - node.lineno + 1 > 80:
+                long.append(
+                    f"{path.relative_to(PACKAGE)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1})"
+                )
+    assert long == []
+
+
+def test_the_query_layer_stays_small():
+    assert len((PACKAGE / "query" / "atlas.py").read_text().splitlines()) < 450

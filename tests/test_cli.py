@@ -20,6 +20,7 @@ def test_every_command_has_help(command):
     assert result.exit_code == 0 and "Usage" in result.output
 
 
+@pytest.mark.slow
 def test_synth_run_validate(tmp_path):
     corpus = tmp_path / "corpus"
     result = invoke(
@@ -70,6 +71,7 @@ def test_failures_are_one_line_with_exit_code_1(tmp_path):
     assert result.exit_code == 1 and "--explained" in result.output
 
 
+@pytest.mark.slow
 def test_demo_prints_the_summary(tmp_path):
     result = invoke("demo", tmp_path / "demo")
     assert result.exit_code == 0, result.output

@@ -10,7 +10,7 @@ import pytest
 from sae_atlas.config import load_config
 from sae_atlas.pipeline import Pipeline
 from sae_atlas.query import comparison
-from sae_atlas.query.atlas import score_columns
+from sae_atlas.query.scores import score_columns
 from sae_atlas.synth import SynthOptions, synthesize
 
 
@@ -146,6 +146,7 @@ def test_a_planted_difference_is_found_with_the_right_sign(tmp_path):
     assert row["holm_p"] < 0.05
 
 
+@pytest.mark.slow
 def test_equal_explainers_are_not_told_apart(tmp_path):
     """With the same hit rate, the 95 % paired interval covers 0 in at least 17 of 20 corpora."""
     covered = 0

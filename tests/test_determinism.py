@@ -20,11 +20,14 @@ import pytest
 
 from sae_atlas.embedding import Embedder
 
+pytestmark = pytest.mark.slow
+
 PYTHIA_RUN = Path(__file__).parent / "fixtures" / "raw-formats" / "results" / "pythia-demo"
 
 # Runs the decoder stage in this process's own setting; prints the digest of its neighbour columns.
 DECODER_STAGE = """
 import hashlib, os, sys
+import polars as pl
 from sae_atlas.config import load_config
 from sae_atlas.pipeline import Pipeline
 
@@ -87,6 +90,7 @@ import hashlib, sys, torch
 from sae_atlas.embedding import Embedder
 sys.path.insert(0, sys.argv[3])
 from test_determinism import TEXTS
+
 torch.set_num_threads(int(sys.argv[1]))
 vectors = Embedder(cache_dir=sys.argv[2], quantize=sys.argv[4], threads=int(sys.argv[1])).embed(TEXTS)
 print(hashlib.sha256(vectors.tobytes()).hexdigest())

@@ -60,6 +60,7 @@ def test_unknown_builtin_model():
     assert model_location("sentence-transformers/all-mpnet-base-v2") == "sentence-transformers/all-mpnet-base-v2"
 
 
+@pytest.mark.slow
 def test_int8_model_is_close_to_float32(embedder, tmp_path):
     from sae_atlas.synth import SynthOptions, synthesize
 

@@ -26,6 +26,8 @@ from sae_atlas import layout
 from sae_atlas.synth import SynthOptions, synthesize
 from sae_atlas.validate import validate
 
+pytestmark = pytest.mark.slow
+
 CORPUS = SynthOptions(features=512, explained=24, explainers=2, scorers=1, prompts=120, ctx=40, d_model=32, seed=3)
 HOOK = "layers.30"
 

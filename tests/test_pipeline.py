@@ -16,7 +16,7 @@ from sae_atlas.config import load_config
 from sae_atlas.layout import read_sidecar, write_parquet
 from sae_atlas.pipeline import OUTPUTS, STAGES, Pipeline, PipelineError
 from sae_atlas.problems import StrictModeError
-from sae_atlas.schema import MASTER_SCHEMAS
+from sae_atlas.schema import MASTER_SCHEMAS, STAGE_SCHEMAS
 from sae_atlas.synth import SynthOptions, synthesize
 from sae_atlas.validate import validate
 
@@ -37,7 +37,7 @@ def test_full_run_writes_valid_outputs_with_sidecars(small_run):
     assert statuses(report) == dict.fromkeys(STAGES, "ran")
     result = validate(config.output_dir)
     assert result.ok, result.violations
-    assert set(result.checked) == set(MASTER_SCHEMAS)
+    assert set(result.checked) == set(MASTER_SCHEMAS) | set(STAGE_SCHEMAS)
     for stage in STAGES:
         path = config.output_dir / OUTPUTS[stage]
         sidecar = read_sidecar(path)
@@ -72,6 +72,7 @@ def test_sae_id_is_identical_everywhere(small_run):
             assert ids.to_series().to_list() == ["google/gemma-scope-9b-pt-res/layer_30/width_512/average_l0_120"]
 
 
+@pytest.mark.slow
 def test_unchanged_stages_are_skipped_and_changes_rerun_what_depends_on_them(corpus, embedder):
     config = load_config(corpus.config)
     assert set(statuses(Pipeline(config, embedder=embedder).run()).values()) == {"ran"}
@@ -94,6 +95,7 @@ def test_unchanged_stages_are_skipped_and_changes_rerun_what_depends_on_them(cor
     assert set(statuses(Pipeline(config, force=True, embedder=embedder).run()).values()) == {"ran"}
 
 
+@pytest.mark.slow
 def test_changing_five_explanations_embeds_exactly_five_texts(corpus, fresh_embedder):
     config = load_config(corpus.config)
     Pipeline(config, embedder=fresh_embedder).run()

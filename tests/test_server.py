@@ -116,6 +116,7 @@ def conformance(operation, mode, checks):
     return conforms
 
 
+@pytest.mark.slow
 def test_api_conforms_to_its_schema_and_never_fails(app):
     # schemathesis generates valid and invalid requests from the schema; every API response must
     # match the schema (status, content type, body), and no response of any route, the HTML pages

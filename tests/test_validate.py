@@ -23,7 +23,17 @@ def rewrite(path, transform):
 
 def test_valid_output_passes(output):
     result = validate(output)
-    assert result.ok and len(result.checked) == 5
+    assert result.ok and len(result.checked) == 5 + 4  # the master files and the stage outputs
+
+
+def test_stage_outputs_are_checked_like_the_master_files(output):
+    rewrite(output / "stages" / "scores.parquet", lambda f: f.drop("n_failed"))
+    rewrite(
+        output / "stages" / "decoder_similarity.parquet", lambda f: f.with_columns(pl.col("feature_id").cast(pl.Int64))
+    )
+    violations = validate(output).violations
+    assert "stages/scores.parquet: column 'n_failed' is missing" in violations
+    assert "stages/decoder_similarity.parquet: column 'feature_id' is Int64, expected UInt32" in violations
 
 
 def test_missing_required_file(output):

@@ -291,11 +291,14 @@ def _frame_table(frame: pl.DataFrame, title: str) -> Table:
 
 def print_summary(output_dir: Path) -> None:
     """Rows per file, mean scores per explainer × scorer × method, mean cross-explainer similarity."""
+    from sae_atlas.query.scores import read_scores
     from sae_atlas.query.summary import mean_scores, mean_semantic_similarity, rows_per_file
 
     console.print(_frame_table(rows_per_file(output_dir), "rows per file"))
-    features = pl.read_parquet(output_dir / layout.FEATURES)
-    console.print(_frame_table(mean_scores(features), "mean score per explainer × scorer × method"))
+    features = pl.read_parquet(output_dir / layout.FEATURES).with_columns(pl.col("llm_explainer").cast(pl.String))
+    explainers = list(dict.fromkeys(features["llm_explainer"].to_list()))
+    scores = read_scores(output_dir, features, explainers)
+    console.print(_frame_table(mean_scores(scores), "mean score per explainer × scorer × method"))
     console.print(_frame_table(mean_semantic_similarity(features), "mean cross-explainer semantic similarity"))
 
 

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sae_atlas import layout
+from sae_atlas.config import DEFAULT_MODEL
 from sae_atlas.devices import resolve_device
 from sae_atlas.embedding_cache import EmbeddingCache, text_key
 from sae_atlas.embedding_models import SentenceTransformerBackend, model_location
@@ -62,6 +64,21 @@ def encode_filled(backend, texts: list[str], rows: int | None) -> np.ndarray:
     return backend.encode([*texts, *[texts[0]] * (rows - len(texts))])[: len(texts)]
 
 
+def embedder_of_output(output_dir: Path, *, threads: int | None = None) -> Embedder:
+    """The embedder that embedded an output directory's explanations, from the settings its
+    sidecar records (model, quantisation, device, cache): a query embeds text as the run did."""
+    sidecar = layout.read_sidecar(Path(output_dir) / layout.EXPLANATION_EMBEDDINGS) or {}
+    settings = (sidecar.get("config") or {}).get("embedding") or {}
+    cache = Path(output_dir) / layout.EMBEDDING_CACHE
+    return Embedder(
+        settings.get("model", DEFAULT_MODEL),
+        quantize=settings.get("quantize", "none"),
+        device=settings.get("device", "auto"),
+        cache_dir=settings.get("cache_dir") or (cache if cache.exists() else None),
+        threads=threads,
+    )
+
+
 ProgressCallback = Callable[[int, int], None]
 # Texts per encoder job when prefetching: bounds the vectors held at once (0.4 GB at 384 dims).
 PREFETCH_TEXTS = 262_144
@@ -77,7 +94,7 @@ class Embedder:
 
     def __init__(
         self,
-        model: str = "builtin:all-MiniLM-L6-v2",
+        model: str = DEFAULT_MODEL,
         *,
         batch_size: int = 64,
         device: str = "auto",

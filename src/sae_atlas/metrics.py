@@ -3,7 +3,8 @@ and compared, declared once.
 
 ``Atlas``, the JSON API's models and query parameters, the HTML forms and tables, ``sae-atlas
 show`` and the feature page all read this list; adding a metric is one entry here (plus, for a new
-kind of source, the code that computes its column in :mod:`sae_atlas.query.atlas`).
+kind of source, the code that computes its column in :mod:`sae_atlas.query.atlas`). Every metric
+is better higher.
 
 Score metrics (``per_scorer``) come from ``stages/scores.parquet``: the value of ``column`` on the
 rows of score method ``method`` (any method's row when ``method`` is None). They have one value per
@@ -17,9 +18,6 @@ the JSON API, and shown on request.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
-
-from sae_atlas import layout
 
 
 @dataclass(frozen=True)
@@ -29,9 +27,7 @@ class Metric:
     name: str
     label: str  # short column header
     description: str
-    range: tuple[float, float]  # chance level → perfect: the ends of colour scales
-    source: str  # the output file it comes from (a ``layout`` name)
-    direction: Literal["higher", "lower"] = "higher"  # which way is better
+    range: tuple[float, float]  # chance level → perfect (higher is better for every metric)
     per_scorer: bool = False
     method: str | None = None  # score metrics: the method in stages/scores.parquet (None: any)
     column: str = "score"  # score metrics: the column of stages/scores.parquet
@@ -54,7 +50,6 @@ def _score(
         label=label,
         description=description,
         range=(low, high),
-        source=layout.SCORES,
         per_scorer=True,
         method=method,
         column=column,
@@ -106,21 +101,18 @@ METRICS: tuple[Metric, ...] = (
         "agreement",
         "mean cosine of this explanation to the other explainers' explanations",
         (0.0, 1.0),
-        layout.FEATURES,
     ),
     Metric(
         "activation_similarity",
         "coherence",
         "mean pairwise cosine of the feature's sampled activation windows",
         (0.0, 1.0),
-        layout.ACTIVATION_SIMILARITY,
     ),
     Metric(
         "decoder_similarity",
         "decoder",
         "cosine of the feature's nearest decoder neighbour",
         (0.0, 1.0),
-        layout.DECODER_SIMILARITY,
     ),
 )
 
@@ -171,6 +163,10 @@ NAMES: tuple[str, ...] = tuple(BY_NAME)
 SCORE_METRICS: tuple[Metric, ...] = tuple(metric for metric in METRICS if metric.per_scorer)
 HEADLINE: tuple[Metric, ...] = tuple(metric for metric in METRICS if metric.headline)
 HEADLINE_SCORE_METRICS: tuple[Metric, ...] = tuple(metric for metric in SCORE_METRICS if metric.headline)
+# Each score method's own score (fuzz, detection, simulation, embedding, intruder, example_embedding).
+METHOD_SCORES: tuple[Metric, ...] = tuple(
+    metric for metric in SCORE_METRICS if metric.method is not None and metric.column == "score"
+)
 
 
 def get(name: str) -> Metric:

@@ -340,15 +340,36 @@ class RunContext:
         return embed
 
 
+class FencedConfig:
+    """The part of the config one stage declared (``Stage.config`` and ``Stage.settings``): any
+    other key read through it raises, as an undeclared stage output does."""
+
+    def __init__(self, value, stage: str, allowed: tuple[str, ...], prefix: str = ""):
+        self._value = value
+        self._stage = stage
+        self._allowed = allowed
+        self._prefix = prefix
+
+    def __getattr__(self, name: str):
+        key = f"{self._prefix}.{name}" if self._prefix else name
+        if any(key == allowed or key.startswith(allowed + ".") for allowed in self._allowed):
+            return getattr(self._value, name)  # declared whole
+        if not any(allowed.startswith(key + ".") for allowed in self._allowed):
+            raise PipelineError(f"stage {self._stage!r} reads config key {key!r} without declaring it")
+        value = getattr(self._value, name)  # a section some of whose keys are declared
+        return None if value is None else FencedConfig(value, self._stage, self._allowed, key)
+
+
 class StageView:
-    """A stage's window on the run: the shared context, with reads limited to what it declared,
-    and a scratch directory of its own."""
+    """A stage's window on the run: the shared context, with reads limited to the stage outputs
+    and config keys it declared, and a scratch directory of its own."""
 
     def __init__(self, context: RunContext, stage: Stage):
         self._context = context
         self._stage = stage
         self._readable = {*stage.reads, *stage.optional_reads}
         self._scratch: Path | None = None
+        self.config = FencedConfig(context.config, stage.name, (*stage.config, *stage.settings))
 
     def scratch(self) -> Path:
         if self._scratch is None:

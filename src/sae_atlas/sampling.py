@@ -29,7 +29,7 @@ _GPT_SPECIAL = r"^<\|[^|>]+\|>$"  # <|endoftext|>, <|im_start|>, ...
 _BYTE_RUN = re.compile(r"(?:<0x[0-9A-Fa-f]{2}>)+")
 
 
-def sample_examples(examples: pl.DataFrame, *, quantiles: int = 4, per_quantile: int = 5) -> pl.DataFrame:
+def sample_examples(examples: pl.DataFrame, *, quantiles: int, per_quantile: int) -> pl.DataFrame:
     """The sampled rows of ``examples`` (``feature_id``, ``prompt_id``, ``max_activation``, …).
 
     Adds ``quantile`` (0 = the lowest bin) and returns the rows ordered by feature, then

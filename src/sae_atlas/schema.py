@@ -10,6 +10,7 @@ from __future__ import annotations
 import polars as pl
 
 from sae_atlas import layout
+from sae_atlas.score_methods import CLASSIFICATION_COLUMNS
 
 DECODER_NEIGHBOUR = pl.Struct({"feature_id": pl.UInt32, "cosine_similarity": pl.Float32})
 SEMANTIC_NEIGHBOUR = pl.Struct({"explainer": pl.Categorical(), "cosine_similarity": pl.Float32})
@@ -106,15 +107,7 @@ STAGE_SCORES = pl.Schema(
         "n_failed": pl.UInt32,
         "variance": pl.Float64,
         # fuzz / detection: delphi's per-latent classification metrics (score_methods.classification)
-        "true_positives": pl.UInt32,
-        "true_negatives": pl.UInt32,
-        "false_positives": pl.UInt32,
-        "false_negatives": pl.UInt32,
-        "balanced_accuracy": pl.Float64,
-        "precision": pl.Float64,
-        "recall": pl.Float64,
-        "f1": pl.Float64,
-        "probability_auc": pl.Float64,
+        **CLASSIFICATION_COLUMNS,
         # from the run's log/hookpoint_firing_counts.pt: tokens the latent fired on, and that count
         # over the tokens cached (run_config cache_cfg.n_tokens)
         "firing_count": pl.UInt64,
@@ -146,6 +139,18 @@ STAGE_SAMPLED_EXAMPLES = pl.Schema(
         "activation_pairs": pl.List(ACTIVATION_PAIR),
     }
 )
+
+
+# The prompt table stage 0a writes beside the examples: each prompt's tokens once.
+STAGE_PROMPTS = pl.Schema({"prompt_id": pl.UInt32, "prompt_tokens": pl.List(pl.String)})
+
+# The stage outputs, checked by ``validate`` like the master files (leading columns, in order).
+STAGE_SCHEMAS: dict[str, pl.Schema] = {
+    layout.SCORES: STAGE_SCORES,
+    layout.DECODER_SIMILARITY: STAGE_DECODER_SIMILARITY,
+    layout.PROMPTS: STAGE_PROMPTS,
+    layout.SAMPLED_EXAMPLES: STAGE_SAMPLED_EXAMPLES,
+}
 
 
 def contract_columns(name: str) -> pl.Schema:

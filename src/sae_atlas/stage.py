@@ -180,7 +180,9 @@ class Stage:
     ``reads`` are the stages whose outputs it needs; ``optional_reads`` those it uses when their
     output exists. ``config`` lists the config keys (``"activations"``, ``"embedding.model"``) its
     output depends on: they go into its fingerprint, as do its version, the sae_id, the
-    fingerprints of what it reads and its plan's ``key``.
+    fingerprints of what it reads and its plan's ``key``. ``settings`` lists the keys it reads that
+    never change its output (where the work runs: ``"decoder.device"``). A stage can read only the
+    config keys it declared in one of the two: nothing silently escapes the fingerprint.
     """
 
     name: str
@@ -190,5 +192,6 @@ class Stage:
     reads: tuple[str, ...] = ()
     optional_reads: tuple[str, ...] = ()
     config: tuple[str, ...] = ()
+    settings: tuple[str, ...] = ()
     extra_outputs: tuple[str, ...] = ()
     description: str = ""

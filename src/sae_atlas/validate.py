@@ -18,7 +18,7 @@ import polars as pl
 import pyarrow.parquet as pq
 
 from sae_atlas import layout
-from sae_atlas.schema import contract_columns, schema_differences
+from sae_atlas.schema import STAGE_SCHEMAS, contract_columns, schema_differences
 from sae_atlas.vector_storage import DTYPES, SCALES_COLUMN, activation_embeddings_from_frame, dtype_of
 
 REQUIRED = (layout.FEATURES, layout.EXPLANATION_EMBEDDINGS)
@@ -238,6 +238,22 @@ def _check_activation_similarity(validation: Validation, frame: pl.DataFrame, co
             )
 
 
+def _check_stage_outputs(validation: Validation, output_dir: Path) -> None:
+    """Every stage output present has its schema's leading columns, in order, with their types."""
+    for name, expected in STAGE_SCHEMAS.items():
+        path = output_dir / name
+        if not path.exists():
+            continue
+        validation.checked.append(name)
+        try:
+            schema = pl.read_parquet_schema(path)
+        except Exception as error:  # any unreadable file is a violation, whatever the reader raised
+            validation.fail(name, f"unreadable Parquet file ({error})")
+            continue
+        for difference in schema_differences(schema, expected):
+            validation.fail(name, difference)
+
+
 def validate(output_dir: str | Path) -> Validation:
     """Check every master file in ``output_dir``; the result lists each violation in one line."""
     output_dir = Path(output_dir)
@@ -292,6 +308,7 @@ def validate(output_dir: str | Path) -> Validation:
     if layout.ACTIVATION_SIMILARITY in frames:
         _check_activation_similarity(validation, frames[layout.ACTIVATION_SIMILARITY], counted)
 
+    _check_stage_outputs(validation, output_dir)
     distinct = set().union(*sae_ids.values()) if sae_ids else set()
     if len(distinct) > 1:
         listing = "; ".join(f"{name}: {', '.join(sorted(ids))}" for name, ids in sae_ids.items())

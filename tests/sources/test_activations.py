@@ -283,6 +283,7 @@ def test_delphi_shards_read_in_slices_give_the_same_records(wordlevel_tokenizer)
     assert as_rows(sliced) == as_rows(whole) and len(whole) > 20
 
 
+@pytest.mark.slow
 def test_reader_peak_memory_does_not_grow_with_the_number_of_records(tmp_path):
     """Reading 8× the records (8× the features, same density) peaks at about the same memory: the
     reader holds one batch of lines, the in-memory budget of buckets and one block, never the input."""

@@ -233,26 +233,7 @@ def export(
     counts = {"features": 0, "activations": 0, "explanations": 0, "batches": 0}
     written: set[Path] = set()
     for batch, members in _batches(latents):
-        features, activations = [], []
-        for index in members.tolist():
-            examples = atlas.feature_examples(index)
-            bins = _bins(examples)
-            neighbours = atlas.neighbours_of(index)
-            features.append(
-                feature_row(
-                    index,
-                    (
-                        [row["feature_id"] for row in neighbours],
-                        [round(row["cosine_similarity"], 6) for row in neighbours],
-                    ),
-                    max_activation=max((example["max_activation"] for example in examples), default=0.0),
-                    frequency=frequency.get(index),
-                    **common,
-                )
-            )
-            activations.extend(
-                activation_row(example, bins[example["quantile"]], index=index, **common) for example in examples
-            )
+        features, activations = _feature_rows(atlas, members, frequency, common)
         batch_explanations = explanations.filter(
             (pl.col("feature_id") >= batch * BATCH_FEATURES) & (pl.col("feature_id") < (batch + 1) * BATCH_FEATURES)
         )
@@ -276,6 +257,31 @@ def export(
             if stale not in written:
                 stale.unlink()
     return {"directory": str(root), **counts}
+
+
+def _feature_rows(atlas: Atlas, members: np.ndarray, frequency: dict, common: dict) -> tuple[list, list]:
+    """The feature rows (with decoder neighbours) and activation rows of one batch's latents."""
+    features, activations = [], []
+    for index in members.tolist():
+        examples = atlas.feature_examples(index)
+        bins = _bins(examples)
+        neighbours = atlas.neighbours_of(index)
+        features.append(
+            feature_row(
+                index,
+                (
+                    [row["feature_id"] for row in neighbours],
+                    [round(row["cosine_similarity"], 6) for row in neighbours],
+                ),
+                max_activation=max((example["max_activation"] for example in examples), default=0.0),
+                frequency=frequency.get(index),
+                **common,
+            )
+        )
+        activations.extend(
+            activation_row(example, bins[example["quantile"]], index=index, **common) for example in examples
+        )
+    return features, activations
 
 
 def _bins(examples: list[dict]) -> dict[int, tuple[float | None, float | None]]:

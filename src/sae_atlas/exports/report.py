@@ -149,60 +149,74 @@ def render_markdown(atlas: Atlas, comparison: dict) -> str:
         "",
     ]
     for metric in settings["metrics"]:
-        lines += [f"## {metrics.BY_NAME[metric].label}", "", metrics.BY_NAME[metric].description, ""]
+        lines += _markdown_metric(comparison, metric)
+    lines += _markdown_explainer_agreement(comparison)
+    lines += _markdown_provenance(atlas, comparison)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _markdown_metric(comparison: dict, metric: str) -> list[str]:
+    """One metric's section: means, paired differences, scorer agreement."""
+    lines: list[str] = []
+    lines += [f"## {metrics.BY_NAME[metric].label}", "", metrics.BY_NAME[metric].description, ""]
+    lines += _table(
+        ["explainer", "scorer", "latents", "mean", "median", "interval", "weighted mean"],
+        [
+            [
+                short_name(row["explainer"]),
+                short_name(row["scorer"]),
+                row["latents"],
+                row["mean"],
+                row["median"],
+                f"[{_cell(row['ci_low'])}, {_cell(row['ci_high'])}]",
+                row["weighted_mean"],
+            ]
+            for row in comparison["summary"]
+            if row["metric"] == metric
+        ],
+    )
+    paired = [row for row in comparison["paired"] if row["metric"] == metric]
+    if paired:
+        lines += ["Paired differences (first − second):", ""]
         lines += _table(
-            ["explainer", "scorer", "latents", "mean", "median", "interval", "weighted mean"],
+            ["first", "second", "scorer", "latents", "difference", "interval", "Wilcoxon p", "Holm p", "W/T/L"],
             [
                 [
-                    short_name(row["explainer"]),
+                    short_name(row["first"]),
+                    short_name(row["second"]),
                     short_name(row["scorer"]),
                     row["latents"],
-                    row["mean"],
-                    row["median"],
+                    row["mean_difference"],
                     f"[{_cell(row['ci_low'])}, {_cell(row['ci_high'])}]",
-                    row["weighted_mean"],
+                    row["wilcoxon_p"],
+                    row["holm_p"],
+                    f"{row['wins']}/{row['ties']}/{row['losses']}",
                 ]
-                for row in comparison["summary"]
-                if row["metric"] == metric
+                for row in paired
             ],
         )
-        paired = [row for row in comparison["paired"] if row["metric"] == metric]
-        if paired:
-            lines += ["Paired differences (first − second):", ""]
-            lines += _table(
-                ["first", "second", "scorer", "latents", "difference", "interval", "Wilcoxon p", "Holm p", "W/T/L"],
+    agreement = [row for row in comparison["scorer_agreement"] if row["metric"] == metric]
+    if agreement:
+        lines += ["Scorer agreement:", ""]
+        lines += _table(
+            ["scorers", "explanations", "Spearman", "Kendall τ-b", "top-decile overlap", "RV"],
+            [
                 [
-                    [
-                        short_name(row["first"]),
-                        short_name(row["second"]),
-                        short_name(row["scorer"]),
-                        row["latents"],
-                        row["mean_difference"],
-                        f"[{_cell(row['ci_low'])}, {_cell(row['ci_high'])}]",
-                        row["wilcoxon_p"],
-                        row["holm_p"],
-                        f"{row['wins']}/{row['ties']}/{row['losses']}",
-                    ]
-                    for row in paired
-                ],
-            )
-        agreement = [row for row in comparison["scorer_agreement"] if row["metric"] == metric]
-        if agreement:
-            lines += ["Scorer agreement:", ""]
-            lines += _table(
-                ["scorers", "explanations", "Spearman", "Kendall τ-b", "top-decile overlap", "RV"],
-                [
-                    [
-                        f"{short_name(row['first'])} · {short_name(row['second'])}",
-                        row["explanations"],
-                        row["spearman"],
-                        row["kendall"],
-                        row["top_decile_overlap"],
-                        row["rv"],
-                    ]
-                    for row in agreement
-                ],
-            )
+                    f"{short_name(row['first'])} · {short_name(row['second'])}",
+                    row["explanations"],
+                    row["spearman"],
+                    row["kendall"],
+                    row["top_decile_overlap"],
+                    row["rv"],
+                ]
+                for row in agreement
+            ],
+        )
+    return lines
+
+
+def _markdown_explainer_agreement(comparison: dict) -> list[str]:
+    lines: list[str] = []
     lines += ["## Explainer agreement", ""]
     for pair in comparison["explainer_agreement"]:
         correlation = ", ".join(
@@ -216,6 +230,11 @@ def render_markdown(atlas: Atlas, comparison: dict) -> str:
             f"{_cell(pair['q3'])}; Spearman with the score: {correlation}.",
             "",
         ]
+    return lines
+
+
+def _markdown_provenance(atlas: Atlas, comparison: dict) -> list[str]:
+    lines: list[str] = []
     details = provenance(atlas)
     lines += ["## Provenance", ""]
     lines += _table(["package", "version"], [[name, version] for name, version in details["versions"].items()])
@@ -238,7 +257,7 @@ def render_markdown(atlas: Atlas, comparison: dict) -> str:
             for run in comparison["comparability"]["runs"]
         ],
     )
-    return "\n".join(lines).rstrip() + "\n"
+    return lines
 
 
 def write_report(atlas: Atlas, comparison: dict, path: Path, format: str) -> None:

@@ -18,25 +18,24 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import polars as pl
-import pyarrow.parquet as pq
 
 from sae_atlas import layout, metrics
 from sae_atlas.query import comparison
+from sae_atlas.query.errors import FeatureNotFound, QueryError
+from sae_atlas.query.examples import ExampleIndex
+from sae_atlas.query.lazy import Lazy
+from sae_atlas.query.scores import SCORE_NAMES, QuantileScores, read_scores, run_settings
+from sae_atlas.query.search import SearchIndex, UnknownExplainer
 from sae_atlas.query.summary import mean_scores, mean_semantic_similarity
-from sae_atlas.sampling import centre_positions, sample_examples, window_bounds
-from sae_atlas.schema import CONTRACT_SCORE_FIELDS
 
 # The names of the per-(feature, explainer) metrics that can be filtered, sorted and plotted.
 METRICS = metrics.NAMES
 COMPARISONS_KEPT = 8
-SCORE_NAMES = tuple(metric.name for metric in metrics.SCORE_METRICS)
 COLUMNS = ("feature_id", "explainer", "explanation_text", "explanation_ok", *METRICS)
-DEFAULT_WINDOW = 32  # tokens shown around the peak of an example sampled without stage 4's table
 EXPLANATION_COLUMNS = (
     "llm_explainer",
     "explanation_text",
@@ -46,89 +45,6 @@ EXPLANATION_COLUMNS = (
     "semantic_similarity",
 )
 EXPLANATION_FIELDS = ("explainer", *EXPLANATION_COLUMNS[1:])
-QUANTILE_FIELDS = ("scorer", "method", "quantile", "score", "examples")
-
-
-def score_columns(long: pl.DataFrame) -> pl.DataFrame:
-    """``stages/scores.parquet`` rows (one per feature × run × method) as one row per (feature,
-    explainer, scorer) with a column per score metric of the registry (null where the table has
-    no such column, e.g. an output of an earlier version)."""
-
-    def value(metric: metrics.Metric) -> pl.Expr:
-        if metric.column not in long.columns:
-            return pl.lit(None, pl.Float64).alias(metric.name)
-        chosen = pl.col(metric.column).cast(pl.Float64)
-        if metric.method is not None:
-            chosen = chosen.filter(pl.col("method") == metric.method)
-        return chosen.drop_nulls().first().alias(metric.name)
-
-    return (
-        long.with_columns(
-            pl.col("feature_id").cast(pl.Int64),
-            pl.col("llm_explainer").cast(pl.String).alias("explainer"),
-            pl.col("llm_scorer").cast(pl.String).alias("scorer"),
-            pl.col("method").cast(pl.String),
-        )
-        .group_by(["feature_id", "explainer", "scorer"], maintain_order=True)
-        .agg(value(metric) for metric in metrics.SCORE_METRICS)
-    )
-
-
-class FeatureNotFound(KeyError):
-    """No output file knows this feature id."""
-
-
-class QueryError(ValueError):
-    """A query names an unknown metric, column or explainer; the message says which."""
-
-
-@dataclass
-class _Examples:
-    """The sampled activation examples of every feature, flat, sorted by feature."""
-
-    feature_id: np.ndarray
-    prompt_id: np.ndarray
-    quantile: np.ndarray
-    max_activation: np.ndarray
-    centre: np.ndarray
-    window_start: np.ndarray
-    window_stop: np.ndarray
-    pair_offsets: np.ndarray
-    positions: np.ndarray
-    values: np.ndarray
-    prompts: list[list[str]] | dict[int, list[str]]  # tokens by prompt id
-
-
-SAMPLED_COLUMNS = (
-    "feature_id",
-    "prompt_id",
-    "quantile",
-    "max_activation",
-    "max_position",
-    "window_start",
-    "window_stop",
-    "activation_pairs",
-)
-
-
-def _examples_of(sampled: pl.DataFrame, prompts) -> _Examples:
-    """The look-up arrays of sampled examples (in their stored order: by feature, top first);
-    ``prompts[p]`` gives prompt p's tokens (a list, or a mapping for a few prompts)."""
-    flat = sampled["activation_pairs"].explode().drop_nulls().struct.unnest()
-    counts = sampled["activation_pairs"].list.len().to_numpy().astype(np.int64)
-    return _Examples(
-        feature_id=sampled["feature_id"].to_numpy().astype(np.int64),
-        prompt_id=sampled["prompt_id"].to_numpy().astype(np.int64),
-        quantile=sampled["quantile"].to_numpy(),
-        max_activation=sampled["max_activation"].to_numpy().astype(np.float64),
-        centre=sampled["max_position"].to_numpy().astype(np.int64),
-        window_start=sampled["window_start"].to_numpy().astype(np.int64),
-        window_stop=sampled["window_stop"].to_numpy().astype(np.int64),
-        pair_offsets=np.concatenate(([0], np.cumsum(counts))),
-        positions=flat["token_position"].to_numpy().astype(np.int64),
-        values=flat["activation_value"].to_numpy().astype(np.float64),
-        prompts=prompts,
-    )
 
 
 def _as_string(frame: pl.DataFrame, *columns: str) -> pl.DataFrame:
@@ -151,7 +67,7 @@ class Atlas:
         self.sae_id = self._rows["sae_id"][0] if self._rows.height else None
         self.explainers = list(dict.fromkeys(self._rows["llm_explainer"].to_list()))
         self._row_ids = self._rows["feature_id"].to_numpy()
-        self._scores = self._read_scores()
+        self._scores = read_scores(self.output_dir, self._rows, self.explainers)
         self._score_ids = self._scores["feature_id"].to_numpy()
         self.scorers = list(dict.fromkeys(self._scores["scorer"].to_list()))
         self._explanation_rows = self._rows.select(EXPLANATION_COLUMNS)
@@ -174,60 +90,20 @@ class Atlas:
             }
         self._explanations_by_feature = self._index_explanations()
         self._table = self._flat_table()
-        self._lock = threading.Lock()
-        self._examples: _Examples | bool | None = None  # False: no examples in this output
-        self._loader: threading.Thread | None = None
-        self.example_error: str | None = None
-        self._row_groups: list[tuple[int, int]] | None = None
-        self._vectors: tuple[pl.DataFrame, np.ndarray] | None = None
-        self._embedder = embedder
-        self._stats: dict | None = None
+        self._examples = ExampleIndex(self.output_dir)
+        self._quantiles = QuantileScores(self.output_dir)
+        self._search = SearchIndex(self.output_dir, embedder=embedder, threads=threads)
+        self._stats = Lazy(self._compute_stats, name="stats")
         # The last few comparisons asked for (a page and its JSON twin ask for the same one); bounded,
         # since a server answers comparisons with any settings for as long as it runs.
         self._comparisons: OrderedDict[tuple, dict] = OrderedDict()
         self._comparisons_lock = threading.Lock()
-        self._quantiles: pl.DataFrame | None = None
-        self._quantile_ids = np.zeros(0, dtype=np.int64)
 
     # -- opening ----------------------------------------------------------------------------------
 
     def _read_optional(self, name: str) -> pl.DataFrame | None:
         path = self.output_dir / name
         return _as_string(pl.read_parquet(path), "sae_id") if path.exists() else None
-
-    def _read_scores(self) -> pl.DataFrame:
-        """``feature_id``, ``explainer``, ``scorer`` and one column per score metric, sorted by
-        feature: from stages/scores.parquet (every method), else from the ``scores`` struct of
-        features.parquet (the contract's methods only; an output written by another tool)."""
-        keys = ["feature_id", "explainer", "scorer"]
-        path = self.output_dir / layout.SCORES
-        if path.exists():
-            present = set(pq.read_schema(path).names)
-            # An output of an earlier version lacks the newer columns: their metrics are null.
-            columns = sorted({metric.column for metric in metrics.SCORE_METRICS} & present)
-            table = score_columns(
-                pl.read_parquet(path, columns=["feature_id", "llm_explainer", "llm_scorer", "method", *columns])
-            )
-        else:
-            table = (
-                self._rows.select("feature_id", pl.col("llm_explainer").alias("explainer"), "scores")
-                .explode("scores")
-                .drop_nulls("scores")
-                .unnest("scores")
-                .with_columns(
-                    pl.lit(None, pl.Float64).alias(name) for name in SCORE_NAMES if name not in CONTRACT_SCORE_FIELDS
-                )
-            )
-        # Keep the explainers and scorers in the order features.parquet lists them.
-        explainer_rank = {name: rank for rank, name in enumerate(self.explainers)}
-        return (
-            table.with_columns(
-                _explainer=pl.col("explainer").replace_strict(explainer_rank, default=len(explainer_rank)),
-                _row=pl.int_range(pl.len()),
-            )
-            .sort("feature_id", "_explainer", "_row")
-            .select(*keys, *SCORE_NAMES)
-        )
 
     def _read_decoder(self) -> pl.DataFrame:
         """Neighbours of every latent (the stage table), else those of the explained ones."""
@@ -298,17 +174,13 @@ class Atlas:
                 by_explainer.setdefault(explainer, []).append(
                     {"scorer": scorer, **dict(zip(SCORE_NAMES, values, strict=True))}
                 )
-            quantiles: dict[str, list[dict]] = {}
-            table = self._quantile_index()
-            low, high = np.searchsorted(self._quantile_ids, [feature_id, feature_id + 1])
-            for explainer, *values in table.slice(low, high - low).drop("feature_id").rows():
-                quantiles.setdefault(explainer, []).append(dict(zip(QUANTILE_FIELDS, values, strict=True)))
+            quantiles = self._quantiles.of_feature(feature_id)
             for item in explanations:
                 item["metrics"] = by_explainer.get(item["explainer"], [])
                 item["by_quantile"] = quantiles.get(item["explainer"], [])
         neighbours = self._neighbours(feature_id)
         similarity = self._activation_similarity(feature_id)
-        examples = self._feature_examples(feature_id)
+        examples = self._examples.of_feature(feature_id)
         if not explanations and neighbours is None and similarity is None and not examples:
             raise FeatureNotFound(feature_id)
         return {
@@ -319,40 +191,6 @@ class Atlas:
             "activation_similarity": similarity,
             "activation_examples": examples,
         }
-
-    def _quantile_index(self) -> pl.DataFrame:
-        """Every score per activation quantile, one row per (feature, explainer, scorer, method,
-        quantile), sorted by feature (read on first use)."""
-        if self._quantiles is None:
-            with self._lock:
-                if self._quantiles is None:
-                    path = self.output_dir / layout.SCORES
-                    if path.exists() and "by_quantile" in pq.read_schema(path).names:
-                        table = (
-                            pl.read_parquet(
-                                path, columns=["feature_id", "llm_explainer", "llm_scorer", "method", "by_quantile"]
-                            )
-                            .explode("by_quantile")
-                            .drop_nulls("by_quantile")
-                            .unnest("by_quantile")
-                            .select(
-                                pl.col("feature_id").cast(pl.Int64),
-                                pl.col("llm_explainer").cast(pl.String).alias("explainer"),
-                                pl.col("llm_scorer").cast(pl.String).alias("scorer"),
-                                pl.col("method").cast(pl.String),
-                                "quantile",
-                                "score",
-                                "examples",
-                            )
-                            .sort("feature_id", maintain_order=True)
-                        )
-                    else:
-                        table = pl.DataFrame(
-                            schema={"feature_id": pl.Int64, "explainer": pl.String, **dict.fromkeys(QUANTILE_FIELDS)}
-                        )
-                    self._quantile_ids = table["feature_id"].to_numpy()
-                    self._quantiles = table
-        return self._quantiles
 
     def latents_with_neighbours(self) -> np.ndarray:
         """Every latent the decoder table has neighbours for (all of the SAE's, when there is one)."""
@@ -367,12 +205,16 @@ class Atlas:
 
     def sampled_latents(self) -> np.ndarray:
         """Every latent with sampled activation examples (loads the example index)."""
-        examples = self._examples_index()
-        return np.unique(examples.feature_id) if examples is not None else np.zeros(0, dtype=np.int64)
+        return self._examples.latents()
 
     def feature_examples(self, feature_id: int) -> list[dict]:
         """A latent's sampled activation examples, as :meth:`feature` gives them."""
-        return self._feature_examples(int(feature_id))
+        return self._examples.of_feature(int(feature_id))
+
+    @property
+    def example_error(self) -> str | None:
+        """Why the activation examples could not be loaded (a damaged file), else None."""
+        return self._examples.error
 
     @staticmethod
     def _position(ids: np.ndarray, feature_id: int) -> int | None:
@@ -402,128 +244,6 @@ class Atlas:
         if position is None:
             return None
         return {name: values[position] for name, values in self._similarity_columns.items()}
-
-    # -- activation examples (loaded on first use) --------------------------------------------------
-
-    def _sampled(self) -> pl.DataFrame | None:
-        """The examples stage 4 sampled and embedded, with their activations. An output written by
-        another tool has no stages/sampled_examples.parquet (or an older one without activations):
-        its examples are then sampled the way stage 4 does by default, so they can still be shown."""
-        path = self.output_dir / layout.SAMPLED_EXAMPLES
-        if path.exists() and "activation_pairs" in pq.read_schema(path).names:
-            return pl.read_parquet(path, columns=list(SAMPLED_COLUMNS))
-        examples = self.output_dir / layout.ACTIVATION_EXAMPLES
-        if not examples.exists():
-            return None
-        candidates = (
-            pl.scan_parquet(examples)
-            .select(
-                "feature_id",
-                "prompt_id",
-                "max_activation",
-                "activation_pairs",
-                centre=centre_positions(pl.col("activation_pairs")),
-                length=pl.col("prompt_tokens").list.len(),
-            )
-            .collect()
-        )
-        sampled = sample_examples(candidates)
-        starts, stops = window_bounds(sampled["length"].to_numpy(), sampled["centre"].to_numpy(), DEFAULT_WINDOW)
-        return sampled.select(
-            "feature_id",
-            "prompt_id",
-            "quantile",
-            "max_activation",
-            pl.col("centre").alias("max_position"),
-            window_start=pl.Series(starts),
-            window_stop=pl.Series(stops),
-            activation_pairs="activation_pairs",
-        )
-
-    def _load_examples(self) -> _Examples | None:
-        sampled = self._sampled()
-        if sampled is None:
-            return None
-        return _examples_of(sampled, layout.read_prompt_tokens(self.output_dir).to_list())
-
-    def _examples_index(self, wait: bool = True) -> _Examples | None:
-        """The complete example index; with ``wait=False``, None while it is still loading (it
-        starts loading in the background on the first call)."""
-        if self._examples is None:
-            with self._lock:
-                if self._loader is None:
-                    self._loader = threading.Thread(target=self._load_index, name="example-index", daemon=True)
-                    self._loader.start()
-            if not wait:
-                return None
-            self._loader.join()
-        return self._examples or None
-
-    def _load_index(self) -> None:
-        try:
-            self._examples = self._load_examples() or False
-        except Exception as error:  # a damaged file: look-ups go on without examples (validate says why)
-            self._examples = False
-            self.example_error = f"{type(error).__name__}: {error}"
-
-    def _examples_of_feature(self, feature_id: int) -> _Examples | None:
-        """One feature's examples before the index is loaded: only the row groups of
-        stages/sampled_examples.parquet that hold it (by their statistics), and its prompts."""
-        path = self.output_dir / layout.SAMPLED_EXAMPLES
-        if not path.exists() or "activation_pairs" not in pq.read_schema(path).names:
-            return self._examples_index()
-        if self._row_groups is None:
-            self._row_groups = layout.row_group_ranges(path, "feature_id")
-        groups = [group for group, (low, high) in enumerate(self._row_groups) if low <= feature_id <= high]
-        if not groups:
-            return None
-        rows = pl.from_arrow(pq.ParquetFile(path).read_row_groups(groups, columns=list(SAMPLED_COLUMNS)))
-        rows = rows.filter(pl.col("feature_id") == feature_id)
-        prompts = layout.read_prompt_tokens(self.output_dir, rows["prompt_id"].unique().to_list())
-        return _examples_of(rows, prompts)
-
-    def _feature_examples(self, feature_id: int) -> list[dict]:
-        examples = self._examples_index(wait=False)
-        if examples is None:
-            if self._examples is False:
-                return []
-            examples = self._examples_of_feature(feature_id)
-            if examples is None:
-                return []
-        start, stop = np.searchsorted(examples.feature_id, [feature_id, feature_id + 1])
-        if start == stop:
-            return []
-        tokens = [examples.prompts[prompt] for prompt in examples.prompt_id[start:stop].tolist()]
-        lengths = np.array([len(row) for row in tokens])
-        window_starts, window_stops = examples.window_start[start:stop], examples.window_stop[start:stop]
-        # every example of the feature at once: dense activations in one matrix
-        dense = np.zeros((stop - start, int(lengths.max(initial=0))))
-        pairs = slice(examples.pair_offsets[start], examples.pair_offsets[stop])
-        rows = np.repeat(np.arange(stop - start), np.diff(examples.pair_offsets[start : stop + 1]))
-        dense[rows, examples.positions[pairs]] = examples.values[pairs]
-        activations = dense.tolist()
-        return [
-            {
-                "prompt_id": prompt,
-                "quantile": quantile,
-                "max_activation": peak,
-                "max_position": centre,
-                "window": [window_start, window_stop],
-                "tokens": tokens[index],
-                "activations": activations[index][: lengths[index]],
-            }
-            for index, (prompt, quantile, peak, centre, window_start, window_stop) in enumerate(
-                zip(
-                    examples.prompt_id[start:stop].tolist(),
-                    examples.quantile[start:stop].tolist(),
-                    examples.max_activation[start:stop].tolist(),
-                    examples.centre[start:stop].tolist(),
-                    window_starts.tolist(),
-                    window_stops.tolist(),
-                    strict=True,
-                )
-            )
-        ]
 
     # -- tables -----------------------------------------------------------------------------------
 
@@ -601,9 +321,7 @@ class Atlas:
     def stats(self) -> dict:
         """What the directory holds, and its headline numbers (computed once: the files never change
         under an open Atlas)."""
-        if self._stats is None:
-            self._stats = self._compute_stats()
-        return self._stats
+        return self._stats.get()
 
     def _compute_stats(self) -> dict:
         files = {}
@@ -620,7 +338,7 @@ class Atlas:
             "scorers": self.scorers,
             "files": files,
             "metrics": {metric.name: metric.description for metric in metrics.METRICS},
-            "mean_scores": mean_scores(self._rows).to_dicts(),
+            "mean_scores": mean_scores(self._scores).to_dicts(),
             "mean_semantic_similarity": mean_semantic_similarity(self._rows).to_dicts(),
             "mean_activation_similarity": (
                 float(similarity["mean_pairwise_similarity"].mean())
@@ -662,154 +380,43 @@ class Atlas:
             if cached is not None:
                 self._comparisons.move_to_end(key)
                 return cached
-        scores = self._scores.select("feature_id", "explainer", "scorer", *chosen)
-        wide = comparison.wide_scores(scores, chosen)
-        draws = comparison.Resamples(resamples, seed)
-        firing = (
-            self._scores.group_by("feature_id")
-            .agg(weight=pl.col("firing_frequency").drop_nulls().first())
-            .drop_nulls("weight")
+        result = comparison.compare_output(
+            self._rows,
+            self._scores,
+            self.explainers,
+            self.scorers,
+            run_settings(self.output_dir),
+            chosen,
+            resamples=resamples,
+            seed=seed,
+            confidence=confidence,
         )
-        similarity = (
-            self._rows.select("feature_id", explainer="llm_explainer", pairs="semantic_similarity")
-            .explode("pairs")
-            .drop_nulls("pairs")
-            .select(
-                "feature_id",
-                "explainer",
-                other=pl.col("pairs").struct.field("explainer").cast(pl.String),
-                cosine=pl.col("pairs").struct.field("cosine_similarity"),
-            )
-        )
-        texts = self._rows.select("feature_id", explainer="llm_explainer", explanation_text="explanation_text")
-        result = {
-            "settings": {
-                "resamples": resamples,
-                "seed": seed,
-                "confidence": confidence,
-                "metrics": chosen,
-                "holm_family": "every paired row of this comparison",
-                "weights": "firing frequency" if firing.height else None,
-            },
-            "explainers": self.explainers,
-            "scorers": self.scorers,
-            "metrics": {name: metrics.BY_NAME[name].description for name in chosen},
-            "summary": comparison.summary(
-                wide,
-                chosen,
-                self.explainers,
-                self.scorers,
-                resamples=draws,
-                confidence=confidence,
-                weights=firing if firing.height else None,
-            ),
-            "paired": comparison.paired_differences(
-                wide, chosen, self.explainers, self.scorers, resamples=draws, confidence=confidence
-            ),
-            "scorer_agreement": comparison.scorer_agreement(scores, chosen, self.scorers),
-            "explainer_agreement": comparison.explainer_agreement(similarity, scores, texts, chosen, self.explainers),
-            "comparability": comparison.comparability(*self._run_settings()),
-        }
         with self._comparisons_lock:
             self._comparisons[key] = result
             while len(self._comparisons) > COMPARISONS_KEPT:
                 self._comparisons.popitem(last=False)
         return result
 
-    def _run_settings(self) -> tuple[dict, list[dict]]:
-        """Each run's score-relevant settings (from the scores sidecar) and which runs there are."""
-        path = self.output_dir / layout.SCORES
-        if not path.exists():
-            return {}, []
-        runs = (
-            pl.read_parquet(path, columns=["data_source", "llm_explainer", "llm_scorer"])
-            .unique(maintain_order=True)
-            .select(
-                pl.col("data_source").cast(pl.String),
-                explainer=pl.col("llm_explainer").cast(pl.String),
-                scorer=pl.col("llm_scorer").cast(pl.String),
-            )
-        )
-        sidecar = layout.read_sidecar(path) or {}
-        settings = (sidecar.get("statistics") or {}).get("run_settings") or {}
-        return settings, runs.to_dicts()
-
     # -- semantic search --------------------------------------------------------------------------
-
-    def _search_vectors(self) -> tuple[pl.DataFrame, np.ndarray] | None:
-        if self._vectors is None:
-            with self._lock:
-                if self._vectors is None:
-                    path = self.output_dir / layout.EXPLANATION_EMBEDDINGS
-                    if not path.exists():
-                        self._vectors = False
-                    else:
-                        frame = _as_string(pl.read_parquet(path), "llm_explainer").filter(
-                            pl.col("embedding").is_not_null()
-                        )
-                        dimension = int(frame["embedding"].list.len().max() or 0)
-                        vectors = (
-                            frame["embedding"].list.to_array(dimension).to_numpy()
-                            if frame.height
-                            else np.zeros((0, dimension), np.float32)
-                        )
-                        rows = frame.select(
-                            pl.col("feature_id").cast(pl.Int64),
-                            pl.col("llm_explainer").alias("explainer"),
-                            "explanation_text",
-                        )
-                        self._vectors = (rows, np.ascontiguousarray(vectors, dtype=np.float32))
-        return self._vectors or None
 
     @property
     def embedder(self):
         """The model that embedded the explanations (from the sidecar), loaded on first use."""
-        if self._embedder is None:
-            from sae_atlas.embedding import Embedder
-
-            sidecar = layout.read_sidecar(self.output_dir / layout.EXPLANATION_EMBEDDINGS) or {}
-            settings = (sidecar.get("config") or {}).get("embedding") or {}
-            cache = self.output_dir / layout.EMBEDDING_CACHE
-            self._embedder = Embedder(
-                settings.get("model", "builtin:all-MiniLM-L6-v2"),
-                quantize=settings.get("quantize", "none"),
-                device=settings.get("device", "auto"),
-                cache_dir=settings.get("cache_dir") or (cache if cache.exists() else None),
-                threads=self._threads,
-            )
-        return self._embedder
+        return self._search.embedder
 
     def prepare(self, *, search: bool = True) -> None:
         """Load now what the first queries would otherwise wait for: the headline numbers, the
         activation-example index and (``search``) the explanation vectors and the model. A server
         calls it in the background as it starts."""
         self.stats()
-        self._quantile_index()
-        self._examples_index()
-        if search and self._search_vectors() is not None:
-            self.embedder.backend  # noqa: B018 (loading the model is the point)
+        self._quantiles.table.get()
+        self._examples.index.get()
+        if search:
+            self._search.prepare()
 
     def search(self, text: str, k: int = 10, *, explainer: str | None = None) -> pl.DataFrame:
         """The ``k`` explanations closest in meaning to ``text`` (cosine, same model as stage 2)."""
-        loaded = self._search_vectors()
-        if loaded is None or not text.strip():
-            return pl.DataFrame(
-                schema={
-                    "feature_id": pl.Int64,
-                    "explainer": pl.String,
-                    "explanation_text": pl.String,
-                    "similarity": pl.Float64,
-                }
-            )
-        rows, vectors = loaded
-        # One short query: the content cache would cost more than encoding it.
-        query = self.embedder.encode_query(text)
-        similarity = vectors @ query
-        if explainer is not None:
-            if explainer not in self.explainers:
-                raise QueryError(f"unknown explainer {explainer!r}; explainers are {', '.join(self.explainers)}")
-            similarity = np.where((rows["explainer"] == explainer).to_numpy(), similarity, -np.inf)
-        k = max(0, min(k, int(np.isfinite(similarity).sum())))
-        top = np.argpartition(-similarity, k - 1)[:k] if k else np.zeros(0, dtype=np.int64)
-        top = top[np.lexsort((top, -similarity[top]))]
-        return rows[top].with_columns(similarity=pl.Series(similarity[top].astype(np.float64)))
+        try:
+            return self._search.search(text, k, explainer=explainer, explainers=self.explainers)
+        except UnknownExplainer as error:
+            raise QueryError(str(error)) from None

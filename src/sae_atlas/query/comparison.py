@@ -32,6 +32,8 @@ import numpy as np
 import orjson
 import polars as pl
 
+from sae_atlas import metrics as registry
+
 DEFAULT_RESAMPLES = 2000
 DEFAULT_SEED = 0
 DISAGREEMENTS = 20
@@ -434,3 +436,70 @@ def comparability(settings: dict[str, dict], runs: list[dict]) -> dict:
         "warnings": warnings,
         "not_recorded": unrecorded,
     }
+
+
+# -- one output's comparison -----------------------------------------------------------------------
+
+
+def compare_output(
+    features: pl.DataFrame,
+    scores_table: pl.DataFrame,
+    explainers: list[str],
+    scorers: list[str],
+    settings: tuple[dict, list[dict]],
+    chosen: list[str],
+    *,
+    resamples: int,
+    seed: int,
+    confidence: float,
+) -> dict:
+    """The comparison of one output directory (:meth:`Atlas.compare`'s result): ``features`` is
+    features.parquet (explanations, agreement), ``scores_table`` one row per (feature, explainer,
+    scorer) with a column per score metric, ``settings`` each run's score-relevant settings."""
+    scores = scores_table.select("feature_id", "explainer", "scorer", *chosen)
+    wide = wide_scores(scores, chosen)
+    draws = Resamples(resamples, seed)
+    firing = (
+        scores_table.group_by("feature_id")
+        .agg(weight=pl.col("firing_frequency").drop_nulls().first())
+        .drop_nulls("weight")
+    )
+    similarity = (
+        features.select("feature_id", explainer="llm_explainer", pairs="semantic_similarity")
+        .explode("pairs")
+        .drop_nulls("pairs")
+        .select(
+            "feature_id",
+            "explainer",
+            other=pl.col("pairs").struct.field("explainer").cast(pl.String),
+            cosine=pl.col("pairs").struct.field("cosine_similarity"),
+        )
+    )
+    texts = features.select("feature_id", explainer="llm_explainer", explanation_text="explanation_text")
+    result = {
+        "settings": {
+            "resamples": resamples,
+            "seed": seed,
+            "confidence": confidence,
+            "metrics": chosen,
+            "holm_family": "every paired row of this comparison",
+            "weights": "firing frequency" if firing.height else None,
+        },
+        "explainers": explainers,
+        "scorers": scorers,
+        "metrics": {name: registry.BY_NAME[name].description for name in chosen},
+        "summary": summary(
+            wide,
+            chosen,
+            explainers,
+            scorers,
+            resamples=draws,
+            confidence=confidence,
+            weights=firing if firing.height else None,
+        ),
+        "paired": paired_differences(wide, chosen, explainers, scorers, resamples=draws, confidence=confidence),
+        "scorer_agreement": scorer_agreement(scores, chosen, scorers),
+        "explainer_agreement": explainer_agreement(similarity, scores, texts, chosen, explainers),
+        "comparability": comparability(*settings),
+    }
+    return result

@@ -8,8 +8,7 @@ from pathlib import Path
 import polars as pl
 import pyarrow.parquet as pq
 
-from sae_atlas import layout
-from sae_atlas.schema import CONTRACT_SCORE_FIELDS
+from sae_atlas import layout, metrics
 
 
 def rows_per_file(output_dir: Path) -> pl.DataFrame:
@@ -23,27 +22,17 @@ def rows_per_file(output_dir: Path) -> pl.DataFrame:
     return pl.DataFrame({"file": names, "rows": rows}, schema={"file": pl.String, "rows": pl.Int64})
 
 
-def mean_scores(features: pl.DataFrame) -> pl.DataFrame:
-    """Mean of every score method per (explainer, scorer), over features with a score."""
-    exploded = (
-        features.select(pl.col("llm_explainer").cast(pl.String).alias("explainer"), "scores")
-        .explode("scores")
-        .drop_nulls("scores")
-        .unnest("scores")
-    )
-    if exploded.is_empty():
-        return pl.DataFrame(
-            schema={
-                "explainer": pl.String,
-                "scorer": pl.String,
-                **{method: pl.Float64 for method in CONTRACT_SCORE_FIELDS},
-                "features": pl.UInt32,
-            }
-        )
+def mean_scores(scores: pl.DataFrame) -> pl.DataFrame:
+    """Mean of every score method's score per (explainer, scorer), over the features it scored.
+
+    ``scores``: the query layer's score table (:func:`sae_atlas.query.scores.read_scores`, one row
+    per feature × explainer × scorer), the one every other view reads, so every method is here."""
+    names = [metric.name for metric in metrics.METHOD_SCORES]
     return (
-        exploded.group_by(["explainer", "scorer"], maintain_order=True)
-        .agg(*[pl.col(method).mean() for method in CONTRACT_SCORE_FIELDS], features=pl.len())
+        scores.group_by(["explainer", "scorer"], maintain_order=True)
+        .agg(*[pl.col(name).mean() for name in names], features=pl.len())
         .sort(["explainer", "scorer"])
+        .select("explainer", "scorer", *names, pl.col("features").cast(pl.UInt32))
     )
 
 

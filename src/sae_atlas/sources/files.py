@@ -72,8 +72,8 @@ def regular_file_problem(path: Path) -> str | None:
     try:
         kind = not_regular(os.stat(path).st_mode)
     except OSError as error:
-        return f"cannot be read ({reason(error)})"
-    return f"cannot be read ({kind})" if kind else None
+        return f"file cannot be read ({reason(error)})"
+    return f"file cannot be read ({kind})" if kind else None
 
 
 def read_bytes(path: Path, problems: Problems, *, what: str = "file", **where) -> bytes | None:

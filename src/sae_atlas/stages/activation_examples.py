@@ -34,6 +34,7 @@ ARROW_SCHEMA = pa.schema(
         ("activation_pairs", pa.list_(ACTIVATION_PAIR_TYPE)),
     ]
 )
+# schema.STAGE_PROMPTS, in Arrow's (32-bit offset) types
 PROMPTS_SCHEMA = pa.schema([("prompt_id", pa.uint32()), ("prompt_tokens", pa.list_(pa.string()))])
 ROWS_PER_BATCH = 32_768
 ROW_GROUP_ROWS = 16_384

@@ -257,5 +257,6 @@ STAGE = Stage(
     version=1,
     plan=plan,
     config=("decoder.path", "decoder.top_k"),
+    settings=("decoder.device",),
     description="each latent's top-k neighbours by decoder cosine",
 )

@@ -27,6 +27,7 @@ import numpy as np
 import orjson
 import polars as pl
 
+from sae_atlas.config import DEFAULT_MODEL
 from sae_atlas.synth import delphi_runs, formats
 from sae_atlas.synth.latents import activation_blocks, assign_latents, concept_count, decoder_weights
 from sae_atlas.synth.text import build_prompts
@@ -142,7 +143,7 @@ def _write_config(
         "top_k = 10",
         "",
         "[embedding]",
-        'model = "builtin:all-MiniLM-L6-v2"',
+        f"model = {_toml_string(DEFAULT_MODEL)}",
         "",
     ]
     path = root / file_name
@@ -172,6 +173,51 @@ def synthesize(
     latents = assign_latents(options.features, corpus, n_concepts, rng)
 
     say(f"activations of {options.features:,} latents")
+    n_records, n_pairs, firing = _write_activations(raw, corpus, latents, options, rng, jsonl=jsonl)
+
+    say(f"decoder weights: {options.features:,} × {options.d_model} ({options.decoder_format})")
+    label = width_label(options.features)
+    decoder_path = formats.write_decoder(
+        raw / "sae",
+        options.decoder_format,
+        decoder_weights(latents, options.d_model, rng),
+        layer=LAYER,
+        width_label=label,
+        rng=rng,
+    )
+
+    explainers = delphi_runs.models(options.explainers)
+    scorers = delphi_runs.models(options.scorers)
+    candidates = min(options.features, math.ceil(options.explained / EXPLAINED_SHARE))
+    explained = np.sort(rng.choice(candidates, size=options.explained, replace=False))
+    say(
+        f"explanations and scores: {options.explained:,} latents × {len(explainers)} explainers "
+        f"× {len(scorers)} scorers"
+    )
+    explanations = delphi_runs.explain(
+        latents, explained, explainers, n_concepts, rng, hit_rates=options.explainer_quality
+    )
+    by_latent = {(item.feature_id, item.explainer.short): item for item in explanations}
+    unexplained = {key for key in by_latent if rng.random() < UNEXPLAINED_RATE}
+    hookpoint = f"layer_{LAYER}/width_{label}/average_l0_120"
+    runs = [(explainer, scorer) for explainer in explainers for scorer in scorers]
+    sources = _write_runs(raw, runs, explained, by_latent, unexplained, firing, options, hookpoint, candidates)
+    _write_scores(raw, runs, explained, by_latent, unexplained, corpus, latents, rng)
+
+    sae_id = f"{SPARSE_MODEL}/{hookpoint}"
+    config = _write_config(root, sources, "delphi" if not jsonl else "jsonl", decoder_path, sae_id)
+    if jsonl and delphi:
+        _write_config(root, sources, "delphi", decoder_path, sae_id, file_name="sae-atlas-delphi.toml")
+    ground_truth = root / "ground_truth.parquet"
+    _write_ground_truth(ground_truth, latents, explained, explanations, unexplained)
+    say(f"wrote {root}")
+    return SynthResult(root, config, ground_truth, [name for name, _, _ in sources], n_records, n_pairs)
+
+
+def _write_activations(raw: Path, corpus, latents, options: SynthOptions, rng, *, jsonl: bool):
+    """The activation records in the chosen formats, a block of latents at a time; returns
+    (records, pairs, tokens each latent fired on: what delphi logs in hookpoint_firing_counts.pt)."""
+    delphi = options.activation_format in ("delphi", "both")
     writers = []
     if jsonl:
         writers.append(formats.JsonlActivationWriter(raw / "activation_examples", corpus))
@@ -200,33 +246,13 @@ def synthesize(
     for writer in writers:
         writer.close()
 
-    say(f"decoder weights: {options.features:,} × {options.d_model} ({options.decoder_format})")
-    label = width_label(options.features)
-    decoder_path = formats.write_decoder(
-        raw / "sae",
-        options.decoder_format,
-        decoder_weights(latents, options.d_model, rng),
-        layer=LAYER,
-        width_label=label,
-        rng=rng,
-    )
+    return n_records, n_pairs, firing
 
-    explainers = delphi_runs.models(options.explainers)
-    scorers = delphi_runs.models(options.scorers)
-    candidates = min(options.features, math.ceil(options.explained / EXPLAINED_SHARE))
-    explained = np.sort(rng.choice(candidates, size=options.explained, replace=False))
-    say(
-        f"explanations and scores: {options.explained:,} latents × {len(explainers)} explainers "
-        f"× {len(scorers)} scorers"
-    )
-    explanations = delphi_runs.explain(
-        latents, explained, explainers, n_concepts, rng, hit_rates=options.explainer_quality
-    )
-    by_latent = {(item.feature_id, item.explainer.short): item for item in explanations}
-    unexplained = {key for key in by_latent if rng.random() < UNEXPLAINED_RATE}
-    hookpoint = f"layer_{LAYER}/width_{label}/average_l0_120"
+
+def _write_runs(raw: Path, runs, explained, by_latent, unexplained, firing, options, hookpoint, candidates) -> list:
+    """Each (explainer, scorer) run's run_config.json, firing counts and explanation files;
+    returns the [[sources]] (name, explainer, scorer)."""
     sources = []
-    runs = [(explainer, scorer) for explainer in explainers for scorer in scorers]
     for explainer, scorer in runs:
         name = f"{explainer.short}_e-{scorer.short}_s"
         sources.append((name, explainer.name, scorer.name))
@@ -251,7 +277,12 @@ def synthesize(
                     run_root / "explanations" / f"{FILE_HOOK}_latent{latent}.txt",
                     by_latent[latent, explainer.short].text,
                 )
-    # Examples are drawn once per latent and shared by every run, as delphi's seeded sampler does.
+    return sources
+
+
+def _write_scores(raw: Path, runs, explained, by_latent, unexplained, corpus, latents, rng) -> None:
+    """Every run's score files; examples are drawn once per latent and shared by every run."""
+    # as delphi's seeded sampler does
     for latent in explained.tolist():
         examples = delphi_runs.draw_examples(corpus, latents, latent, rng)
         for explainer, scorer in runs:
@@ -275,15 +306,6 @@ def synthesize(
                 if rng.random() < EMPTY_SCORE_FILE_RATE:
                     method_records = []
                 formats.write_json(directory / method / f"{FILE_HOOK}_latent{latent}.txt", method_records)
-
-    sae_id = f"{SPARSE_MODEL}/{hookpoint}"
-    config = _write_config(root, sources, "delphi" if not jsonl else "jsonl", decoder_path, sae_id)
-    if jsonl and delphi:
-        _write_config(root, sources, "delphi", decoder_path, sae_id, file_name="sae-atlas-delphi.toml")
-    ground_truth = root / "ground_truth.parquet"
-    _write_ground_truth(ground_truth, latents, explained, explanations, unexplained)
-    say(f"wrote {root}")
-    return SynthResult(root, config, ground_truth, [name for name, _, _ in sources], n_records, n_pairs)
 
 
 def _write_ground_truth(path: Path, latents, explained: np.ndarray, explanations, unexplained: set) -> None:
