@@ -238,17 +238,25 @@ def _check_activation_similarity(validation: Validation, frame: pl.DataFrame, co
             )
 
 
+def _read_schema(validation: Validation, name: str, path: Path) -> pl.Schema | None:
+    """The schema of a file being checked (counted as checked); None, with a violation, when the
+    file is not readable Parquet."""
+    validation.checked.append(name)
+    try:
+        return pl.read_parquet_schema(path)
+    except Exception as error:  # any unreadable file is a violation, whatever the reader raised
+        validation.fail(name, f"unreadable Parquet file ({error})")
+        return None
+
+
 def _check_stage_outputs(validation: Validation, output_dir: Path) -> None:
     """Every stage output present has its schema's leading columns, in order, with their types."""
     for name, expected in STAGE_SCHEMAS.items():
         path = output_dir / name
         if not path.exists():
             continue
-        validation.checked.append(name)
-        try:
-            schema = pl.read_parquet_schema(path)
-        except Exception as error:  # any unreadable file is a violation, whatever the reader raised
-            validation.fail(name, f"unreadable Parquet file ({error})")
+        schema = _read_schema(validation, name, path)
+        if schema is None:
             continue
         for difference in schema_differences(schema, expected):
             validation.fail(name, difference)
@@ -272,11 +280,8 @@ def validate(output_dir: str | Path) -> Validation:
             if name in REQUIRED:
                 validation.fail(name, "missing")
             continue
-        validation.checked.append(name)
-        try:
-            schema = pl.read_parquet_schema(path)
-        except Exception as error:  # any unreadable file is a violation, whatever the reader raised
-            validation.fail(name, f"unreadable Parquet file ({error})")
+        schema = _read_schema(validation, name, path)
+        if schema is None:
             continue
         differences = schema_differences(schema, _expected_schema(name, schema, validation))
         for difference in differences:

@@ -13,16 +13,14 @@ some of which are built per atlas inside :func:`create_app`.)
 import contextlib
 import functools
 import gc
-import inspect
 import sys
 import threading
 from pathlib import Path
-from typing import Annotated
 
 import anyio
 import anyio.to_thread
 import orjson
-from fastapi import FastAPI, Query, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
@@ -164,15 +162,7 @@ def add_api_route(app: FastAPI, atlas: Atlas, page: pages.Page, run) -> None:
             )
         return FastJSON(await run(functools.partial(page.data, atlas, query, **path)))
 
-    parameters = [
-        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=Annotated[kind, spec])
-        for name, (kind, spec) in page.path_parameters.items()
-    ]
-    if query_model is not None:
-        parameters.append(
-            inspect.Parameter("query", inspect.Parameter.KEYWORD_ONLY, annotation=Annotated[query_model, Query()])
-        )
-    endpoint.__signature__ = inspect.Signature(parameters)
+    endpoint.__signature__ = page.signature(query_model)
     responses = dict(ERRORS)
     if page.export is not None:
         responses[200] = {"content": {renderer.media_type: {} for renderer in tables.RENDERERS.values()}}

@@ -11,13 +11,15 @@ never disagree. A new page is its data function, its declaration (:func:`registe
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlencode
 
 import numpy as np
 from fastapi import Path as PathParameter
+from fastapi import Query, Request
 from pydantic import BaseModel
 
 from sae_atlas import metrics
@@ -65,6 +67,20 @@ class Page:
     # Extra template context: (atlas, query, data, request) → dict.
     context: Callable[..., dict] | None = None
     tags: tuple[str, ...] = ("pages",)
+
+    def signature(self, query_model: type[BaseModel] | None, *, request: bool = False) -> inspect.Signature:
+        """The parameters FastAPI reads for a route of this page: the request (HTML routes), the
+        path parameters with their bounds, the query model."""
+        keyword = inspect.Parameter.KEYWORD_ONLY
+        parameters = [inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Request)]
+        parameters = parameters if request else []
+        parameters += [
+            inspect.Parameter(name, keyword, annotation=Annotated[kind, spec])
+            for name, (kind, spec) in self.path_parameters.items()
+        ]
+        if query_model is not None:
+            parameters.append(inspect.Parameter("query", keyword, annotation=Annotated[query_model, Query()]))
+        return inspect.Signature(parameters)
 
 
 PAGES: dict[str, Page] = {}

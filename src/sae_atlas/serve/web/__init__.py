@@ -12,11 +12,9 @@ and colour ranges come from the metric registry. Templates and the stylesheet sh
 whose query models are built per atlas inside :func:`mount_browser`.)
 """
 
-import inspect
 from collections.abc import Callable
-from typing import Annotated
 
-from fastapi import FastAPI, Query, Request
+from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
@@ -119,16 +117,7 @@ def add_page_route(app: FastAPI, page, query_model, render: Callable, runners: d
         except QueryError as problem:
             return await run(render, request, page, query_model(), path, str(problem))
 
-    parameters = [inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Request)]
-    parameters += [
-        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=Annotated[kind, spec])
-        for name, (kind, spec) in page.path_parameters.items()
-    ]
-    if query_model is not None:
-        parameters.append(
-            inspect.Parameter("query", inspect.Parameter.KEYWORD_ONLY, annotation=Annotated[query_model, Query()])
-        )
-    endpoint.__signature__ = inspect.Signature(parameters)
+    endpoint.__signature__ = page.signature(query_model, request=True)
     twin = f" (JSON twin: ``{page.api}``)"
     responses = dict(PAGE_RESPONSES)
     if page.path_parameters:
