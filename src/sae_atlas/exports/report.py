@@ -148,11 +148,35 @@ def render_markdown(atlas: Atlas, comparison: dict) -> str:
         ),
         "",
     ]
+    lines += _markdown_control(comparison)
     for metric in settings["metrics"]:
         lines += _markdown_metric(comparison, metric)
     lines += _markdown_explainer_agreement(comparison)
     lines += _markdown_provenance(atlas, comparison)
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _markdown_control(comparison: dict) -> list[str]:
+    """The paired differences on identical texts: the scorers' noise, which should cover 0."""
+    rows = comparison.get("identical_text_control") or []
+    if not rows:
+        return []
+    lines = ["Control: the paired difference where both explainers wrote the same text (should cover 0):", ""]
+    return lines + _table(
+        ["first", "second", "scorer", "metric", "latents", "difference", "interval"],
+        [
+            [
+                short_name(row["first"]),
+                short_name(row["second"]),
+                short_name(row["scorer"]),
+                row["metric"],
+                row["latents"],
+                row["mean_difference"],
+                f"[{_cell(row['ci_low'])}, {_cell(row['ci_high'])}]",
+            ]
+            for row in rows
+        ],
+    )
 
 
 def _markdown_metric(comparison: dict, metric: str) -> list[str]:

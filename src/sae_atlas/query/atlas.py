@@ -28,7 +28,7 @@ from sae_atlas.query import comparison
 from sae_atlas.query.errors import FeatureNotFound, QueryError
 from sae_atlas.query.examples import ExampleIndex
 from sae_atlas.query.lazy import Lazy
-from sae_atlas.query.scores import SCORE_NAMES, QuantileScores, read_scores, run_settings
+from sae_atlas.query.scores import SCORE_NAMES, QuantileScores, read_run_scores, read_scores, run_settings
 from sae_atlas.query.search import SearchIndex, UnknownExplainer
 from sae_atlas.query.summary import mean_scores, mean_semantic_similarity
 
@@ -94,6 +94,7 @@ class Atlas:
         self._quantiles = QuantileScores(self.output_dir)
         self._search = SearchIndex(self.output_dir, embedder=embedder, threads=threads)
         self._stats = Lazy(self._compute_stats, name="stats")
+        self._run_scores = Lazy(lambda: read_run_scores(self.output_dir), name="run-scores")
         # The last few comparisons asked for (a page and its JSON twin ask for the same one); bounded,
         # since a server answers comparisons with any settings for as long as it runs.
         self._comparisons: OrderedDict[tuple, dict] = OrderedDict()
@@ -390,6 +391,7 @@ class Atlas:
             resamples=resamples,
             seed=seed,
             confidence=confidence,
+            run_scores=self._run_scores.get(),
         )
         with self._comparisons_lock:
             self._comparisons[key] = result

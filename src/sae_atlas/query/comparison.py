@@ -33,6 +33,8 @@ import orjson
 import polars as pl
 
 from sae_atlas import metrics as registry
+from sae_atlas.query.comparability import data_checks
+from sae_atlas.query.scores import RUN_SCORES
 
 DEFAULT_RESAMPLES = 2000
 DEFAULT_SEED = 0
@@ -452,10 +454,13 @@ def compare_output(
     resamples: int,
     seed: int,
     confidence: float,
+    run_scores: pl.DataFrame | None = None,
 ) -> dict:
     """The comparison of one output directory (:meth:`Atlas.compare`'s result): ``features`` is
     features.parquet (explanations, agreement), ``scores_table`` one row per (feature, explainer,
-    scorer) with a column per score metric, ``settings`` each run's score-relevant settings."""
+    scorer) with a column per score metric, ``settings`` each run's score-relevant settings,
+    ``run_scores`` one row per (run, method, latent) for the checks of :mod:`comparability`."""
+
     scores = scores_table.select("feature_id", "explainer", "scorer", *chosen)
     wide = wide_scores(scores, chosen)
     draws = Resamples(resamples, seed)
@@ -502,4 +507,24 @@ def compare_output(
         "explainer_agreement": explainer_agreement(similarity, scores, texts, chosen, explainers),
         "comparability": comparability(*settings),
     }
+    if run_scores is None:
+        run_scores = pl.DataFrame(schema=RUN_SCORES)
+    checks, identical = data_checks(features, run_scores, explainers)
+    result["comparability"]["warnings"] += checks
+    result["comparability"]["comparable"] = not result["comparability"]["warnings"]
+    # On latents where two explainers wrote the same text, their paired difference can only be
+    # the scorers' noise: shown as a control that should cover 0.
+    result["identical_text_control"] = [
+        row
+        for (first, second), ids in identical.items()
+        if len(ids)
+        for row in paired_differences(
+            wide.filter(pl.col("feature_id").is_in(ids.tolist())),
+            chosen,
+            [first, second],
+            scorers,
+            resamples=draws,
+            confidence=confidence,
+        )
+    ]
     return result

@@ -242,8 +242,11 @@ class ExplainerAgreementRow(BaseModel):
 
 
 class ComparabilityWarning(BaseModel):
-    setting: str
+    setting: str = Field(description="the run_config setting, or the data check, that fired")
     message: str
+    severity: str = "warning"
+    latents: int | None = Field(None, description="data checks: the latents concerned")
+    feature_ids: list[int] = Field(default_factory=list, description="data checks: the first of those latents")
 
 
 class RunSettings(BaseModel):
@@ -257,6 +260,7 @@ class Comparability(BaseModel):
     runs: list[RunSettings]
     warnings: list[ComparabilityWarning]
     not_recorded: list[str]
+    comparable: bool = Field(description="no setting differs and no data check fired")
 
 
 class Comparison(BaseModel):
@@ -269,6 +273,10 @@ class Comparison(BaseModel):
     scorer_agreement: list[ScorerAgreementRow]
     explainer_agreement: list[ExplainerAgreementRow]
     comparability: Comparability
+    identical_text_control: list[PairedRow] = Field(
+        description="paired differences on the latents where two explainers wrote the same text: the "
+        "scorers' noise, which should cover 0"
+    )
 
 
 class Health(BaseModel):

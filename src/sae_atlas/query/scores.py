@@ -133,3 +133,27 @@ def run_settings(output_dir: Path) -> tuple[dict, list[dict]]:
     sidecar = layout.read_sidecar(path) or {}
     settings = (sidecar.get("statistics") or {}).get("run_settings") or {}
     return settings, runs.to_dicts()
+
+
+RUN_SCORES = {
+    "data_source": pl.String,
+    "explainer": pl.String,
+    "scorer": pl.String,
+    "method": pl.String,
+    "feature_id": pl.Int64,
+    "n_examples": pl.Int64,
+    "score": pl.Float64,
+}
+
+
+def read_run_scores(output_dir: Path) -> pl.DataFrame:
+    """One row per (run, method, latent) of ``stages/scores.parquet``: who scored what, on how many
+    examples (the comparability checks); empty without the file."""
+    path = Path(output_dir) / layout.SCORES
+    if not path.exists():
+        return pl.DataFrame(schema=RUN_SCORES)
+    columns = ["data_source", "llm_explainer", "llm_scorer", "method", "feature_id", "n_examples", "score"]
+    return pl.read_parquet(path, columns=columns).select(
+        pl.col(name).cast(dtype).alias(alias)
+        for name, alias, dtype in zip(columns, RUN_SCORES, RUN_SCORES.values(), strict=True)
+    )
