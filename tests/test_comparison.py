@@ -187,7 +187,7 @@ def test_names_are_data_never_separators():
     )
 
 
-def test_resampling_memory_is_bounded_by_blocks_not_latents_times_resamples():
+def test_resampling_memory_is_bounded_by_blocks_not_latents_times_resamples(monkeypatch):
     """2,000 resamples of 16,384 latents: 131 MB of float32 counts and 262 MB of int64 draws at
     once before; blocks of BLOCK_CELLS counts now. The counts of a size are the same whatever else
     is computed, and the same as one array of them."""
@@ -196,6 +196,8 @@ def test_resampling_memory_is_bounded_by_blocks_not_latents_times_resamples():
     rng = np.random.default_rng(0)
     n = 16_384
     values = rng.random((n, 3))
+    kept = comparison.bootstrap_means(values, comparison.Resamples(2000, 0).blocks(n), 0.95)
+    monkeypatch.setattr(comparison, "KEPT_CELLS", 0)  # beyond the budget of kept counts
     draws = comparison.Resamples(2000, 0)
     tracemalloc.start()
     low, high = comparison.bootstrap_means(values, draws.blocks(n), 0.95)
@@ -203,6 +205,7 @@ def test_resampling_memory_is_bounded_by_blocks_not_latents_times_resamples():
     tracemalloc.stop()
     assert peak < 4 * comparison.BLOCK_CELLS * 8, peak  # a block: its int64 draws and counts; was ~900 MB
     assert np.all(low < values.mean(axis=0)) and np.all(values.mean(axis=0) < high)
+    np.testing.assert_array_equal(np.array(kept), np.array((low, high)))  # keeping counts changes nothing
     small = comparison.Resamples(300, 1)
     whole = comparison.bootstrap_means(values[:50], small.counts(50), 0.9)
     blocked = comparison.bootstrap_means(values[:50], small.blocks(50), 0.9)

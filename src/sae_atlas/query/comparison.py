@@ -58,28 +58,42 @@ def resample_counts(n: int, resamples: int, rng: np.random.Generator) -> np.ndar
 # latents × resamples (20,000 resamples of 16k latents are 1.3 GB as one float32 matrix): each block
 # holds at most this many counts.
 BLOCK_CELLS = 1 << 22
+# The counts of a group size are kept for the other groups of that size (every explainer of a study
+# usually has the same latents) while all kept counts fit in this many cells (256 MB of float32);
+# beyond it they are drawn again at each use: memory stays bounded, time grows.
+KEPT_CELLS = 1 << 26
 
 
 class Resamples:
     """Bootstrap resample counts by sample size n: ``resamples`` rows, made in blocks of
     :meth:`block_rows` rows, block k drawn from ``[seed, n, k]``. The counts depend only on the
     seed, n and the number of resamples, so a comparison's result does not depend on which other
-    groups it computes, and nothing is kept between uses."""
+    groups it computes, nor on what was kept."""
 
     def __init__(self, resamples: int, seed: int):
         self.resamples = resamples
         self.seed = seed
+        self._kept: dict[int, list[np.ndarray]] = {}
 
     @staticmethod
     def block_rows(n: int) -> int:
         return max(1, BLOCK_CELLS // max(n, 1))
 
-    def blocks(self, n: int) -> Iterator[np.ndarray]:
-        """The [rows, n] float32 count blocks of the resamples of n items, in order."""
+    def _draw(self, n: int) -> Iterator[np.ndarray]:
         rows = self.block_rows(n)
         for index, start in enumerate(range(0, self.resamples, rows)):
             size = min(rows, self.resamples - start)
             yield resample_counts(n, size, np.random.default_rng([self.seed, n, index]))
+
+    def blocks(self, n: int) -> Iterator[np.ndarray]:
+        """The [rows, n] float32 count blocks of the resamples of n items, in order."""
+        if n in self._kept:
+            return iter(self._kept[n])
+        kept = sum(block.size for blocks in self._kept.values() for block in blocks)
+        if kept + n * self.resamples > KEPT_CELLS:
+            return self._draw(n)
+        self._kept[n] = list(self._draw(n))
+        return iter(self._kept[n])
 
     def counts(self, n: int) -> np.ndarray:
         """All the counts at once ([resamples, n]); for small n and tests."""
