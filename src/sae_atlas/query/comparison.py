@@ -526,19 +526,27 @@ def compare_output(
     checks, identical = data_checks(features, run_scores, explainers)
     result["comparability"]["warnings"] += checks
     result["comparability"]["comparable"] = not result["comparability"]["warnings"]
-    # On latents where two explainers wrote the same text, their paired difference can only be
-    # the scorers' noise: shown as a control that should cover 0.
-    result["identical_text_control"] = [
+    result["identical_text_control"] = identical_text_control(
+        wide, identical, chosen, scorers, resamples=draws, confidence=confidence
+    )
+    return result
+
+
+def identical_text_control(
+    wide: pl.DataFrame, identical: dict, metrics: list[str], scorers: list[str], *, resamples, confidence: float
+) -> list[dict]:
+    """On the latents where two explainers wrote the same text, their paired difference can only be
+    the scorers' noise: a control whose interval should cover 0 (rows as :func:`paired_differences`)."""
+    return [
         row
         for (first, second), ids in identical.items()
         if len(ids)
         for row in paired_differences(
             wide.filter(pl.col("feature_id").is_in(ids.tolist())),
-            chosen,
+            metrics,
             [first, second],
             scorers,
-            resamples=draws,
+            resamples=resamples,
             confidence=confidence,
         )
     ]
-    return result
