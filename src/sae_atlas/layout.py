@@ -44,8 +44,6 @@ SAMPLED_EXAMPLES = "stages/sampled_examples.parquet"
 RUN_REPORT = "run_report.json"
 EMBEDDING_CACHE = ".cache/embeddings"
 SIDECAR_SUFFIX = ".metadata.json"
-# What people wrote into an output directory: never written by ``run``, never written over.
-PEOPLES_FILES: tuple[str, ...] = ()
 
 # The five files downstream consumers read, in the contract's order (DESIGN.md §2).
 MASTER_FILES = (FEATURES, EXPLANATION_EMBEDDINGS, ACTIVATION_EXAMPLES, ACTIVATION_EMBEDDINGS, ACTIVATION_SIMILARITY)
@@ -91,7 +89,7 @@ class ProtectedOutput(ValueError):
 
 def own_files() -> set[str]:
     """The names at the top of an output directory that sae-atlas writes (beside OWN_DIRECTORIES)."""
-    return {RUN_REPORT, *MASTER_FILES, *(name + SIDECAR_SUFFIX for name in MASTER_FILES), *PEOPLES_FILES}
+    return {RUN_REPORT, *MASTER_FILES, *(name + SIDECAR_SUFFIX for name in MASTER_FILES)}
 
 
 def is_output_directory(path: Path) -> bool:
@@ -102,7 +100,7 @@ def is_output_directory(path: Path) -> bool:
 def refuse_output_files(target: Path) -> None:
     """Raise :class:`ProtectedOutput` when writing ``target`` would write over (or into) a file an
     output directory owns: a master file, a sidecar, the run report, anything under ``stages/`` or
-    ``.cache/``, or what people wrote there (labels). Checked on the path as given and with links
+    ``.cache/``. Checked on the path as given and with links
     resolved. Other files in an output directory (a report a user keeps beside it) may be written."""
     given = Path(os.path.abspath(target))
     for candidate in dict.fromkeys((given, given.resolve())):

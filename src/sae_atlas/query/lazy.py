@@ -12,12 +12,11 @@ Value = TypeVar("Value")
 class Lazy(Generic[Value]):
     """``load()`` run once: by the first caller of :meth:`get` (the others wait for it), or in a
     background thread from :meth:`start`. A failed load is kept as :attr:`error` (a one-line
-    reason) and gives ``fallback`` from then on: a damaged optional file degrades a query, it never
+    reason) and gives None from then on: a damaged optional file degrades a query, it never
     breaks every later one."""
 
-    def __init__(self, load: Callable[[], Value], *, fallback: Value | None = None, name: str = "lazy"):
+    def __init__(self, load: Callable[[], Value], *, name: str = "lazy"):
         self._load = load
-        self._fallback = fallback
         self._name = name
         self._lock = threading.Lock()
         self._loaded = threading.Event()
@@ -29,7 +28,7 @@ class Lazy(Generic[Value]):
         try:
             self._value = self._load()
         except Exception as error:  # kept and reported, see the class docstring
-            self._value = self._fallback
+            self._value = None
             self.error = f"{type(error).__name__}: {error}"
         finally:
             self._loaded.set()
