@@ -235,8 +235,17 @@ def test_compare_page_draws_intervals_differences_and_agreement(page, base_url, 
     assert fuzz.locator("svg.forest").first.locator("g.forest-row").count() == explainers * scorers
     pairs = explainers * (explainers - 1) // 2
     assert fuzz.locator("table.paired tbody tr").count() == pairs * scorers
-    assert fuzz.locator("table.heatmap tbody tr").count() == scorers
+    # scorer agreement within each explainer: one row per explainer × two scorers, α per explainer
+    assert fuzz.locator("table", has_text="Spearman").locator("tbody tr").count() == explainers * (
+        scorers * (scorers - 1) // 2
+    )
+    assert fuzz.locator("table", has_text="Krippendorff").locator("tbody tr").count() == explainers
+    assert fuzz.locator("figure.profile").count() >= 1  # score by activation quantile
     assert page.locator("#comparability-title").is_visible()
+    # the answer is in the first screen: its sentences and its ranking above the fold
+    answer = page.locator("section.headline ul.sentences li").first
+    assert answer.is_visible() and answer.bounding_box()["y"] < page.viewport_size["height"]
+    assert page.locator("section.headline table.headline-pairs tbody tr").count() >= pairs
     unlabelled = page.evaluate("""() => Array.from(document.querySelectorAll('input:not([type=hidden])'))
         .filter(element => !(element.labels && element.labels.length)).map(element => element.name)""")
     assert unlabelled == []

@@ -123,8 +123,14 @@ def test_compare_and_report(small_run, tmp_path):
     data = orjson.loads(result.stdout)
     assert data["settings"]["metrics"] == ["detection"] and data["settings"]["resamples"] == 200
     assert {row["metric"] for row in data["summary"]} == {"detection"} and data["paired"]
-    table = invoke("compare", output, "--metric", "fuzz", "--resamples", 200)
-    assert table.exit_code == 0 and "bootstrap interval" in table.output and "paired differences" in table.output
+    # the headline covers every headline metric whatever is ticked: its Holm family is fixed
+    assert {"fuzz", "detection"} <= set(data["headline"]["metrics"]) and data["headline"]["sentences"]
+    table = invoke("compare", output, "--metric", "fuzz", "--resamples", 200, "--exclude-identical")
+    assert table.exit_code == 0, table.output
+    assert " is ahead of " in table.output or " cannot be told apart on " in table.output
+    assert "headline" in table.output and "exploratory" in table.output
+    wrong = invoke("compare", output, "--latents", "some")
+    assert wrong.exit_code == 1 and "latents" in wrong.output
 
     html = tmp_path / "report.html"
     assert invoke("report", output, "-o", html, "--resamples", 200).exit_code == 0
@@ -133,10 +139,13 @@ def test_compare_and_report(small_run, tmp_path):
     assert "<style>" in page and "<svg" in page and "<script" not in page
     assert "http://" not in page and "https://" not in page and "/static/" not in page
     assert "Provenance" in page and "Score distributions" in page
+    # the answer comes first, before the comparability checks and the per-metric sections
+    assert page.index("The answer") < page.index("Comparability of the runs") < page.index('id="metric-fuzz"')
     markdown = tmp_path / "report.md"
     assert invoke("report", output, "-o", markdown, "--resamples", 200).exit_code == 0
     text = markdown.read_text()
     assert text.startswith("# Explainers and scorers compared") and "| explainer | scorer |" in text
+    assert text.index("## The answer") < text.index("## Comparability") and "| ahead − behind |" in text
 
     refused = invoke("compare", output, "--metric", "nonsense")
     assert refused.exit_code == 1 and "cannot compare 'nonsense'" in refused.output

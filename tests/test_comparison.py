@@ -9,15 +9,15 @@ import pytest
 
 from sae_atlas.config import load_config
 from sae_atlas.pipeline import Pipeline
-from sae_atlas.query import comparison
+from sae_atlas.query import agreement, comparison, resampling
 from sae_atlas.query.scores import score_columns
 from sae_atlas.synth import SynthOptions, synthesize
 
 
 def test_bootstrap_interval_is_the_percentiles_of_resampled_means():
     values = np.array([[0.2, 1.0], [0.4, np.nan], [0.9, 3.0], [0.5, 5.0], [0.1, 7.0]])
-    counts = comparison.resample_counts(5, 400, np.random.default_rng(11))
-    low, high = comparison.bootstrap_means(values, counts, 0.9)
+    counts = resampling.resample_counts(5, 400, np.random.default_rng(11))
+    low, high = resampling.bootstrap_means(values, counts, 0.9)
     # the same resamples, drawn and averaged the slow way
     draws = np.random.default_rng(11).integers(0, 5, size=(400, 5))
     first = values[draws, 0].mean(axis=1)
@@ -26,17 +26,17 @@ def test_bootstrap_interval_is_the_percentiles_of_resampled_means():
     assert (low[0], high[0]) == pytest.approx(tuple(np.percentile(first, [5, 95])), abs=1e-6)
     assert (low[1], high[1]) == pytest.approx(tuple(np.percentile(second, [5, 95])), abs=1e-6)
     # a constant has a zero-width interval
-    constant = comparison.bootstrap_means(
-        np.ones((4, 1)), comparison.resample_counts(4, 50, np.random.default_rng(0)), 0.95
+    constant = resampling.bootstrap_means(
+        np.ones((4, 1)), resampling.resample_counts(4, 50, np.random.default_rng(0)), 0.95
     )
     assert (constant[0][0], constant[1][0]) == (1.0, 1.0)
 
 
 def test_holm_by_hand():
     # sorted: 0.005 ×4 = 0.02, 0.01 ×3 = 0.03, 0.03 ×2 = 0.06, 0.04 ×1 = 0.04 → monotone 0.06
-    adjusted = comparison.holm([0.01, 0.04, 0.03, 0.005, None])
+    adjusted = resampling.holm([0.01, 0.04, 0.03, 0.005, None])
     assert adjusted[:4] == pytest.approx([0.03, 0.06, 0.06, 0.02]) and adjusted[4] is None
-    assert comparison.holm([0.6, 0.7]) == pytest.approx([1.0, 1.0])  # capped at 1
+    assert resampling.holm([0.6, 0.7]) == pytest.approx([1.0, 1.0])  # capped at 1
 
 
 def test_rank_correlations_with_ties_by_hand():
@@ -47,24 +47,14 @@ def test_rank_correlations_with_ties_by_hand():
     assert comparison.rank_correlations(np.array([1, 1, 1.0]), np.array([1, 2, 3.0])) == (None, None)
 
 
-def test_rv_coefficient_by_hand():
-    # one column each: RV is the squared Pearson r; centred [-1.5,-.5,.5,1.5] and [-1.5,.5,-.5,1.5]: r = 4/5
-    assert comparison.rv_coefficient(
-        np.array([[1.0], [2], [3], [4]]), np.array([[1.0], [3], [2], [4]])
-    ) == pytest.approx(0.64)
-    # a configuration against a rescaled copy of itself: 1
-    x = np.random.default_rng(0).normal(size=(30, 3))
-    assert comparison.rv_coefficient(x, 2 * x + 5) == pytest.approx(1.0)
-
-
 def test_top_decile_overlap_and_wilcoxon_by_hand():
     first = np.arange(20.0)
     second = first.copy()
     second[18], second[0] = second[0], second[18]  # 19 stays on top, 18 drops out: 1 of 2
-    assert comparison.top_decile_overlap(first, second) == 0.5
+    assert agreement.top_decile_overlap(first, second) == 0.5
     # five positive differences: exact two-sided p = 2 / 2**5
-    assert comparison.wilcoxon(np.array([1.0, 2, 3, 4, 5])) == pytest.approx(0.0625)
-    assert comparison.wilcoxon(np.zeros(4)) is None
+    assert resampling.wilcoxon(np.array([1.0, 2, 3, 4, 5])) == pytest.approx(0.0625)
+    assert resampling.wilcoxon(np.zeros(4)) is None
 
 
 def scores_frame(rows) -> pl.DataFrame:
@@ -91,14 +81,17 @@ def test_paired_differences_by_hand():
         ["fuzz"],
         ["A", "B"],
         ["S"],
-        resamples=comparison.Resamples(200, 0),
+        resamples=resampling.Resamples(200, 0),
         confidence=0.95,
     )
     # latents 1-3: differences 0.3, 0.0, -0.2
     assert row["latents"] == 3 and row["mean_difference"] == pytest.approx(0.1 / 3)
     assert (row["wins"], row["ties"], row["losses"]) == (1, 1, 1)
     assert row["ci_low"] <= row["mean_difference"] <= row["ci_high"]
-    assert row["holm_p"] == pytest.approx(row["wilcoxon_p"])  # one test: nothing to adjust
+    assert row["interval"] == "t"  # three latents: a Student-t interval, not the bootstrap
+    # mean 0.0333, s = sqrt(((0.2667)² + (0.0333)² + (0.2333)²) / 2) = 0.2517, t(0.975, 2) = 4.3027
+    half = 4.302652729911275 * 0.25166114784235827 / np.sqrt(3)
+    assert (row["ci_low"], row["ci_high"]) == pytest.approx((0.1 / 3 - half, 0.1 / 3 + half))
 
 
 def test_comparability_warns_about_settings_that_differ():
@@ -134,7 +127,7 @@ def paired_fuzz(tmp_path, seed: int, quality: tuple[float, float]) -> dict:
         ["fuzz"],
         explainers,
         scores["scorer"].unique().to_list(),
-        resamples=comparison.Resamples(1000, 0),
+        resamples=resampling.Resamples(1000, 0),
         confidence=0.95,
     )
     return row
@@ -143,7 +136,7 @@ def paired_fuzz(tmp_path, seed: int, quality: tuple[float, float]) -> dict:
 def test_a_planted_difference_is_found_with_the_right_sign(tmp_path):
     row = paired_fuzz(tmp_path, 1, (0.9, 0.7))
     assert row["ci_low"] > 0 and row["mean_difference"] > 0  # the first explainer hits more often
-    assert row["holm_p"] < 0.05
+    assert row["wilcoxon_p"] < 0.05
 
 
 @pytest.mark.slow
@@ -168,7 +161,7 @@ def test_names_are_data_never_separators():
         }
     )
     wide = comparison.wide_scores(scores, ["fuzz"])
-    draws = comparison.Resamples(200, 0)
+    draws = resampling.Resamples(200, 0)
     rows = comparison.summary(wide, ["fuzz"], ["a", "b"], ["qwen|fuzz", "qwen"], resamples=draws, confidence=0.9)
     means = {(row["explainer"], row["scorer"], row["metric"]): row["mean"] for row in rows}
     assert means == pytest.approx(
@@ -196,17 +189,17 @@ def test_resampling_memory_is_bounded_by_blocks_not_latents_times_resamples(monk
     rng = np.random.default_rng(0)
     n = 16_384
     values = rng.random((n, 3))
-    kept = comparison.bootstrap_means(values, comparison.Resamples(2000, 0).blocks(n), 0.95)
-    monkeypatch.setattr(comparison, "KEPT_CELLS", 0)  # beyond the budget of kept counts
-    draws = comparison.Resamples(2000, 0)
+    kept = resampling.bootstrap_means(values, resampling.Resamples(2000, 0).blocks(n), 0.95)
+    monkeypatch.setattr(resampling, "KEPT_CELLS", 0)  # beyond the budget of kept counts
+    draws = resampling.Resamples(2000, 0)
     tracemalloc.start()
-    low, high = comparison.bootstrap_means(values, draws.blocks(n), 0.95)
+    low, high = resampling.bootstrap_means(values, draws.blocks(n), 0.95)
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    assert peak < 4 * comparison.BLOCK_CELLS * 8, peak  # a block: its int64 draws and counts; was ~900 MB
+    assert peak < 4 * resampling.BLOCK_CELLS * 8, peak  # a block: its int64 draws and counts; was ~900 MB
     assert np.all(low < values.mean(axis=0)) and np.all(values.mean(axis=0) < high)
     np.testing.assert_array_equal(np.array(kept), np.array((low, high)))  # keeping counts changes nothing
-    small = comparison.Resamples(300, 1)
-    whole = comparison.bootstrap_means(values[:50], small.counts(50), 0.9)
-    blocked = comparison.bootstrap_means(values[:50], small.blocks(50), 0.9)
+    small = resampling.Resamples(300, 1)
+    whole = resampling.bootstrap_means(values[:50], small.counts(50), 0.9)
+    blocked = resampling.bootstrap_means(values[:50], small.blocks(50), 0.9)
     np.testing.assert_array_equal(whole, blocked)

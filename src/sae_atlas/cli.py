@@ -206,6 +206,10 @@ def synth(
         str | None,
         typer.Option(help="Hit rate of each explainer, comma-separated (e.g. 0.9,0.7,0.7): a planted difference."),
     ] = None,
+    identical_texts: Annotated[
+        float,
+        typer.Option(help="Share of latents where every explainer writes the first one's text, word for word."),
+    ] = 0.0,
 ) -> None:
     """Write a synthetic corpus in the real raw formats, with a ground truth and a ready config."""
     from sae_atlas.synth import SynthOptions, synthesize
@@ -228,6 +232,7 @@ def synth(
         activation_format,
         decoder_format,
         explainer_quality=quality,
+        identical_texts=identical_texts,
     )
     started = time.perf_counter()
     result = synthesize(out, options, progress=lambda message: console.print(message, style="dim", markup=False))
@@ -503,14 +508,39 @@ def _n(value: float | None, digits: int = 3) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
-def _compare_settings(metric: list[str] | None, resamples: int, seed: int, confidence: float) -> dict:
+def _compare_settings(
+    metric: list[str] | None,
+    resamples: int,
+    seed: int,
+    confidence: float,
+    latents: str = "common",
+    exclude_identical: bool = False,
+) -> dict:
     """The comparison's settings checked by the API's own query model: the same ranges and the same
     one-line message on either interface."""
     from sae_atlas.serve.parameters import compare_query_model, parse
 
-    params = {"resamples": resamples, "seed": seed, "confidence": confidence}
+    params = {
+        "resamples": resamples,
+        "seed": seed,
+        "confidence": confidence,
+        "latents": latents,
+        "exclude_identical": exclude_identical,
+    }
     query = parse(compare_query_model(), params)
-    return {"metric_names": metric, "resamples": query.resamples, "seed": query.seed, "confidence": query.confidence}
+    return {**query.arguments(), "metric_names": metric}
+
+
+LatentsOption = Annotated[
+    str,
+    typer.Option(
+        help="common: compare every metric on the latents every explainer × scorer run scored; all: on every "
+        "latent with a value."
+    ),
+]
+ExcludeIdenticalOption = Annotated[
+    bool, typer.Option(help="Leave out the latents where two explainers wrote the same text.")
+]
 
 
 @app.command()
@@ -524,20 +554,70 @@ def compare(
     resamples: Annotated[int, typer.Option(help="Bootstrap resamples (100 to 20,000).")] = 2000,
     seed: Annotated[int, typer.Option(help="Seed of the resampling (0 to 2³²−1).")] = 0,
     confidence: Annotated[float, typer.Option(help="Coverage of the intervals (above 0.5, below 1).")] = 0.95,
+    latents: LatentsOption = "common",
+    exclude_identical: ExcludeIdenticalOption = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the comparison as JSON.")] = False,
 ) -> None:
-    """Which explainer explains better and how far each scorer can be trusted: means with bootstrap
-    intervals, paired differences (Wilcoxon, Holm), scorer and explainer agreement, comparability."""
-    settings = _compare_settings(metric, resamples, seed, confidence)
+    """Which explainer explains better and how far each scorer can be trusted: the answer first
+    (ranking, differences with clustered-bootstrap intervals, Holm over a fixed family), then
+    comparability, means, per-scorer differences and scorer agreement."""
+    settings = _compare_settings(metric, resamples, seed, confidence, latents, exclude_identical)
     data = _open_atlas(output_dir).compare(**settings)
     if as_json:
         _print_json(data)
         return
-    settings = data["settings"]
+    _print_headline(data)
     for warning in data["comparability"]["warnings"]:
-        console.print(f"[yellow]warning[/yellow]: {escape(warning['message'])}", soft_wrap=True)
-    level = f"{settings['confidence']:.0%}"
-    summary = Table(title=f"means over latents, {level} bootstrap interval", title_justify="left")
+        console.print(
+            f"[yellow]{warning['severity']}[/yellow]: {escape(warning['message'])}", soft_wrap=True, highlight=False
+        )
+    for item in data["small_samples"]:
+        console.print(f"few latents, Student-t interval: {escape(item['where'])} ({item['latents']} latents)")
+    _print_summary(data)
+    _print_agreement(data)
+    for pair in data["explainer_agreement"]:
+        console.print(
+            f"explanations of {_short(pair['first'])} and {_short(pair['second'])}: cosine median "
+            f"{_n(pair['median'])} (quartiles {_n(pair['q1'])}–{_n(pair['q3'])}) over {pair['latents']:,} latents; "
+            f"most different: latents {', '.join(str(row['feature_id']) for row in pair['disagreements'][:5])}",
+            highlight=False,
+            soft_wrap=True,
+        )
+
+
+def _print_headline(data: dict) -> None:
+    """The answer: one sentence per two explainers adjacent in a ranking, and the tested differences."""
+    for sentence in data["headline"]["sentences"]:
+        console.print(escape(sentence), soft_wrap=True, highlight=False)
+    if not data["headline"]["pairs"]:
+        return
+    level = f"{data['settings']['confidence']:.0%}"
+    table = Table(
+        title=f"headline: averaged over scorers, common latents, {level} clustered-bootstrap interval, "
+        f"Holm over {data['headline']['family']}",
+        title_justify="left",
+    )
+    for column in ("metric", "ahead − behind", "latents", "same text", "difference", "interval", "Holm p", "scorers"):
+        table.add_column(column, no_wrap=column == "interval")
+    for row in data["headline"]["pairs"]:
+        difference = _n(row["mean_difference"])
+        table.add_row(
+            row["metric"],
+            f"{_short(row['first'])} − {_short(row['second'])}",
+            f"{row['latents']:,}",
+            f"{row['identical_texts']:,}",
+            f"[bold]{difference}[/bold]" if row["significant"] else difference,
+            f"[{_n(row['ci_low'])}, {_n(row['ci_high'])}]",
+            _p(row["holm_p"]),
+            f"{row['scorers_agreeing']} of {len(row['per_scorer'])}",
+        )
+    console.print(table)
+
+
+def _print_summary(data: dict) -> None:
+    settings = data["settings"]
+    over = "latents every run scored" if settings["latents"] == "common" else "every latent with a value"
+    summary = Table(title=f"means over {over}, {settings['confidence']:.0%} interval", title_justify="left")
     for column in ("metric", "explainer", "scorer", "latents", "mean", "interval", "median"):
         numeric = column in ("latents", "mean", "median", "interval")
         summary.add_column(column, justify="right" if numeric else "left", no_wrap=numeric)
@@ -554,45 +634,48 @@ def compare(
         )
     console.print(summary)
     if data["paired"]:
-        paired = Table(title="paired differences, first − second (latents both explained)", title_justify="left")
-        for column in ("metric", "first − second", "scorer", "latents", "difference", "interval", "Holm p", "W/T/L"):
-            paired.add_column(column, no_wrap=column in ("interval", "Holm p", "W/T/L", "difference"))
+        paired = Table(title="per scorer, first − second (exploratory: p not adjusted)", title_justify="left")
+        for column in ("metric", "first − second", "scorer", "latents", "difference", "interval", "p", "W/T/L"):
+            paired.add_column(column, no_wrap=column == "interval")
         for row in sorted(data["paired"], key=lambda row: order[row["metric"]]):
-            excludes = row["ci_low"] is not None and (row["ci_low"] > 0 or row["ci_high"] < 0)
             paired.add_row(
                 row["metric"],
                 f"{_short(row['first'])} − {_short(row['second'])}",
                 _short(row["scorer"]),
                 f"{row['latents']:,}",
-                f"[bold]{_n(row['mean_difference'])}[/bold]" if excludes else _n(row["mean_difference"]),
+                _n(row["mean_difference"]),
                 f"[{_n(row['ci_low'])}, {_n(row['ci_high'])}]",
-                _p(row["holm_p"]),
+                _p(row["wilcoxon_p"]),
                 f"{row['wins']}/{row['ties']}/{row['losses']}",
             )
         console.print(paired)
-    if data["scorer_agreement"]:
-        agreement = Table(title="scorer agreement on the same explanations", title_justify="left")
-        for column in ("metric", "scorers", "explanations", "Spearman", "Kendall", "top-decile overlap", "RV"):
-            agreement.add_column(column)
-        for row in data["scorer_agreement"]:
-            agreement.add_row(
-                row["metric"],
-                f"{_short(row['first'])} · {_short(row['second'])}",
-                f"{row['explanations']:,}",
-                _n(row["spearman"]),
-                _n(row["kendall"]),
-                _n(row["top_decile_overlap"], 2),
-                _n(row["rv"]),
-            )
-        console.print(agreement)
-    for pair in data["explainer_agreement"]:
+
+
+def _print_agreement(data: dict) -> None:
+    if len(data["scorers"]) < 2:
+        console.print("one scorer: scorer agreement cannot be measured")
+        return
+    for row in data["scorer_reliability"]:
         console.print(
-            f"explanations of {_short(pair['first'])} and {_short(pair['second'])}: cosine median "
-            f"{_n(pair['median'])} (quartiles {_n(pair['q1'])}–{_n(pair['q3'])}) over {pair['latents']:,} latents; "
-            f"most different: latents {', '.join(str(row['feature_id']) for row in pair['disagreements'][:5])}",
+            f"Krippendorff's α of the {row['scorers']} scorers on {_short(row['explainer'])}'s {row['metric']}: "
+            f"{_n(row['alpha'])} [{_n(row['ci_low'])}, {_n(row['ci_high'])}] over {row['latents']:,} latents",
             highlight=False,
-            soft_wrap=True,
         )
+    agreement = Table(title="scorer agreement within each explainer", title_justify="left")
+    for column in ("metric", "explainer", "scorers", "latents", "Spearman", "interval", "Kendall", "top decile"):
+        agreement.add_column(column)
+    for row in data["scorer_agreement"]:
+        agreement.add_row(
+            row["metric"],
+            _short(row["explainer"]),
+            f"{_short(row['first'])} · {_short(row['second'])}",
+            f"{row['latents']:,}",
+            _n(row["spearman"]),
+            f"[{_n(row['spearman_low'])}, {_n(row['spearman_high'])}]",
+            _n(row["kendall"]),
+            f"{_n(row['top_decile_overlap'], 2)} (chance {_n(row['top_decile_chance'], 2)})",
+        )
+    console.print(agreement)
 
 
 @app.command()
@@ -604,6 +687,8 @@ def report(
     metric: Annotated[list[str] | None, typer.Option(help="A score metric to compare (repeatable).")] = None,
     resamples: Annotated[int, typer.Option(help="Bootstrap resamples (100 to 20,000).")] = 2000,
     seed: Annotated[int, typer.Option(help="Seed of the resampling (0 to 2³²−1).")] = 0,
+    latents: LatentsOption = "common",
+    exclude_identical: ExcludeIdenticalOption = False,
 ) -> None:
     """Write the comparison as one self-contained HTML file (inline SVG and CSS, no network) or as
     Markdown tables, with the score distributions and the run's provenance."""
@@ -619,7 +704,7 @@ def report(
         )
     if chosen not in FORMATS:
         raise CommandError(f"unknown report format {chosen!r}; formats are {', '.join(FORMATS)}")
-    settings = _compare_settings(metric, resamples, seed, 0.95)
+    settings = _compare_settings(metric, resamples, seed, 0.95, latents, exclude_identical)
     atlas = _open_atlas(output_dir)
     write_report(atlas, atlas.compare(**settings), output, chosen)
     console.print(f"wrote {output} ({chosen})", highlight=False)

@@ -19,7 +19,7 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from sae_atlas import __version__, layout, metrics
 from sae_atlas.query.atlas import Atlas
 from sae_atlas.serve.web import HERE, colour
-from sae_atlas.serve.web.charts import comparison_charts, histogram_svg_data, short_name
+from sae_atlas.serve.web.charts import comparison_charts, headline_charts, histogram_svg_data, short_name
 
 FORMATS = ("html", "md")
 PACKAGES = ("polars", "pyarrow", "numpy", "scipy", "sentence-transformers", "torch")
@@ -87,6 +87,7 @@ def render_html(atlas: Atlas, comparison: dict) -> str:
         .render(
             data=comparison,
             charts=comparison_charts(comparison),
+            headline_charts=headline_charts(comparison),
             distributions=distributions(atlas, comparison["settings"]["metrics"]),
             provenance=provenance(atlas),
             stylesheet=(HERE / "static" / "style.css").read_text(encoding="utf-8"),
@@ -135,17 +136,32 @@ def render_markdown(atlas: Atlas, comparison: dict) -> str:
     lines = [
         f"# Explainers and scorers compared: {md(atlas.sae_id)}",
         "",
-        f"{len(comparison['explainers'])} explainers, {len(comparison['scorers'])} scorers. Means over latents with "
-        f"{settings['confidence']:.0%} percentile-bootstrap intervals ({settings['resamples']:,} resamples, seed "
-        f"{settings['seed']}); paired differences on the latents both explainers explained, Wilcoxon signed-rank "
-        f"p with Holm's correction over {settings['holm_family']}. sae-atlas {__version__}.",
+        f"{len(comparison['explainers'])} explainers, {len(comparison['scorers'])} scorers; sae-atlas {__version__}.",
         "",
+    ]
+    lines += _markdown_headline(comparison)
+    lines += [
         "## Comparability",
         "",
         *(
-            [f"- **Warning**: {md(warning['message'])}" for warning in comparison["comparability"]["warnings"]]
-            or ["The runs agree on every recorded setting that changes scores."]
+            [
+                f"- **{md(warning['setting'])}** ({warning['severity']}): {md(warning['message'])}"
+                for warning in comparison["comparability"]["warnings"]
+            ]
+            or [
+                "No check fired: the runs agree on every recorded setting that changes scores, and the data shows "
+                "no identical texts, differing example counts, differing latent sets, self-scoring or unparsed "
+                "explanations."
+            ]
         ),
+        "",
+    ]
+    lines += _markdown_selection(comparison)
+    lines += [
+        f"Below: means over latents with {settings['confidence']:.0%} intervals (percentile bootstrap, "
+        f"{settings['resamples']:,} resamples, seed {settings['seed']}; Student-t below {settings['small_sample']} "
+        "latents); per-scorer paired differences with unadjusted Wilcoxon p (exploratory: the tests are the "
+        "headline's).",
         "",
     ]
     lines += _markdown_control(comparison)
@@ -154,6 +170,83 @@ def render_markdown(atlas: Atlas, comparison: dict) -> str:
     lines += _markdown_explainer_agreement(comparison)
     lines += _markdown_provenance(atlas, comparison)
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _markdown_headline(comparison: dict) -> list[str]:
+    """The answer first: the sentences, each headline metric's ranking and the tested differences."""
+    headline = comparison["headline"]
+    settings = comparison["settings"]
+    lines = ["## The answer", "", *(f"- {md(sentence)}" for sentence in headline["sentences"]), ""]
+    lines += [
+        "Each explainer's score is averaged over the scorers per latent, on the latents every explainer × scorer "
+        f"run scored. Intervals ({settings['confidence']:.0%}) resample latents with all their scorers (clustered "
+        f"bootstrap; Student-t below {settings['small_sample']} latents). Wilcoxon signed-rank p, Holm-adjusted over "
+        f"a fixed family: {headline['family']} ({', '.join(headline['metrics'])}).",
+        "",
+    ]
+    lines += _table(
+        ["metric", "rank", "explainer", "latents", "mean", "interval", "chance"],
+        [
+            [
+                ranking["metric"],
+                item["rank"],
+                short_name(item["explainer"]),
+                ranking["latents"],
+                item["mean"],
+                f"[{_cell(item['ci_low'])}, {_cell(item['ci_high'])}]",
+                ranking["chance"],
+            ]
+            for ranking in headline["rankings"]
+            for item in ranking["explainers"]
+        ],
+    )
+    lines += _table(
+        [
+            "metric",
+            "ahead − behind",
+            "latents",
+            "same text",
+            "difference",
+            "interval",
+            "Holm p",
+            "scorers agreeing",
+            "interaction p",
+        ],
+        [
+            [
+                row["metric"],
+                f"{short_name(row['first'])} − {short_name(row['second'])}",
+                row["latents"],
+                row["identical_texts"],
+                row["mean_difference"],
+                f"[{_cell(row['ci_low'])}, {_cell(row['ci_high'])}]",
+                row["holm_p"],
+                f"{row['scorers_agreeing']} of {len(row['per_scorer'])}",
+                row["interaction_p"],
+            ]
+            for row in headline["pairs"]
+        ],
+    )
+    return lines
+
+
+def _markdown_selection(comparison: dict) -> list[str]:
+    """Which latents each metric is compared on, and the intervals that are Student-t."""
+    selection = comparison["selection"]
+    lines = [
+        "## Latents compared",
+        "",
+        f"{selection['identical_latents']:,} latents have the same text from two explainers; "
+        f"{selection['excluded_identical']:,} of them are left out.",
+        "",
+    ]
+    lines += _table(
+        ["metric", "latents with a value", "scored by every run", "compared on"],
+        [[row["metric"], row["with_values"], row["common"], row["used"]] for row in selection["metrics"]],
+    )
+    for item in comparison["small_samples"]:
+        lines.append(f"- Student-t interval (few latents): {md(item['where'])}, {item['latents']} latents")
+    return lines + ([""] if comparison["small_samples"] else [])
 
 
 def _markdown_control(comparison: dict) -> list[str]:
@@ -203,7 +296,7 @@ def _markdown_metric(comparison: dict, metric: str) -> list[str]:
     if paired:
         lines += ["Paired differences (first − second):", ""]
         lines += _table(
-            ["first", "second", "scorer", "latents", "difference", "interval", "Wilcoxon p", "Holm p", "W/T/L"],
+            ["first", "second", "scorer", "latents", "difference", "interval", "Wilcoxon p (unadjusted)", "W/T/L"],
             [
                 [
                     short_name(row["first"]),
@@ -213,25 +306,42 @@ def _markdown_metric(comparison: dict, metric: str) -> list[str]:
                     row["mean_difference"],
                     f"[{_cell(row['ci_low'])}, {_cell(row['ci_high'])}]",
                     row["wilcoxon_p"],
-                    row["holm_p"],
                     f"{row['wins']}/{row['ties']}/{row['losses']}",
                 ]
                 for row in paired
             ],
         )
     agreement = [row for row in comparison["scorer_agreement"] if row["metric"] == metric]
-    if agreement:
-        lines += ["Scorer agreement:", ""]
+    alphas = [row for row in comparison["scorer_reliability"] if row["metric"] == metric]
+    if alphas:
+        lines += ["Krippendorff's α over all scorers (interval data), within each explainer:", ""]
         lines += _table(
-            ["scorers", "explanations", "Spearman", "Kendall τ-b", "top-decile overlap", "RV"],
+            ["explainer", "scorers", "latents", "α", "interval"],
             [
                 [
+                    short_name(row["explainer"]),
+                    row["scorers"],
+                    row["latents"],
+                    row["alpha"],
+                    f"[{_cell(row['ci_low'])}, {_cell(row['ci_high'])}]",
+                ]
+                for row in alphas
+            ],
+        )
+    if agreement:
+        lines += ["Scorer agreement within each explainer (top decile: ties averaged):", ""]
+        lines += _table(
+            ["explainer", "scorers", "latents", "Spearman", "interval", "Kendall τ-b", "top-decile overlap", "chance"],
+            [
+                [
+                    short_name(row["explainer"]),
                     f"{short_name(row['first'])} · {short_name(row['second'])}",
-                    row["explanations"],
+                    row["latents"],
                     row["spearman"],
+                    f"[{_cell(row['spearman_low'])}, {_cell(row['spearman_high'])}]",
                     row["kendall"],
                     row["top_decile_overlap"],
-                    row["rv"],
+                    row["top_decile_chance"],
                 ]
                 for row in agreement
             ],

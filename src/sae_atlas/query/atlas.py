@@ -365,17 +365,23 @@ class Atlas:
         resamples: int = comparison.DEFAULT_RESAMPLES,
         seed: int = comparison.DEFAULT_SEED,
         confidence: float = 0.95,
+        latents: str = "common",
+        exclude_identical: bool = False,
     ) -> dict:
         """Explainers and scorers compared (see :mod:`sae_atlas.query.comparison`): per explainer × scorer
         × metric summaries with bootstrap CIs, paired differences between explainers, scorer and
-        explainer agreement, and the comparability of the runs. Plain data, JSON-ready."""
+        explainer agreement, and the comparability of the runs, on the latents every run scored
+        (``latents="all"``: every latent with a value), less those where two explainers wrote the
+        same text when ``exclude_identical``. Plain data, JSON-ready."""
         chosen = list(dict.fromkeys(metric_names)) if metric_names else self.comparable_metrics()
         for name in chosen:
             if name not in SCORE_NAMES:
                 raise QueryError(f"cannot compare {name!r}; score metrics are {', '.join(SCORE_NAMES)}")
         if not 0 < confidence < 1:
             raise QueryError(f"confidence must be between 0 and 1, not {confidence}")
-        key = (tuple(chosen), resamples, seed, confidence)
+        if latents not in ("common", "all"):
+            raise QueryError(f"latents must be 'common' or 'all', not {latents!r}")
+        key = (tuple(chosen), resamples, seed, confidence, latents, exclude_identical)
         with self._comparisons_lock:
             cached = self._comparisons.get(key)
             if cached is not None:
@@ -391,7 +397,10 @@ class Atlas:
             resamples=resamples,
             seed=seed,
             confidence=confidence,
+            latents=latents,
+            exclude_identical=exclude_identical,
             run_scores=self._run_scores.get(),
+            quantiles=self._quantiles.table.get()[0],
         )
         with self._comparisons_lock:
             self._comparisons[key] = result

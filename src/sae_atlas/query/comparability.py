@@ -14,6 +14,11 @@ number of latents concerned and the first of their ids:
 - **self-scoring**: the scorer is also the explainer (the same model name);
 - **unparsed explanations**: explanations that could not be parsed (delphi's sentinels), which
   are scored and averaged like the others.
+
+Each warning has a severity: *serious* when it can change the answer (identical texts or different
+example counts on at least 5 % of the latents, a latent set that is not a random subset), *warning*
+when the reader must know it (fewer identical texts, self-scoring, unparsed explanations), *notice*
+when it is benign (latents missing at random).
 """
 
 from __future__ import annotations
@@ -27,6 +32,9 @@ from scipy.stats import mannwhitneyu
 SHOWN_IDS = 10
 # Below this p-value the latents a run lacks are reported as not a random subset.
 COVERAGE_P = 0.01
+# From this share of the latents both runs have, identical texts or different example counts are
+# serious (they can move the answer); below it they are warnings.
+SERIOUS_SHARE = 0.05
 
 
 def _short(name: str) -> str:
@@ -65,6 +73,7 @@ def identical_texts(features: pl.DataFrame, explainers: list[str]) -> tuple[list
                     "there the explainers cannot differ, and the paired difference measures the scorers' noise",
                     len(same),
                     same,
+                    "serious" if len(same) >= SERIOUS_SHARE * both.height else "warning",
                 )
             )
     return warnings, identical
@@ -86,7 +95,12 @@ def example_counts(runs: pl.DataFrame) -> tuple[list[dict], set[int]]:
         left = runs.filter((pl.col("data_source") == first) & (pl.col("method") == method))
         right = runs.filter((pl.col("data_source") == second) & (pl.col("method") == method))
         both = left.join(right, on="feature_id", suffix="_second")
-        differing = both.filter(pl.col("n_examples") != pl.col("n_examples_second"))
+        # an empty score file (0 examples) is a latent not scored, which coverage counts, not a count
+        differing = both.filter(
+            (pl.col("n_examples") != pl.col("n_examples_second"))
+            & (pl.col("n_examples") > 0)
+            & (pl.col("n_examples_second") > 0)
+        )
         latents.update(differing["feature_id"].to_list())
         if differing.height:
             warnings.append(
@@ -97,6 +111,7 @@ def example_counts(runs: pl.DataFrame) -> tuple[list[dict], set[int]]:
                     f"against {differing['n_examples_second'].mean():.1f} there)",
                     differing.height,
                     differing["feature_id"].sort(),
+                    "serious" if differing.height >= SERIOUS_SHARE * both.height else "warning",
                 )
             )
     return warnings, latents
@@ -132,6 +147,7 @@ def coverage(runs: pl.DataFrame) -> list[dict]:
                     f"{mean_common} on the common ones (Mann-Whitney p {p_text}): {judged}",
                     missing.height,
                     missing["feature_id"].sort(),
+                    "serious" if judged == "not a random subset" else "notice",
                 )
             )
     return warnings

@@ -1,39 +1,43 @@
 """Which explainer writes better explanations, and how far each scorer can be trusted: study
-statistics with their uncertainty.
+statistics with their uncertainty, computed on like-for-like latents.
 
 Everything here is a pure function over the tables an output directory holds (per-latent scores,
-explanation agreement, run settings), vectorised over explainers, scorers and metrics:
+explanation agreement, run settings), vectorised over explainers, scorers and metrics. Before any
+number, :mod:`comparability` reads from the data whether the runs can be compared at all. Then:
 
+- **the headline** (:mod:`headline`): explainers ranked on the latents every run scored, paired
+  differences averaged over scorers with a clustered bootstrap, Holm over a fixed family;
 - **summary**: per explainer × scorer × metric, the latents scored, mean, median, the
-  frequency-weighted mean (delphi weights F1 by firing count) and a percentile bootstrap CI of
-  the mean, resampling latents. The resamples of n latents depend only on the seed and n
-  (:class:`Resamples`), so groups of the same size share them, and one matrix product gives the
-  means of every metric of a group;
-- **paired differences** between every two explainers on the latents both explained: mean
-  difference, paired bootstrap CI, Wilcoxon signed-rank p (SciPy) with Holm's correction over all
-  the pairs compared, and win / tie / loss counts;
-- **scorer agreement**: Spearman and Kendall (tau-b, ties handled) correlation of two scorers'
-  scores of the same explanations, the overlap of their top deciles, and the RV coefficient of
-  their score profiles (all metrics at once);
+  frequency-weighted mean (delphi weights F1 by firing count) and an interval of the mean,
+  resampling latents (percentile bootstrap; Student-t below
+  :data:`~sae_atlas.query.resampling.SMALL_SAMPLE` latents). By default every metric is compared
+  on the latents every explainer × scorer run scored, so that the means are over the same latents;
+- **paired differences** per scorer between every two explainers: mean difference, paired
+  interval, Wilcoxon signed-rank p (not adjusted: exploratory; the confirmatory test is the
+  headline's), and win / tie / loss counts;
+- **scorer agreement** within each explainer (:mod:`agreement`): ρ with its interval, τ-b,
+  top-decile overlap beside chance, Krippendorff's α over all scorers, the scorers' rankings;
+- **profiles** (:mod:`profiles`): scores by activation quantile and by firing frequency;
 - **explainer agreement**: the distribution of the semantic similarity of two explainers'
   explanations of the same latent, its rank correlation with the latent's scores, and the latents
   where they disagree most;
 - **comparability**: the run_config settings that change scores, per run, and a warning wherever
-  compared runs differ.
+  compared runs differ; the identical-text control.
 """
 
 from __future__ import annotations
 
 import itertools
-import math
-from collections.abc import Iterable, Iterator
 
 import numpy as np
 import orjson
 import polars as pl
 
 from sae_atlas import metrics as registry
+from sae_atlas.query import agreement, profiles
 from sae_atlas.query.comparability import data_checks
+from sae_atlas.query.headline import common_latents, headline, short_name
+from sae_atlas.query.resampling import SMALL_SAMPLE, Resamples, mean_intervals, wilcoxon
 from sae_atlas.query.scores import RUN_SCORES
 
 DEFAULT_RESAMPLES = 2000
@@ -44,130 +48,6 @@ EXPECTED_TO_DIFFER = frozenset({"explainer_model"})
 
 
 # -- the statistics ---------------------------------------------------------------------------------
-
-
-def resample_counts(n: int, resamples: int, rng: np.random.Generator) -> np.ndarray:
-    """How often each of ``n`` items is drawn in each of ``resamples`` bootstrap samples
-    ([resamples, n] float32): the draws are ``rng.integers(0, n, (resamples, n))``."""
-    draws = rng.integers(0, n, size=(resamples, n))
-    draws += np.arange(resamples)[:, None] * n  # in place: one [resamples, n] int64 array at a time
-    return np.bincount(draws.ravel(), minlength=resamples * n).reshape(resamples, n).astype(np.float32)
-
-
-# Resample counts are made and used a block at a time, so a comparison's memory does not grow with
-# latents × resamples (20,000 resamples of 16k latents are 1.3 GB as one float32 matrix): each block
-# holds at most this many counts.
-BLOCK_CELLS = 1 << 22
-# The counts of a group size are kept for the other groups of that size (every explainer of a study
-# usually has the same latents) while all kept counts fit in this many cells (256 MB of float32);
-# beyond it they are drawn again at each use: memory stays bounded, time grows.
-KEPT_CELLS = 1 << 26
-
-
-class Resamples:
-    """Bootstrap resample counts by sample size n: ``resamples`` rows, made in blocks of
-    :meth:`block_rows` rows, block k drawn from ``[seed, n, k]``. The counts depend only on the
-    seed, n and the number of resamples, so a comparison's result does not depend on which other
-    groups it computes, nor on what was kept."""
-
-    def __init__(self, resamples: int, seed: int):
-        self.resamples = resamples
-        self.seed = seed
-        self._kept: dict[int, list[np.ndarray]] = {}
-
-    @staticmethod
-    def block_rows(n: int) -> int:
-        return max(1, BLOCK_CELLS // max(n, 1))
-
-    def _draw(self, n: int) -> Iterator[np.ndarray]:
-        rows = self.block_rows(n)
-        for index, start in enumerate(range(0, self.resamples, rows)):
-            size = min(rows, self.resamples - start)
-            yield resample_counts(n, size, np.random.default_rng([self.seed, n, index]))
-
-    def blocks(self, n: int) -> Iterator[np.ndarray]:
-        """The [rows, n] float32 count blocks of the resamples of n items, in order."""
-        if n in self._kept:
-            return iter(self._kept[n])
-        kept = sum(block.size for blocks in self._kept.values() for block in blocks)
-        if kept + n * self.resamples > KEPT_CELLS:
-            return self._draw(n)
-        self._kept[n] = list(self._draw(n))
-        return iter(self._kept[n])
-
-    def counts(self, n: int) -> np.ndarray:
-        """All the counts at once ([resamples, n]); for small n and tests."""
-        return np.concatenate(list(self.blocks(n)))
-
-
-def bootstrap_means(
-    values: np.ndarray, counts: np.ndarray | Iterable[np.ndarray], confidence: float
-) -> tuple[np.ndarray, np.ndarray]:
-    """Percentile-bootstrap CI of the mean of each column of ``values`` [n, g] (NaN = missing,
-    left out of that column's mean), from shared resample ``counts`` [B, n] (one array, or blocks
-    of rows of it): (low, high) [g]. Sums and counts of every column come from one float32 matrix
-    product per block; only the [B, g] means are kept."""
-    present = ~np.isnan(values)
-    stacked = np.concatenate([np.where(present, values, 0.0), present], axis=1).astype(np.float32)
-    blocks = [counts] if isinstance(counts, np.ndarray) else counts
-    totals = np.concatenate([(block @ stacked).astype(np.float64) for block in blocks])
-    sums, weights = totals[:, : values.shape[1]], totals[:, values.shape[1] :]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        means = sums / weights
-    tail = (1 - confidence) / 2 * 100
-    low = np.full(values.shape[1], np.nan)
-    high = np.full(values.shape[1], np.nan)
-    for column in range(values.shape[1]):
-        finite = means[:, column][np.isfinite(means[:, column])]
-        if len(finite):
-            low[column], high[column] = np.percentile(finite, [tail, 100 - tail])
-    return low, high
-
-
-def holm(p_values: list[float | None]) -> list[float | None]:
-    """Holm's step-down adjustment of ``p_values`` (None stays None): the k-th smallest of m is
-    multiplied by m − k + 1, then made monotone."""
-    indexed = sorted((p, index) for index, p in enumerate(p_values) if p is not None and not math.isnan(p))
-    adjusted: list[float | None] = [None] * len(p_values)
-    running = 0.0
-    for rank, (p, index) in enumerate(indexed):
-        running = max(running, min(1.0, (len(indexed) - rank) * p))
-        adjusted[index] = running
-    return adjusted
-
-
-def wilcoxon(differences: np.ndarray) -> float | None:
-    """Two-sided Wilcoxon signed-rank p of paired ``differences`` (zeros dropped, SciPy's default);
-    None when no difference is non-zero."""
-    from scipy import stats
-
-    nonzero = differences[differences != 0]
-    if len(nonzero) == 0:
-        return None
-    return float(stats.wilcoxon(nonzero).pvalue)
-
-
-def rv_coefficient(first: np.ndarray, second: np.ndarray) -> float | None:
-    """The RV coefficient of two configurations of the same n items ([n, p] and [n, q]): the
-    matrix correlation tr(XX'YY') / sqrt(tr(XX'XX') tr(YY'YY')) of the column-centred matrices,
-    computed through the p × q cross-products (never n × n)."""
-    x = first - first.mean(axis=0)
-    y = second - second.mean(axis=0)
-    cross = np.linalg.norm(x.T @ y) ** 2
-    scale = np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y)
-    return float(cross / scale) if scale > 0 else None
-
-
-def top_decile_overlap(first: np.ndarray, second: np.ndarray) -> float | None:
-    """Share of the top 10 % of items by ``first`` that are also in the top 10 % by ``second``
-    (ties broken by item order)."""
-    k = math.ceil(0.1 * len(first))
-    if k == 0:
-        return None
-    order = np.arange(len(first))
-    top_first = set(np.lexsort((order, -first))[:k].tolist())
-    top_second = set(np.lexsort((order, -second))[:k].tolist())
-    return len(top_first & top_second) / k
 
 
 def rank_correlations(first: np.ndarray, second: np.ndarray) -> tuple[float | None, float | None]:
@@ -231,7 +111,7 @@ def summary(
         if mine.is_empty():
             continue
         values = np.column_stack([_column_values(mine, column) for column in columns])
-        low, high = bootstrap_means(values, resamples.blocks(mine.height), confidence)
+        low, high, methods = mean_intervals(values, resamples.blocks(mine.height), confidence)
         frequency = None
         if weights is not None:
             frequency = (
@@ -255,6 +135,7 @@ def summary(
                     "median": float(np.median(chosen)),
                     "ci_low": _number(low[column_index]),
                     "ci_high": _number(high[column_index]),
+                    "interval": methods[column_index],
                     "weighted_mean": weighted,
                 }
             )
@@ -285,7 +166,7 @@ def paired_differences(
         differences = np.column_stack(
             [_column_values(both, column) - _column_values(both, f"{column}#second") for column in columns]
         )
-        low, high = bootstrap_means(differences, resamples.blocks(both.height), confidence)
+        low, high, methods = mean_intervals(differences, resamples.blocks(both.height), confidence)
         for column_index, (scorer, metric) in enumerate(pairs):
             difference = differences[:, column_index]
             difference = difference[~np.isnan(difference)]
@@ -301,57 +182,11 @@ def paired_differences(
                     "mean_difference": float(difference.mean()),
                     "ci_low": _number(low[column_index]),
                     "ci_high": _number(high[column_index]),
+                    "interval": methods[column_index],
                     "wilcoxon_p": wilcoxon(difference),
                     "wins": int((difference > 0).sum()),
                     "ties": int((difference == 0).sum()),
                     "losses": int((difference < 0).sum()),
-                }
-            )
-    for row, adjusted in zip(rows, holm([row["wilcoxon_p"] for row in rows]), strict=True):
-        row["holm_p"] = adjusted
-    return rows
-
-
-def scorer_agreement(scores: pl.DataFrame, metrics: list[str], scorers: list[str]) -> list[dict]:
-    """Every two scorers over the explanations both scored: per metric, Spearman, Kendall and the
-    top-decile overlap; per pair, the RV coefficient of their score profiles over the metrics."""
-    rows = []
-    keys = ["feature_id", "explainer"]
-    for first, second in itertools.combinations(scorers, 2):
-        left = scores.filter(pl.col("scorer") == first).select(*keys, *metrics)
-        right = scores.filter(pl.col("scorer") == second).select(*keys, *metrics)
-        both = left.join(right, on=keys, suffix="#second")
-        if both.is_empty():
-            continue
-        profile_metrics = [
-            metric
-            for metric in metrics
-            if both[metric].null_count() < both.height and both[f"{metric}#second"].null_count() < both.height
-        ]
-        complete = both.drop_nulls([*profile_metrics, *(f"{m}#second" for m in profile_metrics)])
-        rv = None
-        if profile_metrics and complete.height > 2:
-            rv = rv_coefficient(
-                complete.select(profile_metrics).to_numpy().astype(np.float64),
-                complete.select(f"{m}#second" for m in profile_metrics).to_numpy().astype(np.float64),
-            )
-        for metric in metrics:
-            pairs = both.select(metric, f"{metric}#second").drop_nulls()
-            if pairs.height == 0:
-                continue
-            a, b = (pairs[name].cast(pl.Float64).to_numpy() for name in pairs.columns)
-            spearman, kendall = rank_correlations(a, b)
-            rows.append(
-                {
-                    "first": first,
-                    "second": second,
-                    "metric": metric,
-                    "explanations": pairs.height,
-                    "spearman": spearman,
-                    "kendall": kendall,
-                    "top_decile_overlap": top_decile_overlap(a, b),
-                    "rv": rv,
-                    "rv_metrics": profile_metrics,
                 }
             )
     return rows
@@ -457,6 +292,69 @@ def comparability(settings: dict[str, dict], runs: list[dict]) -> dict:
 # -- one output's comparison -----------------------------------------------------------------------
 
 
+def select_latents(
+    scores: pl.DataFrame,
+    metrics: list[str],
+    explainers: list[str],
+    scorers: list[str],
+    *,
+    common: bool,
+    excluded: np.ndarray,
+) -> tuple[pl.DataFrame, dict[str, np.ndarray], list[dict]]:
+    """The latents each metric is compared on: those every explainer × scorer run scored
+    (``common``) or every latent with a value, less ``excluded``. Returns ``scores`` with the values
+    of other latents nulled, the latents per metric, and their counts."""
+    used, counts = {}, []
+    for metric in metrics:
+        with_values = np.sort(scores.drop_nulls(metric)["feature_id"].unique().to_numpy())
+        shared = common_latents(scores, metric, explainers, scorers)
+        chosen = np.setdiff1d(shared if common else with_values, excluded)
+        used[metric] = chosen
+        counts.append({"metric": metric, "with_values": len(with_values), "common": len(shared), "used": len(chosen)})
+    masked = scores.with_columns(
+        pl.when(pl.col("feature_id").is_in(used[metric].tolist())).then(pl.col(metric)).alias(metric)
+        for metric in metrics
+    )
+    return masked, used, counts
+
+
+def _small_samples(result: dict) -> list[dict]:
+    """Every interval of the result that is Student-t because it rests on few latents."""
+    found = []
+    for section, label in (("summary", "{explainer} · {scorer}"), ("paired", "{first} − {second} · {scorer}")):
+        for row in result[section]:
+            if row["interval"] == "t":
+                names = {key: short_name(value) for key, value in row.items() if isinstance(value, str)}
+                found.append({"where": f"{row['metric']}: {label.format(**names)}", "latents": row["latents"]})
+    for row in result["headline"]["pairs"]:
+        if row["interval"] == "t":
+            where = f"{row['metric']}: {short_name(row['first'])} − {short_name(row['second'])}, headline"
+            found.append({"where": where, "latents": row["latents"]})
+    return found
+
+
+def _firing_weights(scores_table: pl.DataFrame) -> pl.DataFrame:
+    return (
+        scores_table.group_by("feature_id")
+        .agg(weight=pl.col("firing_frequency").drop_nulls().first())
+        .drop_nulls("weight")
+    )
+
+
+def _explanation_similarity(features: pl.DataFrame) -> pl.DataFrame:
+    return (
+        features.select("feature_id", explainer="llm_explainer", pairs="semantic_similarity")
+        .explode("pairs")
+        .drop_nulls("pairs")
+        .select(
+            "feature_id",
+            "explainer",
+            other=pl.col("pairs").struct.field("explainer").cast(pl.String),
+            cosine=pl.col("pairs").struct.field("cosine_similarity"),
+        )
+    )
+
+
 def compare_output(
     features: pl.DataFrame,
     scores_table: pl.DataFrame,
@@ -468,32 +366,34 @@ def compare_output(
     resamples: int,
     seed: int,
     confidence: float,
+    latents: str = "common",
+    exclude_identical: bool = False,
     run_scores: pl.DataFrame | None = None,
+    quantiles: pl.DataFrame | None = None,
 ) -> dict:
     """The comparison of one output directory (:meth:`Atlas.compare`'s result): ``features`` is
     features.parquet (explanations, agreement), ``scores_table`` one row per (feature, explainer,
     scorer) with a column per score metric, ``settings`` each run's score-relevant settings,
-    ``run_scores`` one row per (run, method, latent) for the checks of :mod:`comparability`."""
-
-    scores = scores_table.select("feature_id", "explainer", "scorer", *chosen)
-    wide = wide_scores(scores, chosen)
+    ``run_scores`` one row per (run, method, latent) for the checks of :mod:`comparability`,
+    ``quantiles`` the scores per activation quantile. ``latents``: "common" compares every metric
+    on the latents every run scored, "all" on every latent with a value; ``exclude_identical``
+    leaves out the latents where two explainers wrote the same text."""
+    runs = pl.DataFrame(schema=RUN_SCORES) if run_scores is None else run_scores
+    checks, identical = data_checks(features, runs, explainers)
+    with_identical = np.unique(np.concatenate([np.zeros(0, np.int64), *identical.values()]))
+    excluded = with_identical if exclude_identical else np.zeros(0, np.int64)
     draws = Resamples(resamples, seed)
-    firing = (
-        scores_table.group_by("feature_id")
-        .agg(weight=pl.col("firing_frequency").drop_nulls().first())
-        .drop_nulls("weight")
+    firing = _firing_weights(scores_table)
+    scores, used, counts = select_latents(
+        scores_table.select("feature_id", "explainer", "scorer", *chosen),
+        chosen,
+        explainers,
+        scorers,
+        common=latents == "common",
+        excluded=excluded,
     )
-    similarity = (
-        features.select("feature_id", explainer="llm_explainer", pairs="semantic_similarity")
-        .explode("pairs")
-        .drop_nulls("pairs")
-        .select(
-            "feature_id",
-            "explainer",
-            other=pl.col("pairs").struct.field("explainer").cast(pl.String),
-            cosine=pl.col("pairs").struct.field("cosine_similarity"),
-        )
-    )
+    wide = wide_scores(scores, chosen)
+    statistics = {"resamples": draws, "confidence": confidence}
     texts = features.select("feature_id", explainer="llm_explainer", explanation_text="explanation_text")
     result = {
         "settings": {
@@ -501,35 +401,56 @@ def compare_output(
             "seed": seed,
             "confidence": confidence,
             "metrics": chosen,
-            "holm_family": "every paired row of this comparison",
+            "latents": latents,
+            "exclude_identical": exclude_identical,
+            "small_sample": SMALL_SAMPLE,
             "weights": "firing frequency" if firing.height else None,
         },
+        "selection": {"latents": latents, "identical_latents": len(with_identical), "metrics": counts},
         "explainers": explainers,
         "scorers": scorers,
         "metrics": {name: registry.BY_NAME[name].description for name in chosen},
-        "summary": summary(
-            wide,
-            chosen,
-            explainers,
-            scorers,
-            resamples=draws,
-            confidence=confidence,
-            weights=firing if firing.height else None,
+        "headline": headline(scores_table, explainers, scorers, excluded=excluded, identical=identical, **statistics),
+        "summary": summary(wide, chosen, explainers, scorers, weights=firing if firing.height else None, **statistics),
+        "paired": paired_differences(wide, chosen, explainers, scorers, **statistics),
+        "scorer_agreement": agreement.scorer_pairs(scores, chosen, explainers, scorers, **statistics),
+        "scorer_reliability": agreement.reliability(scores, chosen, explainers, scorers, **statistics),
+        "explainer_agreement": explainer_agreement(
+            _explanation_similarity(features), scores, texts, chosen, explainers
         ),
-        "paired": paired_differences(wide, chosen, explainers, scorers, resamples=draws, confidence=confidence),
-        "scorer_agreement": scorer_agreement(scores, chosen, scorers),
-        "explainer_agreement": explainer_agreement(similarity, scores, texts, chosen, explainers),
         "comparability": comparability(*settings),
     }
-    if run_scores is None:
-        run_scores = pl.DataFrame(schema=RUN_SCORES)
-    checks, identical = data_checks(features, run_scores, explainers)
+    result["selection"]["excluded_identical"] = len(excluded)
+    result["ranking_agreement"] = agreement.ranking_agreement(
+        scores_table, result["headline"]["rankings"], explainers, scorers, excluded=excluded
+    )
+    result["profiles"] = _profiles(scores, quantiles, firing, used, **statistics)
     result["comparability"]["warnings"] += checks
     result["comparability"]["comparable"] = not result["comparability"]["warnings"]
-    result["identical_text_control"] = identical_text_control(
-        wide, identical, chosen, scorers, resamples=draws, confidence=confidence
-    )
+    all_latents = wide_scores(scores_table.select("feature_id", "explainer", "scorer", *chosen), chosen)
+    result["identical_text_control"] = identical_text_control(all_latents, identical, chosen, scorers, **statistics)
+    result["small_samples"] = _small_samples(result)
     return result
+
+
+def _profiles(scores, quantiles, firing, used: dict[str, np.ndarray], *, resamples, confidence) -> dict:
+    """Scores by activation quantile (the methods that have them) and by firing frequency (the
+    headline metrics compared), on each metric's compared latents."""
+    statistics = {"resamples": resamples, "confidence": confidence}
+    methods = set(quantiles["method"].unique().to_list()) if quantiles is not None and quantiles.height else set()
+    headline_names = {metric.name for metric in registry.HEADLINE_SCORE_METRICS}
+    return {
+        "by_quantile": profiles.by_quantile(
+            quantiles, {metric: ids for metric, ids in used.items() if metric in methods}, **statistics
+        )
+        if methods
+        else [],
+        "by_firing": profiles.by_firing(
+            scores, firing, {metric: ids for metric, ids in used.items() if metric in headline_names}, **statistics
+        )
+        if firing.height
+        else [],
+    }
 
 
 def identical_text_control(

@@ -171,13 +171,79 @@ class Stats(BaseModel):
     mean_activation_similarity: float | None
 
 
+Interval = Literal["bootstrap", "t"]
+INTERVAL = "percentile bootstrap over latents, or Student-t below settings.small_sample latents"
+
+
 class ComparisonSettings(BaseModel):
     resamples: int
     seed: int
     confidence: float
     metrics: list[str]
-    holm_family: str
+    latents: Literal["common", "all"] = Field(
+        description="common: every metric on the latents every explainer × scorer run scored; all: every latent "
+        "with a value"
+    )
+    exclude_identical: bool = Field(description="latents where two explainers wrote the same text left out")
+    small_sample: int = Field(description="below this many latents an interval is Student-t, not bootstrap")
     weights: str | None = Field(description="what the weighted means are weighted by (None: no firing counts)")
+
+
+class MetricSelection(BaseModel):
+    metric: str
+    with_values: int = Field(description="latents with a value of the metric in any run")
+    common: int = Field(description="latents every explainer × scorer run scored")
+    used: int = Field(description="latents the metric is compared on")
+
+
+class Selection(BaseModel):
+    latents: Literal["common", "all"]
+    identical_latents: int = Field(description="latents where two explainers wrote the same text")
+    excluded_identical: int = Field(description="of those, left out of every statistic")
+    metrics: list[MetricSelection]
+
+
+class RankedExplainer(BaseModel):
+    explainer: str
+    rank: int
+    mean: float = Field(description="mean over the common latents of the score averaged over scorers")
+    ci_low: float
+    ci_high: float
+    interval: Interval
+
+
+class Ranking(BaseModel):
+    metric: str
+    latents: int
+    chance: float = Field(description="the metric's chance level")
+    explainers: list[RankedExplainer]
+
+
+class HeadlinePair(BaseModel):
+    metric: str
+    first: str = Field(description="the explainer ranked higher")
+    second: str
+    latents: int
+    mean_difference: float = Field(description="first minus second, averaged over scorers, then over latents")
+    ci_low: float
+    ci_high: float
+    interval: Interval = Field(description=INTERVAL + "; latents resampled with all their scorers")
+    wilcoxon_p: float | None
+    holm_p: float | None = Field(description="Holm-adjusted over the headline family")
+    significant: bool = Field(description="holm_p below 1 − confidence")
+    per_scorer: dict[str, float] = Field(description="the mean difference by each scorer alone")
+    scorers_agreeing: int = Field(description="scorers whose own difference has the averaged difference's sign")
+    interaction_p: float | None = Field(description="does the difference depend on the scorer (not adjusted)")
+    interaction_test: str | None
+    identical_texts: int = Field(description="of the latents, those where both explainers wrote the same text")
+
+
+class Headline(BaseModel):
+    metrics: list[str] = Field(description="the headline metrics the output has: the Holm family's metrics")
+    family: str = Field(description="the fixed Holm family")
+    rankings: list[Ranking]
+    pairs: list[HeadlinePair]
+    sentences: list[str]
 
 
 class SummaryRow(BaseModel):
@@ -189,6 +255,7 @@ class SummaryRow(BaseModel):
     median: float
     ci_low: float | None
     ci_high: float | None
+    interval: Interval
     weighted_mean: float | None = Field(description="mean weighted by firing frequency, as delphi weights F1")
 
 
@@ -201,23 +268,74 @@ class PairedRow(BaseModel):
     mean_difference: float = Field(description="first minus second")
     ci_low: float | None
     ci_high: float | None
-    wilcoxon_p: float | None
-    holm_p: float | None
+    interval: Interval
+    wilcoxon_p: float | None = Field(description="not adjusted: exploratory (the headline holds the tests)")
     wins: int
     ties: int
     losses: int
 
 
 class ScorerAgreementRow(BaseModel):
+    explainer: str = Field(description="agreement is measured on one explainer's explanations at a time")
+    metric: str
     first: str
     second: str
-    metric: str
-    explanations: int
+    latents: int
     spearman: float | None
-    kendall: float | None
-    top_decile_overlap: float | None
-    rv: float | None = Field(description="RV coefficient of the two scorers' profiles over rv_metrics")
-    rv_metrics: list[str]
+    spearman_low: float | None
+    spearman_high: float | None
+    kendall: float | None = Field(description="Kendall's τ-b")
+    top_decile_overlap: float | None = Field(description="ties at the boundary averaged over every tie-break")
+    top_decile_chance: float | None = Field(description="the overlap of two random deciles")
+
+
+class ReliabilityRow(BaseModel):
+    explainer: str
+    metric: str
+    scorers: int
+    latents: int
+    alpha: float | None = Field(description="Krippendorff's α, interval metric, latents as units")
+    ci_low: float | None
+    ci_high: float | None
+
+
+class RankingAgreement(BaseModel):
+    metric: str
+    consensus: list[str] = Field(description="the headline's order of the explainers")
+    orders: dict[str, list[str]] = Field(description="each scorer's own order")
+    agreeing: int
+    scorers: int
+
+
+class ProfilePoint(BaseModel):
+    explainer: str
+    latents: int
+    mean: float
+    ci_low: float | None
+    ci_high: float | None
+    interval: Interval
+
+
+class QuantilePoint(ProfilePoint):
+    method: str
+    quantile: int = Field(description="activation quantile, 0 = the top activations")
+
+
+class FiringPoint(ProfilePoint):
+    metric: str
+    bin: int
+    frequency_low: float
+    frequency_high: float
+
+
+class Profiles(BaseModel):
+    by_quantile: list[QuantilePoint]
+    by_firing: list[FiringPoint]
+
+
+class SmallSample(BaseModel):
+    where: str
+    latents: int
 
 
 class Disagreement(BaseModel):
@@ -268,15 +386,21 @@ class Comparison(BaseModel):
     explainers: list[str]
     scorers: list[str]
     metrics: dict[str, str]
+    selection: Selection
+    headline: Headline
     summary: list[SummaryRow]
     paired: list[PairedRow]
     scorer_agreement: list[ScorerAgreementRow]
+    scorer_reliability: list[ReliabilityRow]
+    ranking_agreement: list[RankingAgreement]
+    profiles: Profiles
     explainer_agreement: list[ExplainerAgreementRow]
     comparability: Comparability
     identical_text_control: list[PairedRow] = Field(
         description="paired differences on the latents where two explainers wrote the same text: the "
         "scorers' noise, which should cover 0"
     )
+    small_samples: list[SmallSample] = Field(description="the intervals that are Student-t because n is small")
 
 
 class Health(BaseModel):

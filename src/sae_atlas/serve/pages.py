@@ -36,7 +36,7 @@ from sae_atlas.serve.parameters import (
     plot_query_model,
     search_query_model,
 )
-from sae_atlas.serve.web.charts import comparison_charts, histogram_svg_data, scatter_svg_data
+from sae_atlas.serve.web.charts import comparison_charts, headline_charts, histogram_svg_data, scatter_svg_data
 from sae_atlas.serve.web.render import HEADERS, PAGE_SIZES, shown_metrics
 
 SEARCH_HITS = 25
@@ -269,7 +269,7 @@ def plots_context(atlas: Atlas, query: PlotQuery, data: dict, request) -> dict:
 
 
 def compare_context(atlas: Atlas, query: CompareQuery, data: dict, request) -> dict:
-    return {"charts": comparison_charts(data)}
+    return {"charts": comparison_charts(data), "headline_charts": headline_charts(data)}
 
 
 # -- the pages -------------------------------------------------------------------------------------

@@ -172,6 +172,8 @@ class CompareQuery(_Query):
     resamples: int = 2000
     seed: int = 0
     confidence: float = 0.95
+    latents: Literal["common", "all"] = "common"
+    exclude_identical: bool = False
 
     def arguments(self) -> dict:
         """The arguments of :meth:`Atlas.compare`."""
@@ -180,6 +182,8 @@ class CompareQuery(_Query):
             "resamples": self.resamples,
             "seed": self.seed,
             "confidence": self.confidence,
+            "latents": self.latents,
+            "exclude_identical": self.exclude_identical,
         }
 
 
@@ -196,6 +200,18 @@ def compare_query_model() -> type[CompareQuery]:
         resamples=(int, Field(2000, ge=100, le=20_000, description="bootstrap resamples")),
         seed=(int, Field(0, ge=0, le=2**32 - 1, description="seed of the resampling")),
         confidence=(float, Field(0.95, gt=0.5, lt=1.0, allow_inf_nan=False, description="interval coverage")),
+        latents=(
+            Literal["common", "all"],
+            Field(
+                "common",
+                description="compare on the latents every explainer × scorer run scored (common), or on every "
+                "latent with a value (all: the means are then over different latents)",
+            ),
+        ),
+        exclude_identical=(
+            bool,
+            Field(False, description="leave out the latents where two explainers wrote the same text"),
+        ),
     )
 
 

@@ -61,6 +61,9 @@ class SynthOptions:
     # the share of latents each explainer gets right (default: delphi_runs.HIT_RATES), so that a
     # comparison of explainers can be checked against a difference planted on purpose
     explainer_quality: tuple[float, ...] | None = None
+    # the share of latents where every explainer's text is the first explainer's, word for word (as
+    # in the real study: a control on which explainers cannot differ)
+    identical_texts: float = 0.0
 
     def check(self) -> None:
         if self.features < 8:
@@ -81,6 +84,8 @@ class SynthOptions:
                 raise ValueError(f"--explainer-quality gives {given} hit rates for {self.explainers} explainers")
             if not all(0.0 <= rate <= 1.0 for rate in self.explainer_quality):
                 raise ValueError("--explainer-quality hit rates must lie between 0 and 1")
+        if not 0.0 <= self.identical_texts <= 1.0:
+            raise ValueError("--identical-texts must lie between 0 and 1")
 
 
 @dataclass
@@ -197,6 +202,8 @@ def synthesize(
     explanations = delphi_runs.explain(
         latents, explained, explainers, n_concepts, rng, hit_rates=options.explainer_quality
     )
+    if options.identical_texts:
+        explanations = delphi_runs.copy_first_explainer(explanations, options.identical_texts, rng)
     by_latent = {(item.feature_id, item.explainer.short): item for item in explanations}
     unexplained = {key for key in by_latent if rng.random() < UNEXPLAINED_RATE}
     hookpoint = f"layer_{LAYER}/width_{label}/average_l0_120"

@@ -11,7 +11,7 @@ integer zeros for random negatives, float16-valued activations.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -123,6 +123,19 @@ def explain(
                 text = text.replace(", ", ",\n", 1)
             result.append(Explanation(latent, explainer, text, hit, False, tuple(part.name for part in parts)))
     return result
+
+
+def copy_first_explainer(explanations: list[Explanation], share: float, rng: np.random.Generator) -> list[Explanation]:
+    """On a random ``share`` of the latents, every explainer's explanation becomes the first
+    explainer's, word for word (its hit too, so the scorers see the same text and behave alike)."""
+    first: dict[int, Explanation] = {}
+    for item in explanations:
+        first.setdefault(item.feature_id, item)
+    copied = {latent for latent in sorted(first) if rng.random() < share}
+    return [
+        replace(first[item.feature_id], explainer=item.explainer) if item.feature_id in copied else item
+        for item in explanations
+    ]
 
 
 @dataclass
