@@ -265,3 +265,31 @@ def test_compare_page_draws_intervals_differences_and_agreement(page, base_url, 
     with page.expect_navigation():
         link.click()
     assert page.url.endswith(target) and re.search(r"/features/\d+$", page.url)
+
+
+def test_evidence_page_shows_each_runs_verdict_as_its_json_twin(page, base_url, small_run):
+    """What the scorers saw: the rows of the page are those of its JSON twin, filter by filter."""
+    import polars as pl
+
+    records = pl.read_parquet(small_run[0].output_dir / "stages/score_records.parquet")
+    feature = int(records["feature_id"][0])
+    page.goto(f"{base_url}/features/{feature}")
+    with page.expect_navigation():
+        page.click("p.evidence-link a")
+    assert page.url.endswith(f"/features/{feature}/evidence")
+    runs = records["data_source"].n_unique()
+    fuzz = page.locator("section.evidence", has=page.locator("h2#evidence-fuzz"))
+    assert fuzz.locator("tbody tr").first.locator("td.verdict").count() == runs
+    page.select_option("#show", "disagree")
+    page.select_option("#method", "fuzz")
+    with page.expect_navigation():
+        page.click(".evidence-form button[type=submit]")
+    assert "show=disagree" in page.url and page.locator("section.evidence").count() == 1
+    twin = page.request.get(f"{base_url}/api/features/{feature}/evidence?show=disagree&method=fuzz").json()
+    [section] = twin["methods"]
+    assert fuzz.locator("tbody tr").count() == len(section["examples"]) == section["counts"]["disagree"]
+    marks = fuzz.locator("tbody tr").first.locator("td.verdict").all_inner_texts()
+    expected = {"correct": "✓", "wrong": "✗", "failed": "!", None: "–"}
+    assert marks == [expected[verdict] for verdict in section["examples"][0]["verdicts"]]
+    assert fits_the_viewport(page)
+    screenshot(page, "evidence")

@@ -34,12 +34,14 @@ def test_health_and_docs(client):
         "/api/stats",
         "/api/features",
         "/api/features/{feature_id}",
+        "/api/features/{feature_id}/evidence",  # the JSON twin of what the scorers saw
         "/api/search",
         "/api/histogram",
         "/api/plots",  # the JSON twin of the /plots page
         "/api/compare",  # the JSON twin of the /compare page
         "/",  # the HTML pages, so that the schemathesis run covers them too
         "/features/{feature_id}",
+        "/features/{feature_id}/evidence",
         "/plots",
         "/compare",
     }
@@ -133,7 +135,7 @@ def test_api_conforms_to_its_schema_and_never_fails(app):
         ):
             conformance(operation, mode, checks)()
             checked.append((operation.label, mode.value))
-    assert len(checked) == 22, checked  # /health and /api/stats take no parameters
+    assert len(checked) == 26, checked  # /health and /api/stats take no parameters
 
 
 def test_the_same_metric_on_both_axes_is_a_plot_not_a_server_error(client):

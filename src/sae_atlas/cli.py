@@ -366,6 +366,41 @@ def _highlighted(example: dict) -> Text:
     return text
 
 
+VERDICT_MARKS = {"correct": "[green]✓[/green]", "wrong": "[red]✗[/red]", "failed": "[yellow]![/yellow]", None: "–"}
+
+
+def _print_evidence(data: dict, as_json: bool) -> None:
+    """The evidence page's rows: one per example, one verdict column per run."""
+    if as_json:
+        _print_json(data)
+        return
+    for section in data["methods"]:
+        counts = section["counts"]
+        table = Table(
+            title=f"{section['method']}: {len(section['examples'])} of {section['total']} examples; scorers disagree "
+            f"on {counts['disagree']}, every run misses {counts['all_miss']}, failed {counts['failed']}",
+            title_justify="left",
+        )
+        table.add_column("example", overflow="fold")
+        table.add_column("kind")
+        for run in data["runs"]:
+            table.add_column(f"{_short(run['explainer'])[:10]}·{_short(run['scorer'])[:10]}", justify="center")
+        for example in section["examples"]:
+            kind = (
+                f"act. q{example['quantile']}"
+                if example["activating"]
+                else "non-act."
+                if example["activating"] is False
+                else "–"
+            )
+            table.add_row(
+                escape("".join(example["str_tokens"])),
+                kind,
+                *(VERDICT_MARKS[verdict] for verdict in example["verdicts"]),
+            )
+        console.print(table)
+
+
 @app.command()
 @_fail_cleanly
 def show(
@@ -373,11 +408,20 @@ def show(
     feature_id: Annotated[int, typer.Argument(help="The latent to show.")],
     examples: Annotated[int, typer.Option(help="Activation examples to print.")] = 5,
     as_json: Annotated[bool, typer.Option("--json", help="Print the full record as JSON.")] = False,
+    evidence: Annotated[
+        bool, typer.Option("--evidence", help="What the scorers saw: every scored example with each run's verdict.")
+    ] = False,
+    show_only: Annotated[
+        str, typer.Option("--show", help="With --evidence: all, disagree, all_miss or failed.")
+    ] = "all",
 ) -> None:
     """Everything about one latent: explanations, scores, agreement, neighbours, examples."""
     from sae_atlas.query.atlas import FeatureNotFound
 
     atlas = _open_atlas(output_dir)
+    if evidence:
+        _print_evidence(atlas.evidence(feature_id, show=show_only), as_json)
+        return
     try:
         record = atlas.feature(feature_id)
     except FeatureNotFound:

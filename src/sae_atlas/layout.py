@@ -14,6 +14,8 @@ never leaves a half-written file, and a reader never sees one.
       stages/decoder_similarity.parquet      DECODER_SIMILARITY
       stages/prompts.parquet                 PROMPTS
       stages/sampled_examples.parquet        SAMPLED_EXAMPLES
+      stages/score_records.parquet           SCORE_RECORDS
+      stages/score_examples.parquet          SCORE_EXAMPLES
       <file>.metadata.json                   sidecars
       run_report.json                        RUN_REPORT
       .cache/embeddings/                     EMBEDDING_CACHE
@@ -41,6 +43,8 @@ SCORES = "stages/scores.parquet"
 DECODER_SIMILARITY = "stages/decoder_similarity.parquet"
 PROMPTS = "stages/prompts.parquet"
 SAMPLED_EXAMPLES = "stages/sampled_examples.parquet"
+SCORE_RECORDS = "stages/score_records.parquet"
+SCORE_EXAMPLES = "stages/score_examples.parquet"
 RUN_REPORT = "run_report.json"
 EMBEDDING_CACHE = ".cache/embeddings"
 SIDECAR_SUFFIX = ".metadata.json"

@@ -145,11 +145,39 @@ STAGE_SAMPLED_EXAMPLES = pl.Schema(
 STAGE_PROMPTS = pl.Schema({"prompt_id": pl.UInt32, "prompt_tokens": pl.List(pl.String)})
 
 # The stage outputs, checked by ``validate`` like the master files (leading columns, in order).
+# Every scored record of fuzz, detection and embedding files (scorer evidence): one row per record,
+# its example stored once per latent in STAGE_SCORE_EXAMPLES (every run of a study reuses them).
+STAGE_SCORE_RECORDS = pl.Schema(
+    {
+        "feature_id": pl.UInt32,
+        "data_source": pl.String,
+        "method": pl.String,
+        "record": pl.UInt32,
+        "activating": pl.Boolean,
+        "quantile": pl.Int16,
+        "prediction": pl.Boolean,
+        "probability": pl.Float64,
+        "correct": pl.Boolean,
+        "outcome": pl.Float64,
+        "example_id": pl.UInt32,
+    }
+)
+STAGE_SCORE_EXAMPLES = pl.Schema(
+    {
+        "feature_id": pl.UInt32,
+        "example_id": pl.UInt32,
+        "str_tokens": pl.List(pl.String),
+        "activations": pl.List(pl.Float32),
+    }
+)
+
 STAGE_SCHEMAS: dict[str, pl.Schema] = {
     layout.SCORES: STAGE_SCORES,
     layout.DECODER_SIMILARITY: STAGE_DECODER_SIMILARITY,
     layout.PROMPTS: STAGE_PROMPTS,
     layout.SAMPLED_EXAMPLES: STAGE_SAMPLED_EXAMPLES,
+    layout.SCORE_RECORDS: STAGE_SCORE_RECORDS,
+    layout.SCORE_EXAMPLES: STAGE_SCORE_EXAMPLES,
 }
 
 

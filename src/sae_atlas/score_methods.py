@@ -248,6 +248,59 @@ def parse_example_embedding(records: list[dict]) -> Columns:
     return _columns(outcome, quantile)
 
 
+# -- the example each record scored (scorer evidence) ---------------------------------------------
+
+# The methods whose records are one example each, kept record by record in stages/score_records.
+EVIDENCE_METHODS = ("fuzz", "detection", "embedding")
+EVIDENCE_COLUMNS = {
+    "record": pl.UInt32,
+    "prediction": pl.Boolean,
+    "str_tokens": pl.List(pl.String),
+    "token_activations": pl.List(pl.Float32),
+}
+
+
+def _prediction(record: dict) -> bool | None:
+    """A classifier's verdict (is the example activating?): a bool, or Gen 1/2's 0/1; None when
+    the record failed (-1, null)."""
+    prediction = record.get("prediction")
+    if type(prediction) is bool:
+        return prediction
+    if type(prediction) is int and prediction in (0, 1):
+        return bool(prediction)
+    return None
+
+
+def _tokens(record: dict) -> list[str] | None:
+    tokens = record.get("str_tokens")
+    if isinstance(tokens, list) and all(type(token) is str for token in tokens):
+        return tokens
+    text = record.get("text")  # the embedding scorer keeps the example as one string
+    return [text] if type(text) is str else None
+
+
+def _activations(record: dict, tokens: list[str] | None) -> list[float] | None:
+    values = record.get("activations")
+    if not isinstance(values, list) or tokens is None or len(values) != len(tokens):
+        return None
+    return [float(value) if is_number(value) else 0.0 for value in values]
+
+
+def parse_evidence(records: list[dict], method: str) -> Columns:
+    """Per record of an :data:`EVIDENCE_METHODS` file: its position, the scorer's verdict and the
+    example (tokens, per-token activations) it was shown; all None for other methods."""
+    n = len(records)
+    if method not in EVIDENCE_METHODS:
+        return {"record": list(range(n)), **{name: [None] * n for name in EVIDENCE_COLUMNS if name != "record"}}
+    tokens = [_tokens(record) for record in records]
+    return {
+        "record": list(range(n)),
+        "prediction": [_prediction(record) if method != "embedding" else None for record in records],
+        "str_tokens": tokens,
+        "token_activations": [_activations(record, text) for record, text in zip(records, tokens, strict=True)],
+    }
+
+
 # -- aggregation ----------------------------------------------------------------------------------
 
 

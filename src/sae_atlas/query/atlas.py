@@ -26,6 +26,7 @@ import polars as pl
 from sae_atlas import layout, metrics
 from sae_atlas.query import comparison
 from sae_atlas.query.errors import FeatureNotFound, QueryError
+from sae_atlas.query.evidence import DECISION_METHODS, SHOWS, ScoreEvidence
 from sae_atlas.query.examples import ExampleIndex
 from sae_atlas.query.lazy import Lazy
 from sae_atlas.query.scores import SCORE_NAMES, QuantileScores, read_run_scores, read_scores, run_settings
@@ -95,6 +96,7 @@ class Atlas:
         self._search = SearchIndex(self.output_dir, embedder=embedder, threads=threads)
         self._stats = Lazy(self._compute_stats, name="stats")
         self._run_scores = Lazy(lambda: read_run_scores(self.output_dir), name="run-scores")
+        self._evidence = ScoreEvidence(self.output_dir)
         # The last few comparisons asked for (a page and its JSON twin ask for the same one); bounded,
         # since a server answers comparisons with any settings for as long as it runs.
         self._comparisons: OrderedDict[tuple, dict] = OrderedDict()
@@ -192,6 +194,13 @@ class Atlas:
             "activation_similarity": similarity,
             "activation_examples": examples,
         }
+
+    def evidence(self, feature_id: int, *, method: str | None = None, show: str = "all") -> dict:
+        """What the scorers saw on one latent: its fuzz and detection examples, one row each, with
+        every explainer × scorer run's verdict (:mod:`sae_atlas.query.evidence`)."""
+        if show not in SHOWS or method not in (None, *DECISION_METHODS):
+            raise QueryError(f"show must be one of {', '.join(SHOWS)}; method one of {', '.join(DECISION_METHODS)}")
+        return self._evidence.of_feature(int(feature_id), run_settings(self.output_dir)[1], method=method, show=show)
 
     def latents_with_neighbours(self) -> np.ndarray:
         """Every latent the decoder table has neighbours for (all of the SAE's, when there is one)."""

@@ -403,6 +403,42 @@ class Comparison(BaseModel):
     small_samples: list[SmallSample] = Field(description="the intervals that are Student-t because n is small")
 
 
+Verdict = Literal["correct", "wrong", "failed"]
+
+
+class EvidenceRun(BaseModel):
+    data_source: str
+    explainer: str
+    scorer: str
+
+
+class EvidenceExample(BaseModel):
+    example_id: int
+    str_tokens: list[str]
+    activations: list[float] | None
+    activating: bool | None
+    quantile: int | None = Field(description="activation quantile, 0 = top; null for non-activating examples")
+    verdicts: list[Verdict | None] = Field(description="per run (in ``runs``' order); null: not scored by it")
+    spread: float = Field(description="max − min over explainers of their share of correct verdicts")
+    disagree: bool = Field(description="two scorers of one explainer's explanation decided differently")
+    all_miss: bool = Field(description="every run that scored it got it wrong")
+    failed: bool = Field(description="a run's batch failed on it")
+
+
+class MethodEvidence(BaseModel):
+    method: str
+    examples: list[EvidenceExample]
+    total: int
+    counts: dict[str, int] = Field(description="examples disagreed on, missed by all, failed")
+
+
+class Evidence(BaseModel):
+    feature_id: int
+    show: Literal["all", "disagree", "all_miss", "failed"]
+    runs: list[EvidenceRun]
+    methods: list[MethodEvidence]
+
+
 class Health(BaseModel):
     status: Literal["ok"]
     version: str

@@ -28,6 +28,7 @@ from sae_atlas.query import results
 from sae_atlas.query.atlas import Atlas
 from sae_atlas.serve.parameters import (
     CompareQuery,
+    EvidenceQuery,
     FeatureQuery,
     PlotQuery,
     compare_query_model,
@@ -126,6 +127,11 @@ def feature_export(atlas: Atlas, query: FeatureQuery):
 def feature(atlas: Atlas, query: None = None, *, feature_id: int) -> dict:
     """Everything about one latent."""
     return atlas.feature(feature_id)
+
+
+def evidence(atlas: Atlas, query: EvidenceQuery, *, feature_id: int) -> dict:
+    """What the scorers saw on one latent (:meth:`Atlas.evidence`)."""
+    return atlas.evidence(feature_id, method=None if query.method == "both" else query.method, show=query.show)
 
 
 def scatter(rows, x: str, y: str) -> dict:
@@ -305,6 +311,21 @@ register(
         path_parameters=FEATURE_ID,
         runs_on="loop",  # array slicing: a fraction of a millisecond, less than a thread hop
         context=feature_context,
+        tags=("features",),
+    )
+)
+register(
+    Page(
+        "evidence",
+        "/api/features/{feature_id}/evidence",
+        evidence,
+        results.Evidence,
+        "What the scorers saw: a latent's fuzz and detection examples with every run's verdict.",
+        query=lambda atlas: EvidenceQuery,
+        path="/features/{feature_id}/evidence",
+        template="evidence.html",
+        path_parameters=FEATURE_ID,
+        context=lambda atlas, query, data, request: {"query": query},
         tags=("features",),
     )
 )

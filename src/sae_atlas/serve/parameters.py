@@ -165,6 +165,15 @@ def histogram_query_model(explainers: list[str], scorers: list[str]) -> type[His
     )
 
 
+class EvidenceQuery(_Query):
+    """Query parameters of a latent's scorer evidence (``/features/{id}/evidence``)."""
+
+    method: Literal["fuzz", "detection", "both"] = Field("both", description="one method, or both")
+    show: Literal["all", "disagree", "all_miss", "failed"] = Field(
+        "all", description="all examples, those scorers disagree on, those every run misses, or failed ones"
+    )
+
+
 class CompareQuery(_Query):
     """Query parameters of the comparison (``GET /api/compare`` and the compare page)."""
 

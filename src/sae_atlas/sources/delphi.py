@@ -20,7 +20,7 @@ import polars as pl
 from sae_atlas import score_methods
 from sae_atlas.config import SourceConfig
 from sae_atlas.problems import Problems, latent_out_of_range
-from sae_atlas.score_methods import RECORD_COLUMNS
+from sae_atlas.score_methods import EVIDENCE_COLUMNS, RECORD_COLUMNS, parse_evidence
 from sae_atlas.sources import files
 
 # Matched whole (``fullmatch``) and with ASCII digits only: a name ending in a newline, or with
@@ -423,7 +423,8 @@ class ScoreRecords:
 
     ``files`` has one row per readable score file (``method``, ``feature_id``, ``n_records``), so
     that an empty ``[]`` file still yields a row with no score; ``records`` has one row per record
-    (``method``, ``feature_id`` and the columns of :data:`score_methods.RECORD_COLUMNS`).
+    (``method``, ``feature_id``, the columns of :data:`score_methods.RECORD_COLUMNS` and of
+    :data:`score_methods.EVIDENCE_COLUMNS`: its position, verdict and example).
     """
 
     files: pl.DataFrame
@@ -454,7 +455,12 @@ def _load_records(entry: LatentFile, problems: Problems) -> list[dict] | None:
 def read_score_files(method: str, entries: list[LatentFile], problems: Problems) -> ScoreRecords:
     """Parse the score files ``entries`` of one method with that method's parser."""
     listing = {"method": [], "feature_id": [], "n_records": []}
-    columns: dict[str, list] = {"method": [], "feature_id": [], **{name: [] for name in RECORD_COLUMNS}}
+    columns: dict[str, list] = {
+        "method": [],
+        "feature_id": [],
+        **{name: [] for name in RECORD_COLUMNS},
+        **{name: [] for name in EVIDENCE_COLUMNS},
+    }
     score_method = score_methods.METHODS[method]
     for entry in entries:
         records = _load_records(entry, problems)
@@ -480,9 +486,13 @@ def read_score_files(method: str, entries: list[LatentFile], problems: Problems)
                 parsed["outcome"][index] = None
         for name, values in parsed.items():
             columns[name].extend(values)
+        for name, values in parse_evidence(records, method).items():
+            columns[name].extend(values)
     return ScoreRecords(
         files=pl.DataFrame(listing, schema={"method": pl.String, "feature_id": pl.UInt32, "n_records": pl.UInt32}),
-        records=pl.DataFrame(columns, schema={"method": pl.String, "feature_id": pl.UInt32, **RECORD_COLUMNS}),
+        records=pl.DataFrame(
+            columns, schema={"method": pl.String, "feature_id": pl.UInt32, **RECORD_COLUMNS, **EVIDENCE_COLUMNS}
+        ),
     )
 
 

@@ -17,9 +17,10 @@ from sae_atlas import layout, score_methods
 from sae_atlas.engine import chunks
 from sae_atlas.problems import Problems
 from sae_atlas.schema import STAGE_SCORES
-from sae_atlas.score_methods import AGGREGATE_COLUMNS
+from sae_atlas.score_methods import AGGREGATE_COLUMNS, EVIDENCE_COLUMNS
 from sae_atlas.sources import delphi
 from sae_atlas.stage import Plan, Product, Stage, StageContext, fingerprint_files
+from sae_atlas.stages.score_evidence import build_score_evidence, evidence_rows
 
 KEYS = ["data_source", "method", "feature_id"]
 GROUP = score_methods.GROUP
@@ -133,15 +134,16 @@ class ScoreTask:
     entries: list[delphi.LatentFile]
 
 
-def score_chunk(task: ScoreTask) -> tuple[pl.DataFrame, pl.DataFrame, int, list]:
-    """Read and aggregate one chunk: its file listing, per-latent aggregates, record count and
-    problems (run in a worker process)."""
+def score_chunk(task: ScoreTask) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame, int, list]:
+    """Read and aggregate one chunk: its file listing, per-latent aggregates, evidence rows,
+    record count and problems (run in a worker process)."""
     problems = Problems()
     read = delphi.read_score_files(task.method, task.entries, problems)
     source = pl.lit(task.data_source, pl.String)
     listing = read.files.with_columns(data_source=source)
-    aggregates = aggregate_records(read.records.with_columns(data_source=source))
-    return listing, aggregates, read.records.height, problems.items
+    records = read.records.with_columns(data_source=source)
+    aggregates = aggregate_records(records.drop(*EVIDENCE_COLUMNS))
+    return listing, aggregates, evidence_rows(records), read.records.height, problems.items
 
 
 def plan(context: StageContext) -> Plan:
@@ -158,11 +160,12 @@ def plan(context: StageContext) -> Plan:
             for method, entries in run.scores.items()
             for chunk in chunks(entries, FILES_PER_TASK)
         ]
-        listings, aggregates, records = [], [], 0
-        for listing, aggregated, count, found in context.map(score_chunk, tasks):
+        listings, aggregates, evidence, records = [], [], [], 0
+        for listing, aggregated, rows, count, found in context.map(score_chunk, tasks):
             problems.extend(found)
             listings.append(listing)
             aggregates.append(aggregated)
+            evidence.append(rows)
             records += count
         empty = pl.DataFrame(schema={**FILE_COLUMNS, "n_records": pl.UInt32}).drop("n_examples")
         listing = pl.concat(listings) if listings else empty
@@ -187,7 +190,16 @@ def plan(context: StageContext) -> Plan:
             "run_settings": {run.name: run.settings for run in runs_with_files},
         }
         notes = [note for run in runs_with_files for note in run.notes]
-        return Product(data=table, rows=table.height, statistics=statistics, notes=notes)
+        score_records, score_examples = build_score_evidence(evidence)
+        statistics["evidence_records"] = score_records.height
+        statistics["evidence_examples"] = score_examples.height
+        return Product(
+            data=table,
+            rows=table.height,
+            statistics=statistics,
+            notes=notes,
+            extra={layout.SCORE_RECORDS: score_records, layout.SCORE_EXAMPLES: score_examples},
+        )
 
     return Plan(
         key={"inputs": fingerprint_files(files), "runs": runs.to_dicts()},
@@ -199,7 +211,8 @@ def plan(context: StageContext) -> Plan:
 STAGE = Stage(
     name="scores",
     output=layout.SCORES,
-    version=3,
+    version=4,
+    extra_outputs=(layout.SCORE_RECORDS, layout.SCORE_EXAMPLES),
     plan=plan,
     config=("sources",),
     description="per-latent fuzz, detection, simulation, embedding and intruder scores of every run",

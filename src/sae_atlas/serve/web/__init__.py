@@ -21,7 +21,7 @@ from fastapi.templating import Jinja2Templates
 
 from sae_atlas import metrics
 from sae_atlas.query.atlas import Atlas, FeatureNotFound, QueryError
-from sae_atlas.serve.web.charts import short_name
+from sae_atlas.serve.web.charts import brief, short_name
 from sae_atlas.serve.web.render import (
     HERE,
     BlankFieldRedirect,
@@ -46,6 +46,7 @@ def templates_for(atlas: Atlas, navigation: list[tuple[str, str]]) -> Jinja2Temp
     templates.env.filters["groupby_pair"] = groupby_pair
     templates.env.globals.update(
         short_name=short_name,
+        brief=brief,
         colour=colour,
         token_style=token_style,
         highlighted_tokens=highlighted_tokens,

@@ -1,0 +1,115 @@
+"""Scorer evidence: every scored record kept one for one with the raw files, examples shared across
+runs recognised as one, and a hand-built latent whose scorers disagree on known examples."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import orjson
+import polars as pl
+
+from sae_atlas import layout
+from sae_atlas.problems import Problems
+from sae_atlas.query.evidence import ScoreEvidence
+from sae_atlas.sources import delphi
+from sae_atlas.stages.score_evidence import build_score_evidence, evidence_rows
+
+
+def raw_records(corpus_root: Path) -> pl.DataFrame:
+    """Every fuzz, detection and embedding record of the corpus's raw files, read plainly."""
+    rows = []
+    for path in sorted((corpus_root / "raw").glob("*_e-*_s/scores/*/*.txt")):
+        method = path.parent.name
+        if method not in ("fuzz", "detection", "embedding"):
+            continue
+        latent = int(path.stem.rsplit("latent", 1)[1])
+        for position, record in enumerate(orjson.loads(path.read_bytes())):
+            rows.append(
+                {
+                    "data_source": path.parent.parent.parent.name,
+                    "method": method,
+                    "feature_id": latent,
+                    "record": position,
+                    "prediction": record.get("prediction"),
+                    "correct": record.get("correct"),
+                }
+            )
+    return pl.DataFrame(rows, schema_overrides={"prediction": pl.Boolean, "correct": pl.Boolean})
+
+
+def test_the_records_equal_the_raw_files_one_for_one(small_run, small_corpus):
+    config, _ = small_run
+    stored = pl.read_parquet(config.output_dir / layout.SCORE_RECORDS)
+    raw = raw_records(small_corpus.root)
+    keys = ["data_source", "method", "feature_id", "record"]
+    assert stored.height == raw.height
+    joined = raw.join(stored.with_columns(pl.col("feature_id").cast(pl.Int64)), on=keys, how="left", suffix="_stored")
+    classifier = joined.filter(pl.col("method") != "embedding")
+    # failed batches included: a null prediction stays null, and so does its verdict
+    assert classifier["prediction"].eq_missing(classifier["prediction_stored"]).all()
+    assert classifier["correct"].eq_missing(classifier["correct_stored"]).all()
+    assert joined["example_id"].null_count() == 0
+    # the same example (latent and tokens) scored by every run is one example
+    examples = pl.read_parquet(config.output_dir / layout.SCORE_EXAMPLES)
+    per_example = (
+        stored.filter(pl.col("method") == "fuzz")
+        .group_by("feature_id", "example_id")
+        .agg(runs=pl.col("data_source").n_unique())
+    )
+    runs = stored["data_source"].n_unique()
+    assert per_example["runs"].max() == runs and per_example["runs"].mode().item() == runs
+    assert examples.select("feature_id", "example_id").is_unique().all()
+
+
+def classifier_record(tokens: list[str], activating: bool, prediction: bool | None) -> dict:
+    return {
+        "str_tokens": tokens,
+        "activations": [1.0 if activating else 0.0] * len(tokens),
+        "distance": 0 if activating else -1,
+        "activating": activating,
+        "prediction": prediction,
+        "probability": None,
+        "correct": None if prediction is None else prediction == activating,
+    }
+
+
+def test_scorers_that_disagree_on_known_examples(tmp_path):
+    """One explainer, two scorers, four examples: the scorers disagree on examples b and c, both
+    miss d, and s2's batch failed on a."""
+    examples = {"a": ["a", "1"], "b": ["b", "2"], "c": ["c", "3"], "d": ["d", "4"]}
+    verdicts = {  # the scorers' predictions; every example is activating
+        "e_e-s1_s": {"a": True, "b": True, "c": False, "d": False},
+        "e_e-s2_s": {"a": None, "b": False, "c": True, "d": False},
+    }
+    parts = []
+    for source, predictions in verdicts.items():
+        path = tmp_path / source / "fuzz_latent7.txt"
+        path.parent.mkdir(parents=True)
+        records = [classifier_record(examples[name], True, predictions[name]) for name in "dcba"]
+        path.write_bytes(orjson.dumps(records))
+        read = delphi.read_score_files("fuzz", [delphi.LatentFile(7, "layers.0", path)], Problems())
+        parts.append(evidence_rows(read.records.with_columns(data_source=pl.lit(source))))
+    records, texts = build_score_evidence(parts)
+    output = tmp_path / "output"
+    (output / "stages").mkdir(parents=True)
+    records.write_parquet(output / layout.SCORE_RECORDS)
+    texts.write_parquet(output / layout.SCORE_EXAMPLES)
+    runs = [{"data_source": source, "explainer": "E", "scorer": source[4:6]} for source in verdicts]
+    evidence = ScoreEvidence(output)
+
+    def shown(show: str) -> list[str]:
+        [fuzz] = evidence.of_feature(7, runs, method="fuzz", show=show)["methods"]
+        return sorted(example["str_tokens"][0] for example in fuzz["examples"])
+
+    assert shown("disagree") == ["b", "c"]
+    assert shown("all_miss") == ["d"]
+    assert shown("failed") == ["a"]
+    [fuzz] = evidence.of_feature(7, runs, method="fuzz")["methods"]
+    by_example = {example["str_tokens"][0]: example["verdicts"] for example in fuzz["examples"]}
+    assert by_example == {
+        "a": ["correct", "failed"],
+        "b": ["correct", "wrong"],
+        "c": ["wrong", "correct"],
+        "d": ["wrong", "wrong"],
+    }
+    assert fuzz["counts"] == {"disagree": 2, "all_miss": 1, "failed": 1}
