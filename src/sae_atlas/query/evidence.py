@@ -20,51 +20,36 @@ import numpy as np
 import polars as pl
 
 from sae_atlas import layout
-from sae_atlas.query.lazy import Lazy
 
 DECISION_METHODS = ("fuzz", "detection")
 SHOWS = ("all", "disagree", "all_miss", "failed")
 
 
-def _read(output_dir: Path) -> tuple[pl.DataFrame, np.ndarray, pl.DataFrame, np.ndarray]:
-    records_path, examples_path = output_dir / layout.SCORE_RECORDS, output_dir / layout.SCORE_EXAMPLES
-    if not records_path.exists() or not examples_path.exists():
-        empty = pl.DataFrame(schema={"feature_id": pl.UInt32})
-        return empty, np.zeros(0, np.uint32), empty, np.zeros(0, np.uint32)
-    records = pl.read_parquet(records_path).filter(pl.col("method").is_in(DECISION_METHODS)).sort("feature_id")
-    examples = pl.read_parquet(examples_path).sort("feature_id", "example_id")
-    return records, records["feature_id"].to_numpy(), examples, examples["feature_id"].to_numpy()
-
-
-def _slice(table: pl.DataFrame, ids: np.ndarray, feature_id: int) -> pl.DataFrame:
-    low, high = np.searchsorted(ids, [feature_id, feature_id + 1])
-    return table.slice(int(low), int(high - low))
+def _latent(path: Path, feature_id: int, columns: list[str] | None = None) -> pl.DataFrame:
+    """One latent's rows of a stage file sorted by latent: the row groups whose statistics hold
+    it are read, the others skipped (a page reads kilobytes of a file of gigabytes)."""
+    return pl.scan_parquet(path).filter(pl.col("feature_id") == feature_id).select(columns or pl.all()).collect()
 
 
 class ScoreEvidence:
-    """The scored records of an output directory, read on first use, looked up by latent."""
+    """The scored records of an output directory, looked up by latent in the stage files."""
 
     def __init__(self, output_dir: Path):
-        self.tables = Lazy(lambda: _read(Path(output_dir)), name="score-evidence")
-
-    @property
-    def available(self) -> bool:
-        return (self.tables.get()[0]).height > 0
+        self.records = Path(output_dir) / layout.SCORE_RECORDS
+        self.examples = Path(output_dir) / layout.SCORE_EXAMPLES
 
     def of_feature(self, feature_id: int, runs: list[dict], *, method: str | None = None, show: str = "all") -> dict:
         """A latent's examples per decision method with each run's verdict (``runs``: data_source,
         explainer, scorer of every run, in the order of the columns)."""
-        records, record_ids, examples, example_ids = self.tables.get()
-        mine = _slice(records, record_ids, feature_id)
-        texts = _slice(examples, example_ids, feature_id)
         order = sorted(runs, key=lambda run: (run["explainer"], run["scorer"]))
         methods = [name for name in DECISION_METHODS if method in (None, name)]
-        return {
-            "feature_id": feature_id,
-            "show": show,
-            "runs": order,
-            "methods": [_method_evidence(mine, texts, name, order, show) for name in methods],
-        }
+        result = {"feature_id": feature_id, "show": show, "runs": order, "methods": []}
+        if not (self.records.exists() and self.examples.exists()) or not 0 <= feature_id < 2**32:
+            return result
+        mine = _latent(self.records, feature_id).filter(pl.col("method").is_in(methods))
+        texts = _latent(self.examples, feature_id)
+        result["methods"] = [_method_evidence(mine, texts, name, order, show) for name in methods]
+        return result
 
 
 def _verdicts(records: pl.DataFrame, runs: list[dict]) -> pl.DataFrame:

@@ -39,9 +39,9 @@ def evidence_rows(records: pl.DataFrame) -> pl.DataFrame:
 
 
 def build_score_evidence(parts: list[pl.DataFrame]) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """(records, examples) from the evidence rows of every chunk (:func:`evidence_rows`). Example
-    ids number the distinct (latent, tokens) in order of latent and text, so they depend only on
-    the data."""
+    """(records, examples) of a block of latents from its evidence rows (:func:`evidence_rows`; every
+    run of those latents). An example id numbers the distinct token lists of one latent in text
+    order, so (feature_id, example_id) depends only on that latent's data."""
     if not parts:
         return pl.DataFrame(schema=STAGE_SCORE_RECORDS), pl.DataFrame(schema=STAGE_SCORE_EXAMPLES)
     rows = pl.concat(parts)
@@ -70,7 +70,7 @@ def build_score_evidence(parts: list[pl.DataFrame]) -> tuple[pl.DataFrame, pl.Da
         keyed.filter(pl.col("_text").is_not_null())
         .sort("feature_id", "_text", pl.col("token_activations").is_null(), "data_source", "method", "record")
         .unique(["feature_id", "_text"], keep="first", maintain_order=True)
-        .with_row_index("example_id")
+        .with_columns(example_id=pl.int_range(pl.len()).over("feature_id"))
         .select("feature_id", "example_id", "_text", "str_tokens", activations="token_activations")
     )
     records = (

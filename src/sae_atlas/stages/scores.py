@@ -14,12 +14,11 @@ import numpy as np
 import polars as pl
 
 from sae_atlas import layout, score_methods
-from sae_atlas.engine import chunks
 from sae_atlas.problems import Problems
-from sae_atlas.schema import STAGE_SCORES
+from sae_atlas.schema import STAGE_SCORE_EXAMPLES, STAGE_SCORE_RECORDS, STAGE_SCORES
 from sae_atlas.score_methods import AGGREGATE_COLUMNS, EVIDENCE_COLUMNS
 from sae_atlas.sources import delphi
-from sae_atlas.stage import Plan, Product, Stage, StageContext, fingerprint_files
+from sae_atlas.stage import Parts, Plan, Product, Stage, StageContext, fingerprint_files
 from sae_atlas.stages.score_evidence import build_score_evidence, evidence_rows
 
 KEYS = ["data_source", "method", "feature_id"]
@@ -127,23 +126,60 @@ FILES_PER_TASK = 500
 
 @dataclass(frozen=True)
 class ScoreTask:
-    """One chunk of one run's score files of one method."""
+    """The score files of one block of latents, of every run and method: a latent's records are
+    all in one task, so its examples are matched across runs there, and the evidence streams out
+    in latent order."""
 
-    data_source: str
-    method: str
-    entries: list[delphi.LatentFile]
+    files: list[tuple[str, str, delphi.LatentFile]]  # (data_source, method, file)
 
 
-def score_chunk(task: ScoreTask) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame, int, list]:
-    """Read and aggregate one chunk: its file listing, per-latent aggregates, evidence rows,
-    record count and problems (run in a worker process)."""
+def score_tasks(runs: list) -> list[ScoreTask]:
+    """Blocks of consecutive latents holding about :data:`FILES_PER_TASK` files each."""
+    files = sorted(
+        (
+            (entry.latent, run.name, method, entry)
+            for run in runs
+            for method, entries in run.scores.items()
+            for entry in entries
+        ),
+        key=lambda item: item[0],
+    )
+    latents = sorted({latent for latent, *_ in files})
+    per_latent = max(1, len(files) // max(len(latents), 1))
+    block = max(1, FILES_PER_TASK // per_latent)
+    tasks, start = [], 0
+    for first in range(0, len(latents), block):
+        last = latents[min(first + block, len(latents)) - 1]
+        stop = start
+        while stop < len(files) and files[stop][0] <= last:
+            stop += 1
+        tasks.append(ScoreTask([(source, method, entry) for _, source, method, entry in files[start:stop]]))
+        start = stop
+    return tasks
+
+
+def score_chunk(task: ScoreTask) -> tuple[pl.DataFrame, pl.DataFrame, tuple[pl.DataFrame, pl.DataFrame], int, list]:
+    """Read and aggregate one block: its file listing, per-latent aggregates, evidence (records,
+    examples), record count and problems (run in a worker process)."""
     problems = Problems()
-    read = delphi.read_score_files(task.method, task.entries, problems)
-    source = pl.lit(task.data_source, pl.String)
-    listing = read.files.with_columns(data_source=source)
-    records = read.records.with_columns(data_source=source)
-    aggregates = aggregate_records(records.drop(*EVIDENCE_COLUMNS))
-    return listing, aggregates, evidence_rows(records), read.records.height, problems.items
+    groups: dict[tuple[str, str], list] = {}
+    for source, method, entry in task.files:
+        groups.setdefault((source, method), []).append(entry)
+    listings, aggregates, evidence, count = [], [], [], 0
+    for (source, method), entries in groups.items():
+        read = delphi.read_score_files(method, entries, problems)
+        name = pl.lit(source, pl.String)
+        records = read.records.with_columns(data_source=name)
+        listings.append(read.files.with_columns(data_source=name))
+        aggregates.append(aggregate_records(records.drop(*EVIDENCE_COLUMNS)))
+        evidence.append(evidence_rows(records))
+        count += read.records.height
+    listing = pl.concat(listings) if listings else pl.DataFrame(schema=LISTING_COLUMNS)
+    aggregated = pl.concat(aggregates, how="vertical_relaxed") if aggregates else None
+    return listing, aggregated, build_score_evidence(evidence), count, problems.items
+
+
+LISTING_COLUMNS = {"method": pl.String, "feature_id": pl.UInt32, "n_records": pl.UInt32, "data_source": pl.String}
 
 
 def plan(context: StageContext) -> Plan:
@@ -154,51 +190,34 @@ def plan(context: StageContext) -> Plan:
     runs = context.runs_table()
 
     def execute(problems: Problems) -> Product:
-        tasks = [
-            ScoreTask(run.name, method, list(chunk))
-            for run in runs_with_files
-            for method, entries in run.scores.items()
-            for chunk in chunks(entries, FILES_PER_TASK)
-        ]
-        listings, aggregates, evidence, records = [], [], [], 0
-        for listing, aggregated, rows, count, found in context.map(score_chunk, tasks):
-            problems.extend(found)
-            listings.append(listing)
-            aggregates.append(aggregated)
-            evidence.append(rows)
-            records += count
-        empty = pl.DataFrame(schema={**FILE_COLUMNS, "n_records": pl.UInt32}).drop("n_examples")
-        listing = pl.concat(listings) if listings else empty
-        aggregated = (
-            pl.concat(aggregates) if aggregates else pl.DataFrame(schema={**AGGREGATE_COLUMNS, "method": pl.String})
-        )
-        firing = [
-            firing_table(run.name, counts, run.settings.get("cache_cfg.n_tokens"))
-            for run in runs_with_files
-            if (counts := delphi.read_firing_counts(run, problems)) is not None
-        ]
-        table = join_scores(
-            files=listing, aggregates=aggregated, runs=runs, firing=pl.concat(firing) if firing else None
-        )
-        statistics = {
-            "score_files_read": listing.height,
-            "records": records,
-            "rows_by_method": dict(table.group_by(pl.col("method").cast(pl.String)).len().iter_rows()),
-            "rows_without_score": int(table["score"].is_null().sum()),
-            "runs_with_firing_counts": len(firing),
-            # what each run's scores depend on, for the comparability check of `sae-atlas compare`
-            "run_settings": {run.name: run.settings for run in runs_with_files},
-        }
-        notes = [note for run in runs_with_files for note in run.notes]
-        score_records, score_examples = build_score_evidence(evidence)
-        statistics["evidence_records"] = score_records.height
-        statistics["evidence_examples"] = score_examples.height
+        statistics: dict = {}
+
+        def stream():
+            listings, aggregates, counts = [], [], {"records": 0, "evidence_records": 0, "evidence_examples": 0}
+            for listing, aggregated, (records, examples), count, found in context.map(
+                score_chunk, score_tasks(runs_with_files)
+            ):
+                problems.extend(found)
+                listings.append(listing)
+                if aggregated is not None:
+                    aggregates.append(aggregated)
+                counts["records"] += count
+                counts["evidence_records"] += records.height
+                counts["evidence_examples"] += examples.height
+                yield Parts(extra={layout.SCORE_RECORDS: records, layout.SCORE_EXAMPLES: examples})
+            table = _scores_table(listings, aggregates, runs_with_files, runs, problems, statistics)
+            statistics.update(counts)
+            yield Parts(output=table)
+
         return Product(
-            data=table,
-            rows=table.height,
+            data=stream(),
+            rows=None,
             statistics=statistics,
-            notes=notes,
-            extra={layout.SCORE_RECORDS: score_records, layout.SCORE_EXAMPLES: score_examples},
+            notes=[note for run in runs_with_files for note in run.notes],
+            schemas={
+                layout.SCORE_RECORDS: STAGE_SCORE_RECORDS.to_arrow(),
+                layout.SCORE_EXAMPLES: STAGE_SCORE_EXAMPLES.to_arrow(),
+            },
         )
 
     return Plan(
@@ -206,6 +225,32 @@ def plan(context: StageContext) -> Plan:
         execute=execute,
         problems=context.discovery_problems("scores"),
     )
+
+
+def _scores_table(listings, aggregates, runs_with_files, runs, problems: Problems, statistics: dict) -> pl.DataFrame:
+    """The stage's own output once every block is read: listings and aggregates joined to the runs
+    and their firing counts (``statistics`` filled in)."""
+    listing = pl.concat(listings) if listings else pl.DataFrame(schema=LISTING_COLUMNS)
+    aggregated = (
+        pl.concat(aggregates) if aggregates else pl.DataFrame(schema={**AGGREGATE_COLUMNS, "method": pl.String})
+    )
+    firing = [
+        firing_table(run.name, counts, run.settings.get("cache_cfg.n_tokens"))
+        for run in runs_with_files
+        if (counts := delphi.read_firing_counts(run, problems)) is not None
+    ]
+    table = join_scores(files=listing, aggregates=aggregated, runs=runs, firing=pl.concat(firing) if firing else None)
+    statistics.update(
+        {
+            "score_files_read": listing.height,
+            "rows_by_method": dict(table.group_by(pl.col("method").cast(pl.String)).len().iter_rows()),
+            "rows_without_score": int(table["score"].is_null().sum()),
+            "runs_with_firing_counts": len(firing),
+            # what each run's scores depend on, for the comparability check of `sae-atlas compare`
+            "run_settings": {run.name: run.settings for run in runs_with_files},
+        }
+    )
+    return table
 
 
 STAGE = Stage(
