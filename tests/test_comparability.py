@@ -86,3 +86,22 @@ def test_a_random_gap_in_coverage_is_reported_without_blame():
 def test_a_scorer_scoring_its_own_explanations_is_named():
     [own] = by_check(data_checks(features(), runs(self_scored=True), [A, B])[0])["self-scoring"]
     assert own["message"].startswith("s_e-s_s: scorer-s scores its own explanations")
+
+
+def test_runs_that_scored_different_examples_are_told_apart():
+    from sae_atlas.query.comparability import same_examples
+
+    sets = pl.DataFrame(
+        {
+            "data_source": ["a_e-s_s"] * 3 + ["b_e-s_s"] * 3,
+            "method": ["fuzz"] * 6,
+            "feature_id": [0, 1, 2, 0, 1, 2],
+            "examples": [10, 10, 10, 10, 8, 10],
+            "fingerprint": [11, 12, 13, 11, 99, 13],
+        },
+        schema_overrides={"fingerprint": pl.UInt64},
+    )
+    [warning] = same_examples(runs(), sets)
+    assert warning["setting"] == "same examples" and warning["feature_ids"] == [1]
+    assert "different examples for 1 of 3 latents" in warning["message"]
+    assert same_examples(runs(), sets.with_columns(fingerprint=pl.lit(5, pl.UInt64))) == []

@@ -113,3 +113,38 @@ def test_scorers_that_disagree_on_known_examples(tmp_path):
         "d": ["wrong", "wrong"],
     }
     assert fuzz["counts"] == {"disagree": 2, "all_miss": 1, "failed": 1}
+
+
+def test_error_rates_by_hand_and_as_planted(tmp_path, small_run):
+    """The hand-built latent above: s1 misses 2 of 4 activating examples, s2 2 of the 3 it decided
+    (its failed record left out). On synth, where a miss is likelier in lower quantiles and for
+    explainers that hit less often, the anatomy says so."""
+    from sae_atlas.query.anatomy import NON_ACTIVATING, read_error_rates
+    from sae_atlas.query.atlas import Atlas
+
+    test_scorers_that_disagree_on_known_examples(tmp_path)
+    rates, sets = read_error_rates(tmp_path / "output")
+    assert rates.select("data_source", "quantile", "errors", "decided").rows() == [
+        ("e_e-s1_s", 0, 2, 4),
+        ("e_e-s2_s", 0, 2, 3),
+    ]
+    assert sets["examples"].to_list() == [4, 4] and sets["fingerprint"].n_unique() == 1  # the same examples
+
+    comparison = Atlas(small_run[0].output_dir).compare(["fuzz"], resamples=200)
+    errors = comparison["error_anatomy"]
+    runs = {(row["explainer"], row["scorer"]) for row in errors}
+    for explainer, scorer in runs:
+        mine = {
+            row["quantile"]: row["mean"] for row in errors if (row["explainer"], row["scorer"]) == (explainer, scorer)
+        }
+        top, bottom = min(q for q in mine if q >= 0), max(mine)
+        assert mine[bottom] > mine[top]  # synth: recall falls with the quantile
+        assert 0 < mine[NON_ACTIVATING] < 0.5
+    # synth's default hit rates: llama 0.85, gemma 0.65; a miss makes false positives likelier
+    false_positive = {
+        (row["explainer"].split("/")[0], row["scorer"]): row["mean"]
+        for row in errors
+        if row["quantile"] == NON_ACTIVATING
+    }
+    for scorer in {scorer for _, scorer in runs}:
+        assert false_positive["hugging-quants", scorer] < false_positive["google", scorer]

@@ -311,6 +311,7 @@ def _markdown_metric(comparison: dict, metric: str) -> list[str]:
                 for row in paired
             ],
         )
+    lines += _markdown_errors(comparison, metric)
     agreement = [row for row in comparison["scorer_agreement"] if row["metric"] == metric]
     alphas = [row for row in comparison["scorer_reliability"] if row["metric"] == metric]
     if alphas:
@@ -347,6 +348,34 @@ def _markdown_metric(comparison: dict, metric: str) -> list[str]:
             ],
         )
     return lines
+
+
+def _markdown_errors(comparison: dict, metric: str) -> list[str]:
+    """Where the errors fall: the false-positive rate and the false-negative rate at the top and
+    bottom quantiles, per explainer × scorer."""
+    errors = [row for row in comparison.get("error_anatomy", []) if row["method"] == metric]
+    if not errors:
+        return []
+    by_run: dict[tuple[str, str], dict[int, dict]] = {}
+    for row in errors:
+        by_run.setdefault((row["explainer"], row["scorer"]), {})[row["quantile"]] = row
+    quantiles = sorted({row["quantile"] for row in errors if row["quantile"] >= 0})
+    shown = [quantiles[0], quantiles[-1]] if quantiles else []
+    lines = ["Where the errors fall (mean over latents of each latent's error rate, with its interval):", ""]
+    return lines + _table(
+        ["explainer", "scorer", "false positives", *(f"false negatives q{q}" for q in shown)],
+        [
+            [
+                short_name(explainer),
+                short_name(scorer),
+                *(
+                    f"{_cell(row['mean'])} [{_cell(row['ci_low'])}, {_cell(row['ci_high'])}]" if row else "–"
+                    for row in [rates.get(-1), *(rates.get(q) for q in shown)]
+                ),
+            ]
+            for (explainer, scorer), rates in by_run.items()
+        ],
+    )
 
 
 def _markdown_explainer_agreement(comparison: dict) -> list[str]:

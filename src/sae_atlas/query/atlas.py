@@ -25,6 +25,7 @@ import polars as pl
 
 from sae_atlas import layout, metrics
 from sae_atlas.query import comparison
+from sae_atlas.query.anatomy import read_error_rates
 from sae_atlas.query.errors import FeatureNotFound, QueryError
 from sae_atlas.query.evidence import DECISION_METHODS, SHOWS, ScoreEvidence
 from sae_atlas.query.examples import ExampleIndex
@@ -97,6 +98,7 @@ class Atlas:
         self._stats = Lazy(self._compute_stats, name="stats")
         self._run_scores = Lazy(lambda: read_run_scores(self.output_dir), name="run-scores")
         self._evidence = ScoreEvidence(self.output_dir)
+        self._error_rates = Lazy(lambda: read_error_rates(self.output_dir), name="error-rates")
         # The last few comparisons asked for (a page and its JSON twin ask for the same one); bounded,
         # since a server answers comparisons with any settings for as long as it runs.
         self._comparisons: OrderedDict[tuple, dict] = OrderedDict()
@@ -410,6 +412,7 @@ class Atlas:
             exclude_identical=exclude_identical,
             run_scores=self._run_scores.get(),
             quantiles=self._quantiles.table.get()[0],
+            evidence=self._error_rates.get(),
         )
         with self._comparisons_lock:
             self._comparisons[key] = result

@@ -8,6 +8,8 @@ number of latents concerned and the first of their ids:
   those latents the scorer sees the same text twice, so the paired difference there measures the
   scorers' noise, not the explainers (it is given as a control: it should be near 0);
 - **example counts**: two runs scored the same method of a latent on different numbers of examples;
+- **same examples**: two runs scored a method of a latent on different examples (from the scored
+  records);
 - **coverage**: a run scored a method on fewer latents than another, and the latents it lacks are
   not like the rest (the other run's scores there, against its scores on the common latents:
   Mann-Whitney U, two-sided);
@@ -117,6 +119,32 @@ def example_counts(runs: pl.DataFrame) -> tuple[list[dict], set[int]]:
     return warnings, latents
 
 
+def same_examples(runs: pl.DataFrame, sets: pl.DataFrame) -> list[dict]:
+    """A warning per two runs (same scorer and method) that scored a latent on different examples
+    (``sets``: data_source, method, feature_id, examples, fingerprint of the example ids, from the
+    scored records); latents scored on different numbers of examples count too."""
+    warnings = []
+    if sets.is_empty():
+        return warnings
+    for _, method, first, second in _run_pairs(runs):
+        left = sets.filter((pl.col("data_source") == first) & (pl.col("method") == method))
+        right = sets.filter((pl.col("data_source") == second) & (pl.col("method") == method))
+        both = left.join(right, on="feature_id", suffix="_second")
+        differing = both.filter(pl.col("fingerprint") != pl.col("fingerprint_second"))
+        if differing.height:
+            warnings.append(
+                _warning(
+                    "same examples",
+                    f"{first} and {second} scored {method} on different examples for {differing.height:,} of "
+                    f"{both.height:,} latents: their scores there are not on the same test",
+                    differing.height,
+                    differing["feature_id"].sort(),
+                    "serious" if differing.height >= SERIOUS_SHARE * both.height else "warning",
+                )
+            )
+    return warnings
+
+
 def coverage(runs: pl.DataFrame) -> list[dict]:
     """A warning per run that scored a method on fewer latents than another run of the same
     scorer, saying whether the latents it lacks differ from the common ones."""
@@ -186,12 +214,15 @@ def unparsed(features: pl.DataFrame, explainers: list[str]) -> list[dict]:
     return notes
 
 
-def data_checks(features: pl.DataFrame, runs: pl.DataFrame, explainers: list[str]) -> tuple[list[dict], dict]:
+def data_checks(
+    features: pl.DataFrame, runs: pl.DataFrame, explainers: list[str], example_sets: pl.DataFrame | None = None
+) -> tuple[list[dict], dict]:
     """Every check of the module docstring: (warnings, identical-text latents per explainer pair).
 
     ``features``: features.parquet's feature_id, llm_explainer, explanation_text, explanation_ok;
     ``runs``: one row per (run, method, latent) with data_source, explainer, scorer, method,
-    feature_id, n_examples, score."""
+    feature_id, n_examples, score; ``example_sets``: the examples each run scored per latent
+    (:func:`sae_atlas.query.anatomy.read_error_rates`), where the scored records are kept."""
     identical_warnings, identical = identical_texts(features, explainers)
     count_warnings, fewer = example_counts(runs)
     for warning, ids in zip(identical_warnings, [ids for ids in identical.values() if len(ids)], strict=True):
@@ -201,6 +232,7 @@ def data_checks(features: pl.DataFrame, runs: pl.DataFrame, explainers: list[str
     warnings = [
         *identical_warnings,
         *count_warnings,
+        *(same_examples(runs, example_sets) if example_sets is not None else []),
         *coverage(runs),
         *self_scoring(runs),
         *unparsed(features, explainers),

@@ -34,7 +34,7 @@ import orjson
 import polars as pl
 
 from sae_atlas import metrics as registry
-from sae_atlas.query import agreement, profiles
+from sae_atlas.query import agreement, anatomy, profiles
 from sae_atlas.query.comparability import data_checks
 from sae_atlas.query.headline import common_latents, headline, short_name
 from sae_atlas.query.resampling import SMALL_SAMPLE, Resamples, mean_intervals, wilcoxon
@@ -370,16 +370,19 @@ def compare_output(
     exclude_identical: bool = False,
     run_scores: pl.DataFrame | None = None,
     quantiles: pl.DataFrame | None = None,
+    evidence: tuple[pl.DataFrame, pl.DataFrame] | None = None,
 ) -> dict:
     """The comparison of one output directory (:meth:`Atlas.compare`'s result): ``features`` is
     features.parquet (explanations, agreement), ``scores_table`` one row per (feature, explainer,
     scorer) with a column per score metric, ``settings`` each run's score-relevant settings,
     ``run_scores`` one row per (run, method, latent) for the checks of :mod:`comparability`,
-    ``quantiles`` the scores per activation quantile. ``latents``: "common" compares every metric
+    ``quantiles`` the scores per activation quantile, ``evidence`` the error rates and example sets
+    of the scored records (:func:`anatomy.read_error_rates`). ``latents``: "common" compares every metric
     on the latents every run scored, "all" on every latent with a value; ``exclude_identical``
     leaves out the latents where two explainers wrote the same text."""
     runs = pl.DataFrame(schema=RUN_SCORES) if run_scores is None else run_scores
-    checks, identical = data_checks(features, runs, explainers)
+    rates, example_sets = evidence if evidence is not None else (None, None)
+    checks, identical = data_checks(features, runs, explainers, example_sets)
     with_identical = np.unique(np.concatenate([np.zeros(0, np.int64), *identical.values()]))
     excluded = with_identical if exclude_identical else np.zeros(0, np.int64)
     draws = Resamples(resamples, seed)
@@ -429,6 +432,13 @@ def compare_output(
     result["comparability"]["comparable"] = not result["comparability"]["warnings"]
     all_latents = wide_scores(scores_table.select("feature_id", "explainer", "scorer", *chosen), chosen)
     result["identical_text_control"] = identical_text_control(all_latents, identical, chosen, scorers, **statistics)
+    result["error_anatomy"] = (
+        anatomy.error_anatomy(
+            rates, settings[1], {m: used[m] for m in ("fuzz", "detection") if m in used}, **statistics
+        )
+        if rates is not None
+        else []
+    )
     result["small_samples"] = _small_samples(result)
     return result
 

@@ -13,9 +13,10 @@ from sae_atlas.query.resampling import Resamples, mean_intervals
 FIRING_BINS = 8
 
 
-def _interval_rows(frame: pl.DataFrame, keys: list[str], *, resamples: Resamples, confidence: float) -> list[dict]:
+def interval_rows(frame: pl.DataFrame, keys: list[str], *, resamples: Resamples, confidence: float) -> list[dict]:
     """``frame``: feature_id, the ``keys`` and ``value``; one row per distinct key with the mean over
-    latents and its interval (latents resampled, every key from the same resamples)."""
+    latents and its interval (latents resampled, every key from the same resamples; NaN values,
+    e.g. a rate with nothing to divide, are left out)."""
     if frame.is_empty():
         return []
     groups = frame.select(keys).unique().sort(keys).with_row_index("_group")
@@ -23,7 +24,7 @@ def _interval_rows(frame: pl.DataFrame, keys: list[str], *, resamples: Resamples
     latents = np.sort(indexed["feature_id"].unique().to_numpy())
     values = np.full((len(latents), groups.height), np.nan)
     rows_of = np.searchsorted(latents, indexed["feature_id"].to_numpy())
-    values[rows_of, indexed["_group"].to_numpy()] = indexed["value"].to_numpy()
+    values[rows_of, indexed["_group"].to_numpy()] = indexed["value"].cast(pl.Float64).to_numpy()
     low, high, methods = mean_intervals(values, resamples.blocks(len(latents)), confidence)
     present = ~np.isnan(values)
     rows = []
@@ -57,7 +58,7 @@ def by_quantile(
             .agg(value=pl.col("score").cast(pl.Float64).mean())
             .with_columns(method=pl.lit(method))
         )
-        rows += _interval_rows(frame, ["method", "explainer", "quantile"], resamples=resamples, confidence=confidence)
+        rows += interval_rows(frame, ["method", "explainer", "quantile"], resamples=resamples, confidence=confidence)
     return rows
 
 
@@ -96,7 +97,7 @@ def by_firing(
             .join(binned.select("feature_id", "bin"), on="feature_id")
             .with_columns(metric=pl.lit(metric))
         )
-        for row in _interval_rows(frame, ["metric", "explainer", "bin"], resamples=resamples, confidence=confidence):
+        for row in interval_rows(frame, ["metric", "explainer", "bin"], resamples=resamples, confidence=confidence):
             low, high = edges[row["bin"]], edges[row["bin"] + 1]
             rows.append({**row, "frequency_low": float(low), "frequency_high": float(high)})
     return rows

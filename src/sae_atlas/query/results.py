@@ -328,6 +328,13 @@ class FiringPoint(ProfilePoint):
     frequency_high: float
 
 
+class ErrorRate(ProfilePoint):
+    scorer: str
+    method: str
+    quantile: int = Field(description="activation quantile (0 = top); -1: the non-activating examples")
+    kind: Literal["false negatives", "false positives"]
+
+
 class Profiles(BaseModel):
     by_quantile: list[QuantilePoint]
     by_firing: list[FiringPoint]
@@ -399,6 +406,10 @@ class Comparison(BaseModel):
     identical_text_control: list[PairedRow] = Field(
         description="paired differences on the latents where two explainers wrote the same text: the "
         "scorers' noise, which should cover 0"
+    )
+    error_anatomy: list[ErrorRate] = Field(
+        description="per explainer × scorer × method, the mean error rate on activating examples by quantile "
+        "(false negatives) and on non-activating ones (false positives), from the scored records"
     )
     small_samples: list[SmallSample] = Field(description="the intervals that are Student-t because n is small")
 

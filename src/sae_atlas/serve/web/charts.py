@@ -278,11 +278,13 @@ def headline_charts(data: dict) -> dict:
     return charts
 
 
-def _profile(points: list[dict], key: str, labels: list[str], reference: float | None) -> dict | None:
+def _profile(points: list[dict], key: str, labels: list[str], reference: float | None, name=None) -> dict | None:
+    """A profile chart of ``points`` along ``key``, one series per ``name(point)`` (the explainer)."""
+    name = name or (lambda point: short_name(point["explainer"]))
     series: dict[str, list[dict]] = {}
     positions = {value: index for index, value in enumerate(sorted({point[key] for point in points}))}
     for point in points:
-        series.setdefault(short_name(point["explainer"]), []).append({**point, "position": positions[point[key]]})
+        series.setdefault(name(point), []).append({**point, "position": positions[point[key]]})
     return profile_svg_data(series, labels, reference=reference) if series else None
 
 
@@ -324,7 +326,17 @@ def comparison_charts(data: dict) -> dict:
             (point for point in data["profiles"]["by_firing"] if point["metric"] == metric), key=lambda p: p["bin"]
         )
         bins = {point["bin"]: point for point in firing}
+        errors = [row for row in data.get("error_anatomy", []) if row["method"] == metric]
+        misses = [row for row in errors if row["kind"] == "false negatives"]
         charts[metric] = {
+            "false_negatives": _profile(
+                misses,
+                "quantile",
+                [str(q) for q in sorted({row["quantile"] for row in misses})],
+                None,
+                name=lambda row: f"{brief(row['explainer'], 14)} · {brief(row['scorer'], 10)}",
+            ),
+            "false_positives": [row for row in errors if row["kind"] == "false positives"],
             "summary": forest_svg_data(summary, reference=_chance(metric)) if summary else None,
             "paired": forest_svg_data(paired, zero_line=True) if paired else None,
             "paired_rows": paired,
