@@ -11,6 +11,7 @@ import polars as pl
 from sae_atlas import layout
 from sae_atlas.problems import Problems
 from sae_atlas.query.evidence import ScoreEvidence
+from sae_atlas.score_methods import ExampleStore
 from sae_atlas.sources import delphi
 from sae_atlas.stages.score_evidence import build_score_evidence, evidence_rows
 
@@ -81,15 +82,15 @@ def test_scorers_that_disagree_on_known_examples(tmp_path):
         "e_e-s1_s": {"a": True, "b": True, "c": False, "d": False},
         "e_e-s2_s": {"a": None, "b": False, "c": True, "d": False},
     }
-    parts = []
+    parts, store = [], ExampleStore()
     for source, predictions in verdicts.items():
         path = tmp_path / source / "fuzz_latent7.txt"
         path.parent.mkdir(parents=True)
         records = [classifier_record(examples[name], True, predictions[name]) for name in "dcba"]
         path.write_bytes(orjson.dumps(records))
-        read = delphi.read_score_files("fuzz", [delphi.LatentFile(7, "layers.0", path)], Problems())
+        read = delphi.read_score_files("fuzz", [delphi.LatentFile(7, "layers.0", path)], Problems(), store)
         parts.append(evidence_rows(read.records.with_columns(data_source=pl.lit(source))))
-    records, texts = build_score_evidence(parts)
+    records, texts = build_score_evidence(pl.concat(parts), store.table())
     output = tmp_path / "output"
     (output / "stages").mkdir(parents=True)
     records.write_parquet(output / layout.SCORE_RECORDS)

@@ -20,7 +20,7 @@ import polars as pl
 from sae_atlas import score_methods
 from sae_atlas.config import SourceConfig
 from sae_atlas.problems import Problems, latent_out_of_range
-from sae_atlas.score_methods import EVIDENCE_COLUMNS, RECORD_COLUMNS, parse_evidence
+from sae_atlas.score_methods import EVIDENCE_COLUMNS, RECORD_COLUMNS, ExampleStore, parse_evidence
 from sae_atlas.sources import files
 
 # Matched whole (``fullmatch``) and with ASCII digits only: a name ending in a newline, or with
@@ -424,7 +424,7 @@ class ScoreRecords:
     ``files`` has one row per readable score file (``method``, ``feature_id``, ``n_records``), so
     that an empty ``[]`` file still yields a row with no score; ``records`` has one row per record
     (``method``, ``feature_id``, the columns of :data:`score_methods.RECORD_COLUMNS` and of
-    :data:`score_methods.EVIDENCE_COLUMNS`: its position, verdict and example).
+    :data:`score_methods.EVIDENCE_COLUMNS`: its position, verdict and the text of its example).
     """
 
     files: pl.DataFrame
@@ -452,8 +452,12 @@ def _load_records(entry: LatentFile, problems: Problems) -> list[dict] | None:
     return records
 
 
-def read_score_files(method: str, entries: list[LatentFile], problems: Problems) -> ScoreRecords:
-    """Parse the score files ``entries`` of one method with that method's parser."""
+def read_score_files(
+    method: str, entries: list[LatentFile], problems: Problems, examples: ExampleStore | None = None
+) -> ScoreRecords:
+    """Parse the score files ``entries`` of one method with that method's parser; the examples of
+    their records go to ``examples`` (shared by the calls of a block of latents)."""
+    examples = ExampleStore() if examples is None else examples
     listing = {"method": [], "feature_id": [], "n_records": []}
     columns: dict[str, list] = {
         "method": [],
@@ -486,13 +490,14 @@ def read_score_files(method: str, entries: list[LatentFile], problems: Problems)
                 parsed["outcome"][index] = None
         for name, values in parsed.items():
             columns[name].extend(values)
-        for name, values in parse_evidence(records, method).items():
+        for name, values in parse_evidence(records, method, entry.latent, examples).items():
             columns[name].extend(values)
+    records = pl.DataFrame(
+        columns, schema={"method": pl.String, "feature_id": pl.UInt32, **RECORD_COLUMNS, **EVIDENCE_COLUMNS}
+    )
     return ScoreRecords(
         files=pl.DataFrame(listing, schema={"method": pl.String, "feature_id": pl.UInt32, "n_records": pl.UInt32}),
-        records=pl.DataFrame(
-            columns, schema={"method": pl.String, "feature_id": pl.UInt32, **RECORD_COLUMNS, **EVIDENCE_COLUMNS}
-        ),
+        records=records,
     )
 
 

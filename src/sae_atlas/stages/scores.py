@@ -16,7 +16,7 @@ import polars as pl
 from sae_atlas import layout, score_methods
 from sae_atlas.problems import Problems
 from sae_atlas.schema import STAGE_SCORE_EXAMPLES, STAGE_SCORE_RECORDS, STAGE_SCORES
-from sae_atlas.score_methods import AGGREGATE_COLUMNS, EVIDENCE_COLUMNS
+from sae_atlas.score_methods import AGGREGATE_COLUMNS, EVIDENCE_COLUMNS, ExampleStore
 from sae_atlas.sources import delphi
 from sae_atlas.stage import Parts, Plan, Product, Stage, StageContext, fingerprint_files
 from sae_atlas.stages.score_evidence import build_score_evidence, evidence_rows
@@ -121,7 +121,9 @@ def join_scores(
     )
 
 
-FILES_PER_TASK = 500
+# Files per task: a block's reads and aggregations are a few calls over many files (per-call
+# overhead dominates small blocks), and a block's records with their examples stay well under 1 GB.
+FILES_PER_TASK = 2000
 
 
 @dataclass(frozen=True)
@@ -165,18 +167,20 @@ def score_chunk(task: ScoreTask) -> tuple[pl.DataFrame, pl.DataFrame, tuple[pl.D
     groups: dict[tuple[str, str], list] = {}
     for source, method, entry in task.files:
         groups.setdefault((source, method), []).append(entry)
-    listings, aggregates, evidence, count = [], [], [], 0
-    for (source, method), entries in groups.items():
-        read = delphi.read_score_files(method, entries, problems)
+    listings, parts, examples = [], [], ExampleStore()
+    # the classifiers first: their examples have tokens and activations, the embedding scorer's a text
+    for (source, method), entries in sorted(groups.items(), key=lambda item: item[0][1] == "embedding"):
+        read = delphi.read_score_files(method, entries, problems, examples)
         name = pl.lit(source, pl.String)
-        records = read.records.with_columns(data_source=name)
         listings.append(read.files.with_columns(data_source=name))
-        aggregates.append(aggregate_records(records.drop(*EVIDENCE_COLUMNS)))
-        evidence.append(evidence_rows(records))
-        count += read.records.height
-    listing = pl.concat(listings) if listings else pl.DataFrame(schema=LISTING_COLUMNS)
-    aggregated = pl.concat(aggregates, how="vertical_relaxed") if aggregates else None
-    return listing, aggregated, build_score_evidence(evidence), count, problems.items
+        parts.append(read.records.with_columns(data_source=name))
+    if not parts:
+        return pl.DataFrame(schema=LISTING_COLUMNS), None, build_score_evidence(None, None), 0, problems.items
+    # one aggregation per block: each method's aggregator over every run's records at once
+    records = pl.concat(parts)
+    aggregated = aggregate_records(records.drop(*EVIDENCE_COLUMNS))
+    evidence = build_score_evidence(evidence_rows(records), examples.table())
+    return pl.concat(listings), aggregated, evidence, records.height, problems.items
 
 
 LISTING_COLUMNS = {"method": pl.String, "feature_id": pl.UInt32, "n_records": pl.UInt32, "data_source": pl.String}
