@@ -274,6 +274,8 @@ def test_evidence_page_shows_each_runs_verdict_as_its_json_twin(page, base_url, 
     records = pl.read_parquet(small_run[0].output_dir / "stages/score_records.parquet")
     feature = int(records["feature_id"][0])
     page.goto(f"{base_url}/features/{feature}")
+    # the feature page shows the examples that separate the explainers, and links to all of them
+    assert page.locator("section", has=page.locator("#evidence-title")).locator("table.evidence-table").count() >= 1
     with page.expect_navigation():
         page.click("p.evidence-link a")
     assert page.url.endswith(f"/features/{feature}/evidence")
@@ -288,6 +290,9 @@ def test_evidence_page_shows_each_runs_verdict_as_its_json_twin(page, base_url, 
     twin = page.request.get(f"{base_url}/api/features/{feature}/evidence?show=disagree&method=fuzz").json()
     [section] = twin["methods"]
     assert fuzz.locator("tbody tr").count() == len(section["examples"]) == section["counts"]["disagree"]
+    # each column is the run the JSON says (model names sort differently with and without case)
+    columns = fuzz.locator("thead th.verdict").evaluate_all("cells => cells.map(cell => cell.title.split(':')[0])")
+    assert columns == [run["data_source"] for run in twin["runs"]]
     marks = fuzz.locator("tbody tr").first.locator("td.verdict").all_inner_texts()
     expected = {"correct": "✓", "wrong": "✗", "failed": "!", None: "–"}
     assert marks == [expected[verdict] for verdict in section["examples"][0]["verdicts"]]

@@ -149,3 +149,87 @@ def test_error_rates_by_hand_and_as_planted(tmp_path, small_run):
     }
     for scorer in {scorer for _, scorer in runs}:
         assert false_positive["hugging-quants", scorer] < false_positive["google", scorer]
+
+
+def test_every_delphi_generation_keeps_its_records_one_for_one(tmp_path):
+    """Gen 1 (text only, 1-based distance, prediction -1 on failure), Gen 2 (str_tokens, 1-based,
+    -1), Gen 3 (activating, 0-based, null on failure): each record kept, its verdict as recorded,
+    failures null, quantiles 0 = top."""
+    generations = {
+        "gen1": [
+            {
+                "text": "a b",
+                "distance": 1,
+                "ground_truth": True,
+                "prediction": 1,
+                "highlighted": False,
+                "correct": True,
+            },
+            {"text": "c d", "distance": -1, "ground_truth": False, "prediction": 1, "highlighted": False},
+            {
+                "text": "e f",
+                "distance": 3,
+                "ground_truth": True,
+                "prediction": -1,
+                "highlighted": False,
+                "correct": False,
+            },
+        ],
+        "gen2": [
+            {
+                "str_tokens": ["a", " b"],
+                "activations": [0, 2],
+                "distance": 2,
+                "ground_truth": True,
+                "prediction": 0,
+                "highlighted": False,
+                "probability": 0.0,
+                "correct": False,
+            },
+            {
+                "str_tokens": ["c", " d"],
+                "activations": [0, 0],
+                "distance": -1,
+                "ground_truth": False,
+                "prediction": -1,
+                "highlighted": False,
+                "probability": -1,
+                "correct": False,
+            },
+        ],
+        "gen3": [
+            {
+                "str_tokens": ["a", " b"],
+                "activations": [1.5, 0],
+                "distance": 0,
+                "activating": True,
+                "prediction": True,
+                "probability": 0.9,
+                "correct": True,
+            },
+            {
+                "str_tokens": ["c", " d"],
+                "activations": [0, 0],
+                "distance": -1,
+                "activating": False,
+                "prediction": None,
+                "probability": None,
+                "correct": None,
+            },
+        ],
+    }
+    expected = {
+        "gen1": [(True, 0, True, True), (False, None, True, False), (True, 2, None, None)],
+        "gen2": [(True, 1, False, False), (False, None, None, None)],
+        "gen3": [(True, 0, True, True), (False, None, None, None)],
+    }
+    for generation, records in generations.items():
+        path = tmp_path / f"{generation}_latent3.txt"
+        path.write_bytes(orjson.dumps(records))
+        store = ExampleStore()
+        read = delphi.read_score_files("fuzz", [delphi.LatentFile(3, "x", path)], Problems(), store)
+        rows = evidence_rows(read.records.with_columns(data_source=pl.lit(generation)))
+        kept, examples = build_score_evidence(rows, store.table())
+        assert kept.select("activating", "quantile", "prediction", "correct").rows() == expected[generation], generation
+        assert kept["record"].to_list() == list(range(len(records)))
+        assert examples.height == len(records) and kept["example_id"].null_count() == 0
