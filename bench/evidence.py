@@ -71,6 +71,12 @@ def evidence_latency(output: Path, samples: int = 200) -> tuple[float, float]:
     return float(np.percentile(times, 50)), float(np.percentile(times, 95))
 
 
+def error_rates_cost(output: Path) -> tuple[float, int]:
+    """What `compare` pays to read the records' error rates and example sets, in a fresh process."""
+    code = f"from sae_atlas.query.anatomy import read_error_rates; read_error_rates({str(output)!r})"
+    return measured([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--features", type=int, default=16384)
@@ -100,6 +106,7 @@ def main() -> None:
     }
     records = pl.scan_parquet(output / "stages/score_records.parquet").select(pl.len()).collect().item()
     p50, p95 = evidence_latency(output)
+    rates_seconds, rates_peak = error_rates_cost(output)
     before, now = statistics.median(times["before"]), statistics.median(times["now"])
     total = sum(sizes.values())
     body = f"""
@@ -116,7 +123,8 @@ scorers ({records:,} fuzz, detection and embedding records kept), in a fresh pro
 stages/score_records.parquet {sizes["score_records.parquet"] / 2**20:.1f} MB and stages/score_examples.parquet
 {sizes["score_examples.parquet"] / 2**20:.1f} MB: {total / 2**20:.1f} MB together (target < 150 MB at 16,384 latents).
 A latent's evidence (`Atlas.evidence`, both methods, every run; 200 random explained latents): p50
-{p50 * 1000:.1f} ms, p95 {p95 * 1000:.1f} ms (target < 100 ms).
+{p50 * 1000:.1f} ms, p95 {p95 * 1000:.1f} ms (target < 100 ms). Reading every record's error rates and
+example sets for `compare` (streamed): {rates_seconds:.1f} s, peak {gib(rates_peak)}, in a fresh process.
 """
     update_section(f"evidence-{arguments.features}", body)
     print(body)
