@@ -432,15 +432,17 @@ def compare_output(
     result["comparability"]["comparable"] = not result["comparability"]["warnings"]
     all_latents = wide_scores(scores_table.select("feature_id", "explainer", "scorer", *chosen), chosen)
     result["identical_text_control"] = identical_text_control(all_latents, identical, chosen, scorers, **statistics)
-    result["error_anatomy"] = (
-        anatomy.error_anatomy(
-            rates, settings[1], {m: used[m] for m in ("fuzz", "detection") if m in used}, **statistics
-        )
-        if rates is not None
-        else []
-    )
+    result["error_anatomy"] = _error_anatomy(rates, settings[1], used, **statistics)
     result["small_samples"] = _small_samples(result)
     return result
+
+
+def _error_anatomy(rates, runs: list[dict], used: dict[str, np.ndarray], *, resamples, confidence) -> list[dict]:
+    """Where fuzz and detection errors fall, on each method's compared latents (none without records)."""
+    if rates is None:
+        return []
+    chosen = {method: used[method] for method in ("fuzz", "detection") if method in used}
+    return anatomy.error_anatomy(rates, runs, chosen, resamples=resamples, confidence=confidence)
 
 
 def _profiles(scores, quantiles, firing, used: dict[str, np.ndarray], *, resamples, confidence) -> dict:
