@@ -74,19 +74,14 @@ def classifier_record(tokens: list[str], activating: bool, prediction: bool | No
     }
 
 
-def test_scorers_that_disagree_on_known_examples(tmp_path):
-    """One explainer, two scorers, four examples: the scorers disagree on examples b and c, both
-    miss d, and s2's batch failed on a."""
-    examples = {"a": ["a", "1"], "b": ["b", "2"], "c": ["c", "3"], "d": ["d", "4"]}
-    verdicts = {  # the scorers' predictions; every example is activating
-        "e_e-s1_s": {"a": True, "b": True, "c": False, "d": False},
-        "e_e-s2_s": {"a": None, "b": False, "c": True, "d": False},
-    }
+def evidence_of(tmp_path: Path, verdicts: dict[str, dict[str, bool | None]]) -> ScoreEvidence:
+    """Latent 7's fuzz files, one per run (``verdicts``: run → example → prediction; every example
+    activating, its text the example's name), through the reader and the stage into an output."""
     parts, store = [], ExampleStore()
     for source, predictions in verdicts.items():
         path = tmp_path / source / "fuzz_latent7.txt"
         path.parent.mkdir(parents=True)
-        records = [classifier_record(examples[name], True, predictions[name]) for name in "dcba"]
+        records = [classifier_record([name, " x"], True, prediction) for name, prediction in predictions.items()]
         path.write_bytes(orjson.dumps(records))
         read = delphi.read_score_files("fuzz", [delphi.LatentFile(7, "layers.0", path)], Problems(), store)
         parts.append(evidence_rows(read.records.with_columns(data_source=pl.lit(source))))
@@ -95,16 +90,26 @@ def test_scorers_that_disagree_on_known_examples(tmp_path):
     (output / "stages").mkdir(parents=True)
     records.write_parquet(output / layout.SCORE_RECORDS)
     texts.write_parquet(output / layout.SCORE_EXAMPLES)
+    return ScoreEvidence(output)
+
+
+def shown(evidence: ScoreEvidence, runs: list[dict], show: str = "all") -> list[str]:
+    [fuzz] = evidence.of_feature(7, runs, method="fuzz", show=show)["methods"]
+    return sorted(example["str_tokens"][0] for example in fuzz["examples"])
+
+
+def test_scorers_that_disagree_on_known_examples(tmp_path):
+    """One explainer, two scorers, four examples: the scorers disagree on examples b and c, both
+    miss d, and s2's batch failed on a."""
+    verdicts = {  # the scorers' predictions; every example is activating
+        "e_e-s1_s": {"d": False, "c": False, "b": True, "a": True},
+        "e_e-s2_s": {"d": False, "c": True, "b": False, "a": None},
+    }
+    evidence = evidence_of(tmp_path, verdicts)
     runs = [{"data_source": source, "explainer": "E", "scorer": source[4:6]} for source in verdicts]
-    evidence = ScoreEvidence(output)
-
-    def shown(show: str) -> list[str]:
-        [fuzz] = evidence.of_feature(7, runs, method="fuzz", show=show)["methods"]
-        return sorted(example["str_tokens"][0] for example in fuzz["examples"])
-
-    assert shown("disagree") == ["b", "c"]
-    assert shown("all_miss") == ["d"]
-    assert shown("failed") == ["a"]
+    assert shown(evidence, runs, "disagree") == ["b", "c"]
+    assert shown(evidence, runs, "all_miss") == ["d"]
+    assert shown(evidence, runs, "failed") == ["a"]
     [fuzz] = evidence.of_feature(7, runs, method="fuzz")["methods"]
     by_example = {example["str_tokens"][0]: example["verdicts"] for example in fuzz["examples"]}
     assert by_example == {
@@ -114,6 +119,18 @@ def test_scorers_that_disagree_on_known_examples(tmp_path):
         "d": ["wrong", "wrong"],
     }
     assert fuzz["counts"] == {"disagree": 2, "all_miss": 1, "failed": 1}
+
+
+def test_a_miss_by_every_explainer_needs_every_explainer_judged(tmp_path):
+    """E's run scored a and b, F's only b: both missed b; only E was judged on a, so a is not a
+    miss by every explainer (the study's reconstructed records give each run its own examples)."""
+    evidence = evidence_of(tmp_path, {"e_e-s_s": {"a": False, "b": False}, "f_e-s_s": {"b": False}})
+    runs = [
+        {"data_source": "e_e-s_s", "explainer": "E", "scorer": "S"},
+        {"data_source": "f_e-s_s", "explainer": "F", "scorer": "S"},
+    ]
+    assert shown(evidence, runs, "all_miss") == ["b"]
+    assert shown(evidence, runs) == ["a", "b"]
 
 
 def test_error_rates_by_hand_and_as_planted(tmp_path, small_run):

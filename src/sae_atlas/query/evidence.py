@@ -5,7 +5,8 @@ Each cell is the run's verdict on the example: ``correct``, ``wrong``, ``failed`
 there but its batch failed) or null (the run did not score that example). An example is
 
 - **disagreed on** when two scorers of one explainer's explanation gave different verdicts;
-- **missed by every explainer** when every run that scored it got it wrong;
+- **missed by every explainer** when every explainer was judged on it and none of its runs got it
+  right;
 - **failed** when some run's batch failed on it.
 
 Examples are sorted so that those separating the explainers come first: the spread (max − min)
@@ -89,7 +90,11 @@ def _method_evidence(records: pl.DataFrame, texts: pl.DataFrame, method: str, ru
             shares.append(correct[:, columns].sum(axis=1) / decided.sum(axis=1))
     shares = np.column_stack(shares)
     spread = np.nan_to_num(np.nanmax(shares, axis=1) - np.nanmin(shares, axis=1)) if shares.size else np.zeros(0)
-    all_miss = wrong.any(axis=1) & ~correct.any(axis=1)
+    # every explainer was judged on it and none of its runs got it right (a miss by the one explainer
+    # that happened to be scored on an example is not a miss by every explainer)
+    all_miss = np.ones(len(cells), bool)
+    for columns in by_explainer:
+        all_miss &= wrong[:, columns].any(axis=1) & ~correct[:, columns].any(axis=1)
     flags = {"disagree": disagree, "all_miss": all_miss, "failed": failed.any(axis=1)}
     keep = np.ones(len(cells), bool) if show == "all" else flags[show]
     rank = np.lexsort((wide["example_id"].to_numpy(), wide["quantile"].fill_null(99).to_numpy(), -spread))

@@ -432,7 +432,7 @@ class EvidenceExample(BaseModel):
     verdicts: list[Verdict | None] = Field(description="per run (in ``runs``' order); null: not scored by it")
     spread: float = Field(description="max − min over explainers of their share of correct verdicts")
     disagree: bool = Field(description="two scorers of one explainer's explanation decided differently")
-    all_miss: bool = Field(description="every run that scored it got it wrong")
+    all_miss: bool = Field(description="every explainer was judged on it and none of its runs got it right")
     failed: bool = Field(description="a run's batch failed on it")
 
 
