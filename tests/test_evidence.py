@@ -250,3 +250,22 @@ def test_every_delphi_generation_keeps_its_records_one_for_one(tmp_path):
         assert kept.select("activating", "quantile", "prediction", "correct").rows() == expected[generation], generation
         assert kept["record"].to_list() == list(range(len(records)))
         assert examples.height == len(records) and kept["example_id"].null_count() == 0
+
+
+def test_a_record_without_a_readable_example_is_reported_and_keeps_its_verdict(tmp_path):
+    records = [
+        classifier_record(["a", " b"], True, True),
+        {**classifier_record(["c"], True, False), "str_tokens": [1, 2]},  # tokens that are not text
+        {**classifier_record(["d"], False, False), "str_tokens": None},  # no example at all
+    ]
+    path = tmp_path / "fuzz_latent5.txt"
+    path.write_bytes(orjson.dumps(records))
+    problems, store = Problems(), ExampleStore()
+    read = delphi.read_score_files("fuzz", [delphi.LatentFile(5, "x", path)], problems, store)
+    [problem] = problems.items
+    assert problem.file == str(path) and problem.latent == 5 and problem.message.startswith("2 record(s) without")
+    kept, examples = build_score_evidence(
+        evidence_rows(read.records.with_columns(data_source=pl.lit("r"))), store.table()
+    )
+    assert kept["correct"].to_list() == [True, False, True] and kept["example_id"].null_count() == 2
+    assert examples.height == 1

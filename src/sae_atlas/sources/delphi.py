@@ -20,7 +20,7 @@ import polars as pl
 from sae_atlas import score_methods
 from sae_atlas.config import SourceConfig
 from sae_atlas.problems import Problems, latent_out_of_range
-from sae_atlas.score_methods import EVIDENCE_COLUMNS, RECORD_COLUMNS, ExampleStore, parse_evidence
+from sae_atlas.score_methods import EVIDENCE_COLUMNS, EVIDENCE_METHODS, RECORD_COLUMNS, ExampleStore, parse_evidence
 from sae_atlas.sources import files
 
 # Matched whole (``fullmatch``) and with ASCII digits only: a name ending in a newline, or with
@@ -490,7 +490,16 @@ def read_score_files(
                 parsed["outcome"][index] = None
         for name, values in parsed.items():
             columns[name].extend(values)
-        for name, values in parse_evidence(records, method, entry.latent, examples).items():
+        evidence = parse_evidence(records, method, entry.latent, examples)
+        unknown = sum(text is None for text in evidence["example_text"]) if method in EVIDENCE_METHODS else 0
+        if unknown:
+            problems.add(
+                entry.path,
+                f"{unknown} record(s) without a readable example (str_tokens of strings, or text); their verdicts "
+                "are kept, without the example",
+                latent=entry.latent,
+            )
+        for name, values in evidence.items():
             columns[name].extend(values)
     records = pl.DataFrame(
         columns, schema={"method": pl.String, "feature_id": pl.UInt32, **RECORD_COLUMNS, **EVIDENCE_COLUMNS}
