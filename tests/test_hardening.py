@@ -287,14 +287,16 @@ def test_temporary_files_of_killed_runs_are_removed_and_those_of_live_runs_kept(
     config = corpus / "sae-atlas.toml"
     config.write_text(config.read_text() + 'cache_dir = "fresh-cache"\n')
     command = [*ordinary_user(), sys.executable, "-m", "sae_atlas", "run", str(corpus / "sae-atlas.toml")]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # its own process group: kill -9 reaches the run's worker processes too, which would otherwise
+    # outlive the test (the run cannot stop them when it is killed)
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     pattern = f".activation_embeddings.parquet.tmp-{process.pid}"
     temporary = master / pattern
     deadline = time.monotonic() + 300
     while not temporary.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
     assert temporary.exists(), "the run finished before its temporary file was seen"
-    process.send_signal(signal.SIGKILL)
+    os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     assert temporary.exists()  # kill -9 leaves it behind
 
