@@ -31,16 +31,14 @@ import numpy as np
 import polars as pl
 from scipy.stats import mannwhitneyu
 
+from sae_atlas.query.headline import short_name
+
 SHOWN_IDS = 10
 # Below this p-value the latents a run lacks are reported as not a random subset.
 COVERAGE_P = 0.01
 # From this share of the latents both runs have, identical texts or different example counts are
 # serious (they can move the answer); below it they are warnings.
 SERIOUS_SHARE = 0.05
-
-
-def _short(name: str) -> str:
-    return name.rsplit("/", 1)[-1]
 
 
 def _warning(check: str, message: str, latents: int, ids, severity: str = "warning") -> dict:
@@ -70,7 +68,7 @@ def identical_texts(features: pl.DataFrame, explainers: list[str]) -> tuple[list
             warnings.append(
                 _warning(
                     "identical texts",
-                    f"{_short(first)} and {_short(second)} wrote the same explanation, word for word, for "
+                    f"{short_name(first)} and {short_name(second)} wrote the same explanation, word for word, for "
                     f"{len(same):,} of the {both.height:,} latents both explained ({len(same) / both.height:.0%}): "
                     "there the explainers cannot differ, and the paired difference measures the scorers' noise",
                     len(same),
@@ -188,7 +186,7 @@ def self_scoring(runs: pl.DataFrame) -> list[dict]:
     return [
         _warning(
             "self-scoring",
-            f"{source}: {_short(scorer)} scores its own explanations (explainer and scorer are the same model)",
+            f"{source}: {short_name(scorer)} scores its own explanations (explainer and scorer are the same model)",
             0,
             [],
         )
@@ -205,7 +203,7 @@ def unparsed(features: pl.DataFrame, explainers: list[str]) -> list[dict]:
             notes.append(
                 _warning(
                     "unparsed explanations",
-                    f"{_short(explainer)}: {rows.height:,} explanations could not be parsed; they are scored and "
+                    f"{short_name(explainer)}: {rows.height:,} explanations could not be parsed; they are scored and "
                     "averaged like the others",
                     rows.height,
                     rows["feature_id"].sort(),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 from sae_atlas import metrics
+from sae_atlas.query.headline import short_name
 
 
 def _axis(low: float, high: float, ticks: int = 5) -> list[float]:
@@ -222,11 +223,6 @@ def profile_svg_data(
         "y_ticks": [{"y": y(value), "label": tick_label(value, ticks)} for value in ticks],
         "x_ticks": [{"x": left + slot * (index + 0.5), "label": label} for index, label in enumerate(x_labels)],
     }
-
-
-def short_name(name: str) -> str:
-    """A model name without its organisation."""
-    return str(name).rsplit("/", 1)[-1]
 
 
 def _chance(metric: str) -> float | None:
