@@ -7,13 +7,16 @@ from pathlib import Path
 
 import orjson
 import polars as pl
+import pytest
 
 from sae_atlas import layout
 from sae_atlas.problems import Problems
 from sae_atlas.query.evidence import ScoreEvidence
-from sae_atlas.score_methods import ExampleStore
+from sae_atlas.scored_examples import ExampleStore
 from sae_atlas.sources import delphi
 from sae_atlas.stages.score_evidence import build_score_evidence, evidence_rows
+
+PYTHIA_RUN = Path(__file__).parent / "fixtures" / "raw-formats" / "results" / "pythia-demo"
 
 
 def raw_records(corpus_root: Path) -> pl.DataFrame:
@@ -83,7 +86,9 @@ def evidence_of(tmp_path: Path, verdicts: dict[str, dict[str, bool | None]]) -> 
         path.parent.mkdir(parents=True)
         records = [classifier_record([name, " x"], True, prediction) for name, prediction in predictions.items()]
         path.write_bytes(orjson.dumps(records))
-        read = delphi.read_score_files("fuzz", [delphi.LatentFile(7, "layers.0", path)], Problems(), store)
+        read = delphi.read_score_files(
+            "fuzz", [delphi.LatentFile(7, "layers.0", path)], Problems(), store, source=source
+        )
         parts.append(evidence_rows(read.records.with_columns(data_source=pl.lit(source))))
     records, texts = build_score_evidence(pl.concat(parts), store.table())
     output = tmp_path / "output"
@@ -269,3 +274,68 @@ def test_a_record_without_a_readable_example_is_reported_and_keeps_its_verdict(t
     )
     assert kept["correct"].to_list() == [True, False, True] and kept["example_id"].null_count() == 2
     assert examples.height == 1
+
+
+def test_simulation_sequences_intruders_and_queries_are_kept_record_by_record(tmp_path):
+    """delphi's own files (raw-formats examples): a simulation file's sequences (the pooled group's
+    repeat of an activating one dropped), the intruder a record had to find, the batch's query."""
+    root = PYTHIA_RUN / "scores"
+    store, parts, sequences = ExampleStore(), [], []
+    for method in ("simulation", "intruder", "example_embedding"):
+        path = root / method / "layers.3.mlp_latent0.txt"
+        if method == "example_embedding":
+            path = tmp_path / "example_embedding.json"
+            path.write_bytes(
+                orjson.dumps(
+                    [
+                        {
+                            "batch": {"positive_query": " a query", "quantile_positive_query": 2},
+                            "delta_plus": 0.3,
+                            "delta_minus": 0.1,
+                        },
+                        {"batch": None, "delta_plus": "nan", "delta_minus": 0.1},
+                    ]
+                )
+            )
+        problems = Problems()
+        read = delphi.read_score_files(method, [delphi.LatentFile(0, "x", path)], problems, store, source="run")
+        assert not problems.items, problems.items
+        parts.append(read.records.with_columns(data_source=pl.lit("run")))
+        sequences.append(read.sequences.with_columns(data_source=pl.lit("run")))
+    records, examples = build_score_evidence(evidence_rows(pl.concat(parts), pl.concat(sequences)), store.table())
+    text = dict(zip(examples["example_id"], ["".join(tokens) for tokens in examples["str_tokens"]], strict=True))
+
+    simulation = records.filter(pl.col("method") == "simulation").sort("record")
+    assert simulation["record"].to_list() == [0, 1]
+    assert simulation["activating"].to_list() == [True, False]
+    assert simulation["quantile"].to_list() == [0, None]
+    assert simulation["outcome"].to_list() == [0.987, None]  # "nan" for the constant sequence
+    assert simulation["correct"].null_count() == 2  # a correlation is not a verdict
+    assert simulation["true_activations"][0].to_list() == [0.0, 0.0, 10.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+    assert simulation["simulated_activations"][0].to_list() == pytest.approx([0.1, 0.0, 7.9, 0.3, 0.0, 0.0, 0.0, 0.2])
+    assert {text[i] for i in simulation["example_id"]} == {" the end of the road, and then"}
+
+    intruder = records.filter(pl.col("method") == "intruder").sort("record")
+    assert intruder["correct"].to_list() == [True, None]  # the second sample failed (sample: null)
+    assert intruder["quantile"].to_list() == [3, None]
+    assert text[intruder["example_id"][0]] == " road works ahead"  # the intruder, at intruder_index 2
+    assert intruder["example_id"][1] is None
+
+    query = records.filter(pl.col("method") == "example_embedding").sort("record")
+    assert query["outcome"][0] == pytest.approx(0.2) and query["outcome"][1] is None
+    assert text[query["example_id"][0]] == " a query" and query["correct"].null_count() == 2
+
+
+def test_a_simulation_sequence_without_tokens_is_reported_and_kept(tmp_path):
+    path = tmp_path / "simulation.txt"
+    sequence = {"distance": 0, "true_activations": [1.0], "ev_correlation_score": 0.5}
+    path.write_bytes(
+        orjson.dumps([{"distance": 1, "scored_sequence_simulations": [sequence], "ev_correlation_score": 0.5}])
+    )
+    problems = Problems()
+    read = delphi.read_score_files("simulation", [delphi.LatentFile(4, "x", path)], problems, source="r")
+    assert [str(problem) for problem in problems] == [
+        f"{path} (latent 4): 1 record(s) without a readable example (str_tokens of strings, or text); "
+        "their verdicts are kept, without the example"
+    ]
+    assert read.sequences["outcome"].to_list() == [0.5] and read.sequences["example_text"].to_list() == [None]

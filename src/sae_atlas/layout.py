@@ -19,6 +19,7 @@ never leaves a half-written file, and a reader never sees one.
       <file>.metadata.json                   sidecars
       run_report.json                        RUN_REPORT
       .cache/embeddings/                     EMBEDDING_CACHE
+      .cache/scores/                         SCORE_CACHE
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ SCORE_RECORDS = "stages/score_records.parquet"
 SCORE_EXAMPLES = "stages/score_examples.parquet"
 RUN_REPORT = "run_report.json"
 EMBEDDING_CACHE = ".cache/embeddings"
+SCORE_CACHE = ".cache/scores"
 SIDECAR_SUFFIX = ".metadata.json"
 
 # The five files downstream consumers read, in the contract's order (DESIGN.md §2).

@@ -145,8 +145,9 @@ STAGE_SAMPLED_EXAMPLES = pl.Schema(
 STAGE_PROMPTS = pl.Schema({"prompt_id": pl.UInt32, "prompt_tokens": pl.List(pl.String)})
 
 # The stage outputs, checked by ``validate`` like the master files (leading columns, in order).
-# Every scored record of fuzz, detection and embedding files (scorer evidence): one row per record,
-# its example stored once per latent in STAGE_SCORE_EXAMPLES (every run of a study reuses them).
+# Every scored record of fuzz, detection, embedding, intruder and example_embedding files, and every
+# sequence of simulation files (scorer evidence): one row each, its example stored once per latent
+# in STAGE_SCORE_EXAMPLES (every run of a study reuses them).
 STAGE_SCORE_RECORDS = pl.Schema(
     {
         "feature_id": pl.UInt32,
@@ -160,6 +161,9 @@ STAGE_SCORE_RECORDS = pl.Schema(
         "correct": pl.Boolean,
         "outcome": pl.Float64,
         "example_id": pl.UInt32,
+        # simulation's sequences only: the simulator's per-token activations and the true ones
+        "simulated_activations": pl.List(pl.Float32),
+        "true_activations": pl.List(pl.Float32),
     }
 )
 STAGE_SCORE_EXAMPLES = pl.Schema(

@@ -34,7 +34,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import polars as pl
-import pyarrow as pa
 
 RECORD_COLUMNS = {
     "outcome": pl.Float64,
@@ -247,118 +246,6 @@ def parse_example_embedding(records: list[dict]) -> Columns:
         batch = record.get("batch")
         quantile.append(_quantile(batch.get("quantile_positive_query"), True) if isinstance(batch, dict) else None)
     return _columns(outcome, quantile)
-
-
-# -- the example each record scored (scorer evidence) ---------------------------------------------
-
-# The methods whose records are one example each, kept record by record in stages/score_records.
-EVIDENCE_METHODS = ("fuzz", "detection", "embedding")
-EVIDENCE_COLUMNS = {"record": pl.UInt32, "prediction": pl.Boolean, "example_text": pl.String}
-
-
-def _prediction(record: dict) -> bool | None:
-    """A classifier's verdict (is the example activating?): a bool, or Gen 1/2's 0/1; None when
-    the record failed (-1, null)."""
-    prediction = record.get("prediction")
-    if type(prediction) is bool:
-        return prediction
-    if type(prediction) is int and prediction in (0, 1):
-        return bool(prediction)
-    return None
-
-
-def _example(record: dict) -> tuple[str | None, list | None, list | None]:
-    """(text, tokens, activations) of the example a record scored. The text is the tokens
-    concatenated, so that the embedding scorer's ``text`` (the same example as one string) is the
-    same example as the classifiers' ``str_tokens``."""
-    tokens = record.get("str_tokens")
-    if type(tokens) is list and tokens:
-        try:
-            text = "".join(tokens)
-        except TypeError:  # a token that is not a string: the example is not known
-            return None, None, None
-        activations = record.get("activations")
-        return text, tokens, activations if type(activations) is list and len(activations) == len(tokens) else None
-    text = record.get("text")
-    return (text, [text], None) if type(text) is str else (None, None, None)
-
-
-class ExampleStore:
-    """The distinct examples of a block of latents, by (latent, text): the first seen, or the first
-    with per-token activations (an embedding record has only the text). Filled by
-    :func:`parse_evidence`."""
-
-    def __init__(self):
-        self.examples: dict[tuple[int, str], tuple[list, list | None]] = {}
-
-    def table(self) -> pl.DataFrame:
-        """feature_id, example_text, str_tokens, activations (float32; a value that is not a number
-        counts as 0)."""
-        keys = list(self.examples)
-        number = lambda value: float(value) if is_number(value) else 0.0  # noqa: E731
-        return pl.DataFrame(
-            {
-                "feature_id": pl.Series([latent for latent, _ in keys], dtype=pl.UInt32),
-                "example_text": pl.Series([text for _, text in keys], dtype=pl.String),
-                "str_tokens": pl.Series(_list_array([self.examples[key][0] for key in keys], pa.string(), str)),
-                "activations": pl.Series(
-                    _list_array([self.examples[key][1] for key in keys], pa.float32(), number)
-                ).cast(pl.List(pl.Float32)),
-            }
-        )
-
-
-def parse_evidence(records: list[dict], method: str, latent: int, store: ExampleStore) -> Columns:
-    """Per record of an :data:`EVIDENCE_METHODS` file: its position, the scorer's verdict and the
-    text of its example (kept in ``store``); None for other methods. One loop, inlined: it runs
-    for every record of a study."""
-    n = len(records)
-    if method not in EVIDENCE_METHODS:
-        return {"record": list(range(n)), "prediction": [None] * n, "example_text": [None] * n}
-    known = store.examples
-    classifier = method != "embedding"
-    texts, predictions = [], []
-    for record in records:
-        if classifier:
-            prediction = record.get("prediction")
-            predictions.append(prediction if type(prediction) is bool else _prediction(record))
-        tokens = record.get("str_tokens")
-        if type(tokens) is list and tokens:  # the common case, inline (see _example)
-            try:
-                text = "".join(tokens)
-            except TypeError:
-                text = None
-            held = known.get((latent, text)) if text is not None else ()
-            if held is None or (held and held[1] is None):  # new, or known without activations
-                activations = record.get("activations")
-                if type(activations) is not list or len(activations) != len(tokens):
-                    activations = None
-                if held is None or activations is not None:
-                    known[latent, text] = (tokens, activations)
-        else:
-            text, tokens, activations = _example(record)
-            if text is not None and (latent, text) not in known:
-                known[latent, text] = (tokens, activations)
-        texts.append(text)
-    return {"record": list(range(n)), "prediction": predictions if classifier else [None] * n, "example_text": texts}
-
-
-def _list_array(rows: list, values_type: pa.DataType, convert) -> pa.Array:
-    """A list column from ``rows`` (lists or None), built flat: one Arrow array of every value and
-    the offsets (building a list of Python lists into a column element by element is 30 × slower)."""
-    offsets, flat, missing = [0], [], []
-    for row in rows:
-        if row is None:
-            missing.append(True)
-        else:
-            flat.extend(row)
-            missing.append(False)
-        offsets.append(len(flat))
-    try:
-        values = pa.array(flat, type=values_type)
-    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError):
-        values = pa.array([convert(value) for value in flat], type=values_type)
-    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), values, mask=pa.array(missing, pa.bool_()))
 
 
 # -- aggregation ----------------------------------------------------------------------------------

@@ -309,6 +309,8 @@ def test_the_newest_and_the_legacy_simulation_files_give_the_same_scores(tmp_pat
                 "scored_sequence_simulations": [
                     {
                         "distance": max(distance - 1, -1),
+                        "simulation": {"tokens": [" a", " b"], "expected_activations": [0.0, 0.0]},
+                        "true_activations": [0, 0],
                         "ev_correlation_score": "nan",
                         "absolute_dev_explained_score": inner_dev,
                     }

@@ -22,7 +22,7 @@ import polars as pl
 
 from sae_atlas import layout
 
-DECISION_METHODS = ("fuzz", "detection")
+DECISION_METHODS = ("fuzz", "detection", "intruder")
 SHOWS = ("all", "disagree", "all_miss", "failed")
 
 

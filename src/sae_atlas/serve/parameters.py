@@ -168,7 +168,9 @@ def histogram_query_model(explainers: list[str], scorers: list[str]) -> type[His
 class EvidenceQuery(_Query):
     """Query parameters of a latent's scorer evidence (``/features/{id}/evidence``)."""
 
-    method: Literal["fuzz", "detection", "both"] = Field("both", description="one method, or both")
+    method: Literal["fuzz", "detection", "intruder", "both"] = Field(
+        "both", description="one method, or every one (both)"
+    )
     show: Literal["all", "disagree", "all_miss", "failed"] = Field(
         "all", description="all examples, those scorers disagree on, those every run misses, or failed ones"
     )

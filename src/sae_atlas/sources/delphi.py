@@ -20,7 +20,14 @@ import polars as pl
 from sae_atlas import score_methods
 from sae_atlas.config import SourceConfig
 from sae_atlas.problems import Problems, latent_out_of_range
-from sae_atlas.score_methods import EVIDENCE_COLUMNS, EVIDENCE_METHODS, RECORD_COLUMNS, ExampleStore, parse_evidence
+from sae_atlas.score_methods import RECORD_COLUMNS
+from sae_atlas.scored_examples import (
+    EVIDENCE_COLUMNS,
+    SEQUENCE_COLUMNS,
+    ExampleStore,
+    parse_evidence,
+    simulation_sequences,
+)
 from sae_atlas.sources import files
 
 # Matched whole (``fullmatch``) and with ASCII digits only: a name ending in a newline, or with
@@ -424,11 +431,14 @@ class ScoreRecords:
     ``files`` has one row per readable score file (``method``, ``feature_id``, ``n_records``), so
     that an empty ``[]`` file still yields a row with no score; ``records`` has one row per record
     (``method``, ``feature_id``, the columns of :data:`score_methods.RECORD_COLUMNS` and of
-    :data:`score_methods.EVIDENCE_COLUMNS`: its position, verdict and the text of its example).
+    :data:`scored_examples.EVIDENCE_COLUMNS`: its position, verdict and the text of its example);
+    ``sequences`` one row per sequence of the simulation files (``feature_id`` and
+    :data:`scored_examples.SEQUENCE_COLUMNS`).
     """
 
     files: pl.DataFrame
     records: pl.DataFrame
+    sequences: pl.DataFrame
 
 
 def _load_records(entry: LatentFile, problems: Problems) -> list[dict] | None:
@@ -453,10 +463,16 @@ def _load_records(entry: LatentFile, problems: Problems) -> list[dict] | None:
 
 
 def read_score_files(
-    method: str, entries: list[LatentFile], problems: Problems, examples: ExampleStore | None = None
+    method: str,
+    entries: list[LatentFile],
+    problems: Problems,
+    examples: ExampleStore | None = None,
+    *,
+    source: str = "",
 ) -> ScoreRecords:
-    """Parse the score files ``entries`` of one method with that method's parser; the examples of
-    their records go to ``examples`` (shared by the calls of a block of latents)."""
+    """Parse the score files ``entries`` of one method of run ``source`` with that method's
+    parser; the examples of their records go to ``examples`` (shared by the calls of a block of
+    latents)."""
     examples = ExampleStore() if examples is None else examples
     listing = {"method": [], "feature_id": [], "n_records": []}
     columns: dict[str, list] = {
@@ -465,6 +481,7 @@ def read_score_files(
         **{name: [] for name in RECORD_COLUMNS},
         **{name: [] for name in EVIDENCE_COLUMNS},
     }
+    sequences: dict[str, list] = {"feature_id": [], **{name: [] for name in SEQUENCE_COLUMNS}}
     score_method = score_methods.METHODS[method]
     for entry in entries:
         records = _load_records(entry, problems)
@@ -476,22 +493,17 @@ def read_score_files(
         listing["n_records"].append(n)
         columns["method"].extend([method] * n)
         columns["feature_id"].extend([entry.latent] * n)
-        parsed = score_method.parse(records)
-        outside = score_method.out_of_range(parsed["outcome"])
-        if outside:
-            problems.add(
-                entry.path,
-                f"{len(outside)} {score_method.outcome_name} value(s) outside {list(score_method.outcome_range)} "
-                f"(e.g. {parsed['outcome'][outside[0]]:g}); counted as failed",
-                latent=entry.latent,
-                kind="invalid",
-            )
-            for index in outside:
-                parsed["outcome"][index] = None
-        for name, values in parsed.items():
+        parsed = _parse_checked(score_method, records, entry, problems)
+        evidence = parse_evidence(records, method, entry.latent, source, examples)
+        for name, values in (*parsed.items(), *evidence.items()):
             columns[name].extend(values)
-        evidence = parse_evidence(records, method, entry.latent, examples)
-        unknown = sum(text is None for text in evidence["example_text"]) if method in EVIDENCE_METHODS else 0
+        unknown = _without_example(method, evidence["example_text"])
+        if method == "simulation":
+            scored = simulation_sequences(records, entry.latent, source, examples)
+            sequences["feature_id"].extend([entry.latent] * len(scored["record"]))
+            for name, values in scored.items():
+                sequences[name].extend(values)
+            unknown = sum(text is None for text in scored["example_text"])
         if unknown:
             problems.add(
                 entry.path,
@@ -499,22 +511,46 @@ def read_score_files(
                 "are kept, without the example",
                 latent=entry.latent,
             )
-        for name, values in evidence.items():
-            columns[name].extend(values)
-    records = pl.DataFrame(
-        columns, schema={"method": pl.String, "feature_id": pl.UInt32, **RECORD_COLUMNS, **EVIDENCE_COLUMNS}
-    )
     return ScoreRecords(
         files=pl.DataFrame(listing, schema={"method": pl.String, "feature_id": pl.UInt32, "n_records": pl.UInt32}),
-        records=records,
+        records=pl.DataFrame(
+            columns, schema={"method": pl.String, "feature_id": pl.UInt32, **RECORD_COLUMNS, **EVIDENCE_COLUMNS}
+        ),
+        sequences=pl.DataFrame(sequences, schema={"feature_id": pl.UInt32, **SEQUENCE_COLUMNS}),
     )
+
+
+def _without_example(method: str, texts: list) -> int:
+    """How many records of a classifier or embedding file lack a readable example. An intruder
+    or example_embedding record is judged on a whole sample: the example kept (its intruder, its
+    query) is a pointer for the reader, and older or hand-made samples without it are not bad."""
+    return sum(text is None for text in texts) if method in ("fuzz", "detection", "embedding") else 0
+
+
+def _parse_checked(score_method, records: list[dict], entry: LatentFile, problems: Problems) -> dict:
+    """The method's record columns, outcomes outside its range reported and counted as failed."""
+    parsed = score_method.parse(records)
+    outside = score_method.out_of_range(parsed["outcome"])
+    if outside:
+        problems.add(
+            entry.path,
+            f"{len(outside)} {score_method.outcome_name} value(s) outside {list(score_method.outcome_range)} "
+            f"(e.g. {parsed['outcome'][outside[0]]:g}); counted as failed",
+            latent=entry.latent,
+            kind="invalid",
+        )
+        for index in outside:
+            parsed["outcome"][index] = None
+    return parsed
 
 
 def read_score_records(run: DelphiRun, problems: Problems) -> ScoreRecords:
     """Parse every score file of ``run``, each with the parser of its method."""
-    parts = [read_score_files(method, entries, problems) for method, entries in run.scores.items()]
+    parts = [read_score_files(method, entries, problems, source=run.name) for method, entries in run.scores.items()]
     if not parts:
         return read_score_files("fuzz", [], problems)
     return ScoreRecords(
-        files=pl.concat([part.files for part in parts]), records=pl.concat([part.records for part in parts])
+        files=pl.concat([part.files for part in parts]),
+        records=pl.concat([part.records for part in parts]),
+        sequences=pl.concat([part.sequences for part in parts]),
     )

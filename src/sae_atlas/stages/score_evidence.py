@@ -1,4 +1,5 @@
-"""The scores stage's evidence: every record of the fuzz, detection and embedding files, as
+"""The scores stage's evidence: every record of the fuzz, detection, embedding, intruder and
+example_embedding files and every sequence of the simulation files, as
 ``stages/score_records.parquet``, and the examples they scored, once per latent, as
 ``stages/score_examples.parquet``.
 
@@ -14,13 +15,14 @@ from __future__ import annotations
 import polars as pl
 
 from sae_atlas.schema import STAGE_SCORE_EXAMPLES, STAGE_SCORE_RECORDS
-from sae_atlas.score_methods import EVIDENCE_METHODS
+from sae_atlas.scored_examples import ACTIVATION_LIST, DECISION_METHODS, EVIDENCE_METHODS
 
 
-def evidence_rows(records: pl.DataFrame) -> pl.DataFrame:
-    """The records of a block that are evidence (``records``: read_score_files' records with
-    ``data_source``), with what the records table needs."""
-    return records.filter(pl.col("method").is_in(EVIDENCE_METHODS)).select(
+def evidence_rows(records: pl.DataFrame, sequences: pl.DataFrame | None = None) -> pl.DataFrame:
+    """The evidence of a block with what the records table needs: ``records`` (read_score_files'
+    records with ``data_source``) of the :data:`EVIDENCE_METHODS`, and ``sequences`` (its
+    simulation sequences with ``data_source``)."""
+    rows = records.filter(pl.col("method").is_in(EVIDENCE_METHODS)).select(
         "feature_id",
         "data_source",
         "method",
@@ -29,10 +31,30 @@ def evidence_rows(records: pl.DataFrame) -> pl.DataFrame:
         "quantile",
         "prediction",
         "probability",
-        correct=pl.when(pl.col("method") != "embedding").then(pl.col("outcome") == 1.0),
+        correct=pl.when(pl.col("method").is_in(DECISION_METHODS)).then(pl.col("outcome") == 1.0),
         outcome="outcome",
         example_text="example_text",
+        simulated_activations=pl.lit(None, ACTIVATION_LIST),
+        true_activations=pl.lit(None, ACTIVATION_LIST),
     )
+    if sequences is None or sequences.is_empty():
+        return rows
+    simulated = sequences.select(
+        pl.col("feature_id"),
+        pl.col("data_source"),
+        method=pl.lit("simulation", pl.String),
+        record="record",
+        activating="activating",
+        quantile="quantile",
+        prediction=pl.lit(None, pl.Boolean),
+        probability=pl.lit(None, pl.Float64),
+        correct=pl.lit(None, pl.Boolean),
+        outcome="outcome",
+        example_text="example_text",
+        simulated_activations="simulated_activations",
+        true_activations="true_activations",
+    )
+    return pl.concat([rows, simulated.cast(dict(rows.schema))])
 
 
 def build_score_evidence(rows: pl.DataFrame | None, examples: pl.DataFrame | None) -> tuple[pl.DataFrame, pl.DataFrame]:

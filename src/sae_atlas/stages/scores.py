@@ -9,6 +9,7 @@ cluster); this stage joins the per-latent results to the file listing and the ru
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -16,9 +17,22 @@ import polars as pl
 from sae_atlas import layout, score_methods
 from sae_atlas.problems import Problems
 from sae_atlas.schema import STAGE_SCORE_EXAMPLES, STAGE_SCORE_RECORDS, STAGE_SCORES
-from sae_atlas.score_methods import AGGREGATE_COLUMNS, EVIDENCE_COLUMNS, ExampleStore
+from sae_atlas.score_methods import AGGREGATE_COLUMNS, RECORD_COLUMNS
+from sae_atlas.scored_examples import EVIDENCE_COLUMNS, ExampleStore
 from sae_atlas.sources import delphi
 from sae_atlas.stage import Parts, Plan, Product, Stage, StageContext, fingerprint_files
+from sae_atlas.stages.score_cache import (
+    FILE_KEY,
+    STAMPED_FILE_COLUMNS,
+    BlockRead,
+    block_digest,
+    load_block,
+    merge_blocks,
+    prune_blocks,
+    save_block,
+    stamp,
+    unchanged_files,
+)
 from sae_atlas.stages.score_evidence import build_score_evidence, evidence_rows
 
 KEYS = ["data_source", "method", "feature_id"]
@@ -130,12 +144,13 @@ FILES_PER_TASK = 2000
 class ScoreTask:
     """The score files of one block of latents, of every run and method: a latent's records are
     all in one task, so its examples are matched across runs there, and the evidence streams out
-    in latent order."""
+    in latent order. ``cache``: where blocks are cached (:mod:`.score_cache`), if anywhere."""
 
     files: list[tuple[str, str, delphi.LatentFile]]  # (data_source, method, file)
+    cache: Path | None = None
 
 
-def score_tasks(runs: list) -> list[ScoreTask]:
+def score_tasks(runs: list, cache: Path | None = None) -> list[ScoreTask]:
     """Blocks of consecutive latents holding about :data:`FILES_PER_TASK` files each."""
     files = sorted(
         (
@@ -155,32 +170,105 @@ def score_tasks(runs: list) -> list[ScoreTask]:
         stop = start
         while stop < len(files) and files[stop][0] <= last:
             stop += 1
-        tasks.append(ScoreTask([(source, method, entry) for _, source, method, entry in files[start:stop]]))
+        tasks.append(ScoreTask([(source, method, entry) for _, source, method, entry in files[start:stop]], cache))
         start = stop
     return tasks
 
 
-def score_chunk(task: ScoreTask) -> tuple[pl.DataFrame, pl.DataFrame, tuple[pl.DataFrame, pl.DataFrame], int, list]:
-    """Read and aggregate one block: its file listing, per-latent aggregates, evidence (records,
-    examples), record count and problems (run in a worker process)."""
+def _stamped(files: list[tuple[str, str, delphi.LatentFile]]) -> pl.DataFrame:
+    """Each file's key, path and (size, modification time), taken before it is read."""
+    stamps = [stamp(entry.path) for _, _, entry in files]
+    return pl.DataFrame(
+        {
+            "data_source": [source for source, _, _ in files],
+            "method": [method for _, method, _ in files],
+            "feature_id": [entry.latent for _, _, entry in files],
+            "path": [str(entry.path) for _, _, entry in files],
+            "size": [size for size, _ in stamps],
+            "modified": [modified for _, modified in stamps],
+        },
+        schema={name: dtype for name, dtype in STAMPED_FILE_COLUMNS.items() if name != "n_records"},
+    )
+
+
+def read_block(files: list[tuple[str, str, delphi.LatentFile]]) -> BlockRead:
+    """Read and aggregate score files of a block: each file's record count, the per-file
+    aggregates, the evidence rows and the examples (run in a worker process)."""
+    stamped = _stamped(files)
     problems = Problems()
     groups: dict[tuple[str, str], list] = {}
-    for source, method, entry in task.files:
+    for source, method, entry in files:
         groups.setdefault((source, method), []).append(entry)
-    listings, parts, examples = [], [], ExampleStore()
-    # the classifiers first: their examples have tokens and activations, the embedding scorer's a text
-    for (source, method), entries in sorted(groups.items(), key=lambda item: item[0][1] == "embedding"):
-        read = delphi.read_score_files(method, entries, problems, examples)
+    listings, parts, sequences, examples = [], [], [], ExampleStore()
+    for (source, method), entries in groups.items():
+        read = delphi.read_score_files(method, entries, problems, examples, source=source)
         name = pl.lit(source, pl.String)
         listings.append(read.files.with_columns(data_source=name))
         parts.append(read.records.with_columns(data_source=name))
-    if not parts:
-        return pl.DataFrame(schema=LISTING_COLUMNS), None, build_score_evidence(None, None), 0, problems.items
-    # one aggregation per block: each method's aggregator over every run's records at once
-    records = pl.concat(parts)
-    aggregated = aggregate_records(records.drop(*EVIDENCE_COLUMNS))
-    evidence = build_score_evidence(evidence_rows(records), examples.table())
-    return pl.concat(listings), aggregated, evidence, records.height, problems.items
+        sequences.append(read.sequences.with_columns(data_source=name))
+    listing = pl.concat(listings) if listings else pl.DataFrame(schema=LISTING_COLUMNS)
+    records = pl.concat(parts) if parts else None
+    return BlockRead(
+        files=stamped.join(listing, on=FILE_KEY, how="left").select(
+            [pl.col(name).cast(dtype) for name, dtype in STAMPED_FILE_COLUMNS.items()]
+        ),
+        # one aggregation per block: each method's aggregator over every run's records at once
+        aggregates=aggregate_records(records.drop(*EVIDENCE_COLUMNS)) if records is not None else _no_aggregates(),
+        evidence=evidence_rows(records, pl.concat(sequences)) if records is not None else evidence_rows_empty(),
+        examples=examples.table(),
+        problems=sorted(problems.items, key=lambda problem: problem.file),
+        files_read=len(files),
+    )
+
+
+def _no_aggregates() -> pl.DataFrame:
+    return pl.DataFrame(schema={**AGGREGATE_COLUMNS, "by_quantile": BY_QUANTILE, "method": pl.String})
+
+
+def evidence_rows_empty() -> pl.DataFrame:
+    records = pl.DataFrame(
+        schema={
+            "method": pl.String,
+            "feature_id": pl.UInt32,
+            **RECORD_COLUMNS,
+            **EVIDENCE_COLUMNS,
+            "data_source": pl.String,
+        }
+    )
+    return evidence_rows(records)
+
+
+def read_cached_block(task: ScoreTask) -> BlockRead:
+    """A block from its cache and a fresh read of the files that changed since (all of them
+    without a cache); the cache then updated."""
+    directory = task.cache / block_digest(task.files) if task.cache is not None else None
+    cached = load_block(directory)
+    kept = unchanged_files(cached, _stamped(task.files))
+    if cached is None or kept.is_empty():
+        block = read_block(task.files)
+    else:
+        for _attempt in range(2):
+            keys = set(kept.iter_rows())
+            changed = [item for item in task.files if (item[0], item[1], item[2].latent) not in keys]
+            block, unsettled = merge_blocks(cached, kept, read_block(changed))
+            if not unsettled:
+                break
+            kept = kept.filter(~pl.col("feature_id").is_in(list(unsettled)))
+    if block.files_read:
+        save_block(directory, block)
+    return block
+
+
+def score_chunk(
+    task: ScoreTask,
+) -> tuple[pl.DataFrame, pl.DataFrame, tuple[pl.DataFrame, pl.DataFrame], int, list, int]:
+    """One block: its file listing, per-latent aggregates, evidence (records, examples), record
+    count, problems and the number of files read from disk (run in a worker process)."""
+    block = read_cached_block(task)
+    listing = block.files.filter(pl.col("n_records").is_not_null()).select(*LISTING_COLUMNS)
+    evidence = build_score_evidence(block.evidence, block.examples)
+    count = int(listing["n_records"].sum() or 0)
+    return listing, block.aggregates, evidence, count, block.problems, block.files_read
 
 
 LISTING_COLUMNS = {"method": pl.String, "feature_id": pl.UInt32, "n_records": pl.UInt32, "data_source": pl.String}
@@ -197,18 +285,20 @@ def plan(context: StageContext) -> Plan:
         statistics: dict = {}
 
         def stream():
-            listings, aggregates, counts = [], [], {"records": 0, "evidence_records": 0, "evidence_examples": 0}
-            for listing, aggregated, (records, examples), count, found in context.map(
-                score_chunk, score_tasks(runs_with_files)
-            ):
+            listings, aggregates = [], []
+            counts = {"records": 0, "evidence_records": 0, "evidence_examples": 0, "score_files_read_from_disk": 0}
+            cache = context.output_dir / layout.SCORE_CACHE / f"v{STAGE.version}"
+            tasks = score_tasks(runs_with_files, cache)
+            for listing, aggregated, (records, examples), count, found, read in context.map(score_chunk, tasks):
                 problems.extend(found)
                 listings.append(listing)
-                if aggregated is not None:
-                    aggregates.append(aggregated)
+                aggregates.append(aggregated)
                 counts["records"] += count
                 counts["evidence_records"] += records.height
                 counts["evidence_examples"] += examples.height
+                counts["score_files_read_from_disk"] += read
                 yield Parts(extra={layout.SCORE_RECORDS: records, layout.SCORE_EXAMPLES: examples})
+            prune_blocks(cache.parent, keep=cache, blocks={block_digest(task.files) for task in tasks})
             table = _scores_table(listings, aggregates, runs_with_files, runs, problems, statistics)
             statistics.update(counts)
             yield Parts(output=table)
@@ -260,7 +350,7 @@ def _scores_table(listings, aggregates, runs_with_files, runs, problems: Problem
 STAGE = Stage(
     name="scores",
     output=layout.SCORES,
-    version=4,
+    version=5,
     extra_outputs=(layout.SCORE_RECORDS, layout.SCORE_EXAMPLES),
     plan=plan,
     config=("sources",),
