@@ -178,7 +178,9 @@ def parse_evidence(records: list[dict], method: str, latent: int, source: str, s
                 store.offer(latent, text, tokens, activations, origin)
         else:
             text, tokens, activations = example_of(record)
-            if text is not None:
+            held = known.get((latent, text)) if text is not None else ()
+            # a copy without activations replaces only a copy without them from a later run
+            if held is None or (held and (activations is not None or (held[1] is None and origin < held[2]))):
                 store.offer(latent, text, tokens, activations, origin)
         texts.append(text)
     return {"record": list(range(n)), "prediction": predictions if classifier else [None] * n, "example_text": texts}

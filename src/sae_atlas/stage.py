@@ -40,19 +40,28 @@ def digest(value) -> str:
     return hashlib.blake2b(orjson.dumps(value, option=orjson.OPT_SORT_KEYS), digest_size=16).hexdigest()
 
 
-def fingerprint_files(paths: Iterable[Path]) -> dict:
+def file_stamps(paths: Iterable[Path]) -> dict[Path, tuple[int | None, int | None]]:
+    """Size and modification time of every file, (None, None) where it cannot be read."""
+    stamps = {}
+    # sorted as strings: comparing Path objects costs seconds over a study's files
+    for path in sorted({Path(path) for path in paths}, key=str):
+        try:
+            status = path.stat()
+        except OSError:
+            stamps[path] = (None, None)
+            continue
+        stamps[path] = (status.st_size, status.st_mtime_ns)
+    return stamps
+
+
+def fingerprint_files(paths: Iterable[Path], stamps: dict | None = None) -> dict:
     """Size and modification time of every file: cheap, and changes whenever a file is rewritten.
+    ``stamps``: those :func:`file_stamps` already took, when the stage needs them itself.
 
     Content hashes would be exact but cost a full read of every input on every run.
     """
-    entries = []
-    for path in sorted({Path(path) for path in paths}):
-        try:
-            stat = path.stat()
-        except OSError:
-            entries.append((str(path), None, None))
-            continue
-        entries.append((str(path), stat.st_size, stat.st_mtime_ns))
+    stamps = file_stamps(paths) if stamps is None else stamps
+    entries = sorted((str(path), size, modified) for path, (size, modified) in stamps.items())
     return {"files": len(entries), "bytes": sum(entry[1] or 0 for entry in entries), "digest": digest(entries)}
 
 

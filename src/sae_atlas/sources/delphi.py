@@ -8,6 +8,7 @@ records with ``-1`` predictions, and surprisal / intruder / example-embedding di
 
 from __future__ import annotations
 
+import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -161,8 +162,9 @@ def _hookpoints(data: dict, path: Path, problems: Problems) -> list[str]:
 
 def _latent_files(root: Path, files: list[Path], problems: Problems) -> list[tuple[str, int, Path]]:
     found = []
+    prefix = len(str(root).rstrip(os.sep)) + 1  # every file is under root: its path relative to it
     for path in files:
-        relative = path.relative_to(root).as_posix()
+        relative = str(path)[prefix:].replace(os.sep, "/")
         match = LATENT_FILE.fullmatch(relative)
         if match is None:
             problems.add(path, "not a per-latent file (<hook>_latent<N>.txt); skipped", kind="foreign")
@@ -278,12 +280,13 @@ def list_run_files(run: DelphiRun, problems: Problems, *, width: int | None = No
     explanation_dir, score_dir = root / "explanations", root / "scores"
     explanations = _latent_files(explanation_dir, _walk_files(explanation_dir, problems, root), problems)
     scores: dict[str, list[tuple[str, int, Path]]] = {}
-    score_files = _walk_files(score_dir, problems, root)
-    for path in score_files:
-        if path.parent == score_dir:
-            problems.add(path, "score file outside a <method>/ directory; skipped", kind="foreign")
-    for method_dir in sorted({path.parent for path in score_files if path.parent != score_dir}):
-        files = [path for path in score_files if path.parent == method_dir]
+    by_directory: dict[Path, list[Path]] = {}
+    for path in _walk_files(score_dir, problems, root):
+        by_directory.setdefault(path.parent, []).append(path)
+    for path in by_directory.pop(score_dir, []):
+        problems.add(path, "score file outside a <method>/ directory; skipped", kind="foreign")
+    for method_dir in sorted(by_directory):
+        files = by_directory[method_dir]
         method = score_methods.method_of_directory(method_dir.name)
         if method in score_methods.SKIPPED:
             run.notes.append(f"{method_dir}: {len(files)} files skipped ({score_methods.SKIPPED[method]})")
@@ -471,36 +474,50 @@ def read_score_files(
     source: str = "",
 ) -> ScoreRecords:
     """Parse the score files ``entries`` of one method of run ``source`` with that method's
-    parser; the examples of their records go to ``examples`` (shared by the calls of a block of
-    latents)."""
+    parser (:func:`read_score_batch` of those files)."""
+    return read_score_batch([(source, method, entry) for entry in entries], problems, examples)
+
+
+def read_score_batch(
+    files: list[tuple[str, str, LatentFile]], problems: Problems, examples: ExampleStore | None = None
+) -> ScoreRecords:
+    """Parse score files of any runs and methods (``files``: data_source, method, file), each with
+    its method's parser, into one table each (a ``data_source`` column last); the examples of their
+    records go to ``examples`` (shared by the calls of a block of latents)."""
     examples = ExampleStore() if examples is None else examples
-    listing = {"method": [], "feature_id": [], "n_records": []}
+    listing = {"method": [], "feature_id": [], "n_records": [], "data_source": []}
     columns: dict[str, list] = {
         "method": [],
         "feature_id": [],
         **{name: [] for name in RECORD_COLUMNS},
         **{name: [] for name in EVIDENCE_COLUMNS},
+        "data_source": [],
     }
-    sequences: dict[str, list] = {"feature_id": [], **{name: [] for name in SEQUENCE_COLUMNS}}
-    score_method = score_methods.METHODS[method]
-    for entry in entries:
+    sequences: dict[str, list] = {"feature_id": [], **{name: [] for name in SEQUENCE_COLUMNS}, "data_source": []}
+    for source, method, entry in files:
         records = _load_records(entry, problems)
         if records is None:
             continue
         n = len(records)
-        listing["method"].append(method)
-        listing["feature_id"].append(entry.latent)
-        listing["n_records"].append(n)
-        columns["method"].extend([method] * n)
-        columns["feature_id"].extend([entry.latent] * n)
-        parsed = _parse_checked(score_method, records, entry, problems)
+        for name, value in (
+            ("method", method),
+            ("feature_id", entry.latent),
+            ("n_records", n),
+            ("data_source", source),
+        ):
+            listing[name].append(value)
+        for name, value in (("method", method), ("feature_id", entry.latent), ("data_source", source)):
+            columns[name].extend([value] * n)
+        parsed = _parse_checked(score_methods.METHODS[method], records, entry, problems)
         evidence = parse_evidence(records, method, entry.latent, source, examples)
         for name, values in (*parsed.items(), *evidence.items()):
             columns[name].extend(values)
         unknown = _without_example(method, evidence["example_text"])
         if method == "simulation":
             scored = simulation_sequences(records, entry.latent, source, examples)
-            sequences["feature_id"].extend([entry.latent] * len(scored["record"]))
+            count = len(scored["record"])
+            sequences["feature_id"].extend([entry.latent] * count)
+            sequences["data_source"].extend([source] * count)
             for name, values in scored.items():
                 sequences[name].extend(values)
             unknown = sum(text is None for text in scored["example_text"])
@@ -511,12 +528,13 @@ def read_score_files(
                 "are kept, without the example",
                 latent=entry.latent,
             )
+    keys = {"method": pl.String, "feature_id": pl.UInt32}
     return ScoreRecords(
-        files=pl.DataFrame(listing, schema={"method": pl.String, "feature_id": pl.UInt32, "n_records": pl.UInt32}),
-        records=pl.DataFrame(
-            columns, schema={"method": pl.String, "feature_id": pl.UInt32, **RECORD_COLUMNS, **EVIDENCE_COLUMNS}
+        files=pl.DataFrame(listing, schema={**keys, "n_records": pl.UInt32, "data_source": pl.String}),
+        records=pl.DataFrame(columns, schema={**keys, **RECORD_COLUMNS, **EVIDENCE_COLUMNS, "data_source": pl.String}),
+        sequences=pl.DataFrame(
+            sequences, schema={"feature_id": pl.UInt32, **SEQUENCE_COLUMNS, "data_source": pl.String}
         ),
-        sequences=pl.DataFrame(sequences, schema={"feature_id": pl.UInt32, **SEQUENCE_COLUMNS}),
     )
 
 

@@ -63,15 +63,6 @@ def block_digest(files: list[tuple[str, str, object]]) -> str:
     return digest(sorted((source, method, entry.latent, str(entry.path)) for source, method, entry in files))
 
 
-def stamp(path: Path) -> tuple[int | None, int | None]:
-    """(size, modification time) of a file, (None, None) when it cannot be read."""
-    try:
-        status = Path(path).stat()
-    except OSError:
-        return None, None
-    return status.st_size, status.st_mtime_ns
-
-
 def load_block(directory: Path | None) -> BlockRead | None:
     """A cached block, or None when there is none or it cannot be read."""
     if directory is None or not directory.is_dir():

@@ -8,6 +8,7 @@ cluster); this stage joins the per-latent results to the file listing and the ru
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,10 +18,10 @@ import polars as pl
 from sae_atlas import layout, score_methods
 from sae_atlas.problems import Problems
 from sae_atlas.schema import STAGE_SCORE_EXAMPLES, STAGE_SCORE_RECORDS, STAGE_SCORES
-from sae_atlas.score_methods import AGGREGATE_COLUMNS, RECORD_COLUMNS
+from sae_atlas.score_methods import AGGREGATE_COLUMNS
 from sae_atlas.scored_examples import EVIDENCE_COLUMNS, ExampleStore
 from sae_atlas.sources import delphi
-from sae_atlas.stage import Parts, Plan, Product, Stage, StageContext, fingerprint_files
+from sae_atlas.stage import Parts, Plan, Product, Stage, StageContext, file_stamps, fingerprint_files
 from sae_atlas.stages.score_cache import (
     FILE_KEY,
     STAMPED_FILE_COLUMNS,
@@ -30,7 +31,6 @@ from sae_atlas.stages.score_cache import (
     merge_blocks,
     prune_blocks,
     save_block,
-    stamp,
     unchanged_files,
 )
 from sae_atlas.stages.score_evidence import build_score_evidence, evidence_rows
@@ -137,7 +137,7 @@ def join_scores(
 
 # Files per task: a block's reads and aggregations are a few calls over many files (per-call
 # overhead dominates small blocks), and a block's records with their examples stay well under 1 GB.
-FILES_PER_TASK = 2000
+FILES_PER_TASK = 1000
 
 
 @dataclass(frozen=True)
@@ -148,10 +148,12 @@ class ScoreTask:
 
     files: list[tuple[str, str, delphi.LatentFile]]  # (data_source, method, file)
     cache: Path | None = None
+    stamps: tuple = ()  # each file's (size, modification time), as the plan took them
 
 
-def score_tasks(runs: list, cache: Path | None = None) -> list[ScoreTask]:
-    """Blocks of consecutive latents holding about :data:`FILES_PER_TASK` files each."""
+def score_tasks(runs: list, cache: Path | None = None, stamps: dict | None = None) -> list[ScoreTask]:
+    """Blocks of consecutive latents holding about :data:`FILES_PER_TASK` files each (``stamps``:
+    :func:`file_stamps` of the files, taken here when not given)."""
     files = sorted(
         (
             (entry.latent, run.name, method, entry)
@@ -161,6 +163,7 @@ def score_tasks(runs: list, cache: Path | None = None) -> list[ScoreTask]:
         ),
         key=lambda item: item[0],
     )
+    stamps = file_stamps(entry.path for *_, entry in files) if stamps is None else stamps
     latents = sorted({latent for latent, *_ in files})
     per_latent = max(1, len(files) // max(len(latents), 1))
     block = max(1, FILES_PER_TASK // per_latent)
@@ -170,14 +173,14 @@ def score_tasks(runs: list, cache: Path | None = None) -> list[ScoreTask]:
         stop = start
         while stop < len(files) and files[stop][0] <= last:
             stop += 1
-        tasks.append(ScoreTask([(source, method, entry) for _, source, method, entry in files[start:stop]], cache))
+        chosen = [(source, method, entry) for _, source, method, entry in files[start:stop]]
+        tasks.append(ScoreTask(chosen, cache, tuple(stamps[entry.path] for _, _, entry in chosen)))
         start = stop
     return tasks
 
 
-def _stamped(files: list[tuple[str, str, delphi.LatentFile]]) -> pl.DataFrame:
+def _stamped(files: list[tuple[str, str, delphi.LatentFile]], stamps: tuple) -> pl.DataFrame:
     """Each file's key, path and (size, modification time), taken before it is read."""
-    stamps = [stamp(entry.path) for _, _, entry in files]
     return pl.DataFrame(
         {
             "data_source": [source for source, _, _ in files],
@@ -191,51 +194,25 @@ def _stamped(files: list[tuple[str, str, delphi.LatentFile]]) -> pl.DataFrame:
     )
 
 
-def read_block(files: list[tuple[str, str, delphi.LatentFile]]) -> BlockRead:
+def read_block(files: list[tuple[str, str, delphi.LatentFile]], stamped: pl.DataFrame) -> BlockRead:
     """Read and aggregate score files of a block: each file's record count, the per-file
-    aggregates, the evidence rows and the examples (run in a worker process)."""
-    stamped = _stamped(files)
-    problems = Problems()
-    groups: dict[tuple[str, str], list] = {}
-    for source, method, entry in files:
-        groups.setdefault((source, method), []).append(entry)
-    listings, parts, sequences, examples = [], [], [], ExampleStore()
-    for (source, method), entries in groups.items():
-        read = delphi.read_score_files(method, entries, problems, examples, source=source)
-        name = pl.lit(source, pl.String)
-        listings.append(read.files.with_columns(data_source=name))
-        parts.append(read.records.with_columns(data_source=name))
-        sequences.append(read.sequences.with_columns(data_source=name))
-    listing = pl.concat(listings) if listings else pl.DataFrame(schema=LISTING_COLUMNS)
-    records = pl.concat(parts) if parts else None
+    aggregates, the evidence rows and the examples (run in a worker process). ``stamped``: the
+    files' stamps (:func:`_stamped`), taken before they are read."""
+    problems, examples = Problems(), ExampleStore()
+    # in the examples' order (run, method): the first copy seen is then mostly the one kept
+    read = delphi.read_score_batch(sorted(files, key=lambda item: item[:2]), problems, examples)
+    sequences = read.sequences if read.sequences.height else None
     return BlockRead(
-        files=stamped.join(listing, on=FILE_KEY, how="left").select(
+        files=stamped.join(read.files, on=FILE_KEY, how="left").select(
             [pl.col(name).cast(dtype) for name, dtype in STAMPED_FILE_COLUMNS.items()]
         ),
         # one aggregation per block: each method's aggregator over every run's records at once
-        aggregates=aggregate_records(records.drop(*EVIDENCE_COLUMNS)) if records is not None else _no_aggregates(),
-        evidence=evidence_rows(records, pl.concat(sequences)) if records is not None else evidence_rows_empty(),
+        aggregates=aggregate_records(read.records.drop(*EVIDENCE_COLUMNS)),
+        evidence=evidence_rows(read.records, sequences),
         examples=examples.table(),
         problems=sorted(problems.items, key=lambda problem: problem.file),
         files_read=len(files),
     )
-
-
-def _no_aggregates() -> pl.DataFrame:
-    return pl.DataFrame(schema={**AGGREGATE_COLUMNS, "by_quantile": BY_QUANTILE, "method": pl.String})
-
-
-def evidence_rows_empty() -> pl.DataFrame:
-    records = pl.DataFrame(
-        schema={
-            "method": pl.String,
-            "feature_id": pl.UInt32,
-            **RECORD_COLUMNS,
-            **EVIDENCE_COLUMNS,
-            "data_source": pl.String,
-        }
-    )
-    return evidence_rows(records)
 
 
 def read_cached_block(task: ScoreTask) -> BlockRead:
@@ -243,14 +220,16 @@ def read_cached_block(task: ScoreTask) -> BlockRead:
     without a cache); the cache then updated."""
     directory = task.cache / block_digest(task.files) if task.cache is not None else None
     cached = load_block(directory)
-    kept = unchanged_files(cached, _stamped(task.files))
+    stamped = _stamped(task.files, task.stamps)
+    kept = unchanged_files(cached, stamped)
     if cached is None or kept.is_empty():
-        block = read_block(task.files)
+        block = read_block(task.files, stamped)
     else:
         for _attempt in range(2):
             keys = set(kept.iter_rows())
             changed = [item for item in task.files if (item[0], item[1], item[2].latent) not in keys]
-            block, unsettled = merge_blocks(cached, kept, read_block(changed))
+            stamps = stamped.join(kept, on=FILE_KEY, how="anti")
+            block, unsettled = merge_blocks(cached, kept, read_block(changed, stamps))
             if not unsettled:
                 break
             kept = kept.filter(~pl.col("feature_id").is_in(list(unsettled)))
@@ -279,6 +258,7 @@ def plan(context: StageContext) -> Plan:
     files = [entry.path for run in runs_with_files for entries in run.scores.values() for entry in entries]
     files += [run.path / "run_config.json" for run in runs_with_files]
     files += [run.path / delphi.FIRING_COUNTS for run in runs_with_files]
+    stamps = file_stamps(files)
     runs = context.runs_table()
 
     def execute(problems: Problems) -> Product:
@@ -288,7 +268,11 @@ def plan(context: StageContext) -> Plan:
             listings, aggregates = [], []
             counts = {"records": 0, "evidence_records": 0, "evidence_examples": 0, "score_files_read_from_disk": 0}
             cache = context.output_dir / layout.SCORE_CACHE / f"v{STAGE.version}"
-            tasks = score_tasks(runs_with_files, cache)
+            tasks = score_tasks(runs_with_files, cache, stamps)
+            # read beside the blocks: loading torch for them takes seconds the driver has to spare
+            reader = ThreadPoolExecutor(1)
+            firing = reader.submit(_firing_tables, runs_with_files)
+            reader.shutdown(wait=False)
             for listing, aggregated, (records, examples), count, found, read in context.map(score_chunk, tasks):
                 problems.extend(found)
                 listings.append(listing)
@@ -299,7 +283,9 @@ def plan(context: StageContext) -> Plan:
                 counts["score_files_read_from_disk"] += read
                 yield Parts(extra={layout.SCORE_RECORDS: records, layout.SCORE_EXAMPLES: examples})
             prune_blocks(cache.parent, keep=cache, blocks={block_digest(task.files) for task in tasks})
-            table = _scores_table(listings, aggregates, runs_with_files, runs, problems, statistics)
+            tables, found = firing.result()
+            problems.extend(found)
+            table = _scores_table(listings, aggregates, tables, runs_with_files, runs, statistics)
             statistics.update(counts)
             yield Parts(output=table)
 
@@ -315,24 +301,30 @@ def plan(context: StageContext) -> Plan:
         )
 
     return Plan(
-        key={"inputs": fingerprint_files(files), "runs": runs.to_dicts()},
+        key={"inputs": fingerprint_files(files, stamps), "runs": runs.to_dicts()},
         execute=execute,
         problems=context.discovery_problems("scores"),
     )
 
 
-def _scores_table(listings, aggregates, runs_with_files, runs, problems: Problems, statistics: dict) -> pl.DataFrame:
-    """The stage's own output once every block is read: listings and aggregates joined to the runs
-    and their firing counts (``statistics`` filled in)."""
-    listing = pl.concat(listings) if listings else pl.DataFrame(schema=LISTING_COLUMNS)
-    aggregated = (
-        pl.concat(aggregates) if aggregates else pl.DataFrame(schema={**AGGREGATE_COLUMNS, "method": pl.String})
-    )
-    firing = [
+def _firing_tables(runs_with_files: list) -> tuple[list[pl.DataFrame], list]:
+    """Each run's firing counts (:func:`firing_table`) where it has them, and the problems met."""
+    problems = Problems()
+    tables = [
         firing_table(run.name, counts, run.settings.get("cache_cfg.n_tokens"))
         for run in runs_with_files
         if (counts := delphi.read_firing_counts(run, problems)) is not None
     ]
+    return tables, problems.items
+
+
+def _scores_table(listings, aggregates, firing, runs_with_files, runs, statistics: dict) -> pl.DataFrame:
+    """The stage's own output once every block is read: listings and aggregates joined to the runs
+    and their ``firing`` counts (``statistics`` filled in)."""
+    listing = pl.concat(listings) if listings else pl.DataFrame(schema=LISTING_COLUMNS)
+    aggregated = (
+        pl.concat(aggregates) if aggregates else pl.DataFrame(schema={**AGGREGATE_COLUMNS, "method": pl.String})
+    )
     table = join_scores(files=listing, aggregates=aggregated, runs=runs, firing=pl.concat(firing) if firing else None)
     statistics.update(
         {
