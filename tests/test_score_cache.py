@@ -92,7 +92,7 @@ def test_an_example_only_the_changed_file_supplied_is_taken_from_the_latents_oth
 def test_an_unreadable_cache_is_a_full_read(corpus, tmp_path, embedder):
     output = tmp_path / "out"
     files = scores_run(corpus.config, output, embedder)["score_files_read"]
-    for table in (output / layout.SCORE_CACHE).rglob("evidence.parquet"):
+    for table in (output / layout.SCORE_CACHE).rglob("records.parquet"):
         table.write_bytes(b"not parquet")
     path = fuzz_files(corpus.root, int(pl.read_parquet(output / layout.SCORE_RECORDS)["feature_id"][0]))[0]
     path.touch()

@@ -812,29 +812,77 @@ def export_neuronpedia(
     model_id: Annotated[str, typer.Option("--model-id", help="Neuronpedia model id (e.g. gemma-2-9b).")],
     source: Annotated[str, typer.Option(help="Neuronpedia source id <layer>-<set> (e.g. 30-gemmascope-res-16k).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Directory for exports/<model-id>/<source>/.")],
+    explainer_name: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--explainer-name",
+            help="LOCAL=REGISTERED: write explainer LOCAL (full or short name) as Neuronpedia's registered "
+            "explanation model REGISTERED (repeatable).",
+        ),
+    ] = None,
+    layers: Annotated[
+        int | None, typer.Option(help="The model's layers (known for Gemma 2, Pythia-70m, GPT-2).")
+    ] = None,
+    neurons_per_layer: Annotated[int | None, typer.Option(help="The model's MLP neurons per layer.")] = None,
+    dimension: Annotated[int | None, typer.Option(help="The model's d_model.")] = None,
+    owner: Annotated[
+        str | None, typer.Option(help="Who made the model (default: known, or the sae_id's owner).")
+    ] = None,
+    creator_name: Annotated[str | None, typer.Option(help="The source set's creator (default: the owner).")] = None,
+    description: Annotated[str | None, typer.Option(help="The source set's description.")] = None,
     creator_id: Annotated[str, typer.Option(help="Neuronpedia user id to credit.")] = "clkht01d40000jv08hvalcvly",
     explanation_type: Annotated[
         str, typer.Option(help="Neuronpedia explanation type name of delphi's explainer.")
     ] = "eleuther_acts_top20",
 ) -> None:
-    """Write the features (with decoder neighbours), sampled activation records and explanations in
-    the batch files Neuronpedia's importer reads."""
-    from sae_atlas.exports.neuronpedia import export
+    """Write the model, source set, source, features (with decoder neighbours), sampled activation
+    records and explanations in the files Neuronpedia's importer reads."""
+    from sae_atlas.exports.neuronpedia import DELETE_SQL, ExportError, Target, export
 
-    counts = export(
-        _open_atlas(output_dir),
-        output,
+    mapping = {}
+    for item in explainer_name or []:
+        local, equals, registered = item.partition("=")
+        if not equals or not local.strip() or not registered.strip():
+            raise ExportError(f"--explainer-name {item!r} is not LOCAL=REGISTERED")
+        mapping[local.strip()] = registered.strip()
+    target = Target(
         model_id=model_id,
         source=source,
         creator_id=creator_id,
         explanation_type=explanation_type,
+        layers=layers,
+        neurons_per_layer=neurons_per_layer,
+        dimension=dimension,
+        owner=owner,
+        creator_name=creator_name,
+        description=description,
+        explainer_names=mapping,
     )
+    counts = export(_open_atlas(output_dir), output, target)
     console.print(
         f"wrote {counts['directory']}: {counts['features']:,} features, {counts['activations']:,} activations, "
         f"{counts['explanations']:,} explanations in {counts['batches']:,} batch(es)",
         highlight=False,
         soft_wrap=True,
     )
+    if counts["unmapped"]:
+        console.print(
+            f"register these explanation model names in Neuronpedia (ExplanationModelType) before importing, or map "
+            f"them with --explainer-name LOCAL=REGISTERED: {', '.join(counts['unmapped'])} (one unknown name fails "
+            "the whole explanations insert)",
+            highlight=False,
+            soft_wrap=True,
+        )
+    changed = {kind: count for kind, count in counts["changed"].items() if count}
+    if changed:
+        console.print(
+            f"changed since the last export into this directory: "
+            f"{', '.join(f'{count:,} {kind}' for kind, count in changed.items())}; Neuronpedia's importer keeps the "
+            f"rows it has (ON CONFLICT DO NOTHING): run {DELETE_SQL} on its database first, or export under a new "
+            f"source id ({source.split('__')[0]}__v2)",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 @app.command()

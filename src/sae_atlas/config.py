@@ -25,17 +25,24 @@ class _Section(BaseModel):
 
 
 class SourceConfig(_Section):
-    """One delphi run directory, i.e. one (explainer, scorer) pair."""
+    """One delphi run directory, i.e. one (explainer, scorer) pair; or, with ``kind =
+    "neuronpedia"``, one source directory of a Neuronpedia export, whose explanations by the
+    model named ``explainer`` (their ``explanationModelName``) make an unscored explainer."""
 
     path: Path
     name: str | None = None
     explainer: str | None = None
     scorer: str | None = None
+    kind: Literal["delphi", "neuronpedia"] = "delphi"
 
     @model_validator(mode="after")
     def _default_name(self) -> SourceConfig:
         if not self.name:
             self.name = self.path.name
+        if self.kind == "neuronpedia" and not self.explainer:
+            raise ValueError(
+                "a Neuronpedia source names the explanation model it takes: explainer = its explanationModelName"
+            )
         return self
 
 

@@ -16,6 +16,7 @@ never leaves a half-written file, and a reader never sees one.
       stages/sampled_examples.parquet        SAMPLED_EXAMPLES
       stages/score_records.parquet           SCORE_RECORDS
       stages/score_examples.parquet          SCORE_EXAMPLES
+      stages/firing.parquet                  FIRING
       <file>.metadata.json                   sidecars
       run_report.json                        RUN_REPORT
       .cache/embeddings/                     EMBEDDING_CACHE
@@ -46,6 +47,7 @@ PROMPTS = "stages/prompts.parquet"
 SAMPLED_EXAMPLES = "stages/sampled_examples.parquet"
 SCORE_RECORDS = "stages/score_records.parquet"
 SCORE_EXAMPLES = "stages/score_examples.parquet"
+FIRING = "stages/firing.parquet"
 RUN_REPORT = "run_report.json"
 EMBEDDING_CACHE = ".cache/embeddings"
 SCORE_CACHE = ".cache/scores"

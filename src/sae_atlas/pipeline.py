@@ -38,6 +38,7 @@ from sae_atlas.embedding import Embedder
 from sae_atlas.engine import Engine, LocalEngine
 from sae_atlas.problems import Problem, Problems
 from sae_atlas.sources import decoder, delphi
+from sae_atlas.sources import runs as source_readers
 from sae_atlas.stage import EmbedFunction, Parts, Product, Skip, Stage, Unusable, digest, fingerprint_files
 from sae_atlas.stages import REGISTERED
 
@@ -217,7 +218,7 @@ class RunContext:
         if self._runs is not None:
             return
         self._discovery = Problems(strict=self.strict)
-        self._runs = [delphi.describe_run(source, self._discovery) for source in self.config.sources]
+        self._runs = [source_readers.describe_run(source, self._discovery) for source in self.config.sources]
         self._sae_id = delphi.resolve_sae_id(self.config.sae_id, self._runs, self._discovery)
 
     def runs(self) -> list[delphi.DelphiRun]:
@@ -227,7 +228,7 @@ class RunContext:
     def listed_runs(self) -> list[delphi.DelphiRun]:
         if not self._listed:
             for run in self.runs():
-                delphi.list_run_files(run, self._discovery, width=self.sae_width)
+                source_readers.list_run_files(run, self._discovery, width=self.sae_width)
             self._listed = True
         return self._runs
 

@@ -175,6 +175,17 @@ STAGE_SCORE_EXAMPLES = pl.Schema(
     }
 )
 
+# Every latent's firing count in each run that has delphi's counts (log/hookpoint_firing_counts.pt
+# covers the whole SAE, explained or not), and that count over the tokens of the run's cache.
+STAGE_FIRING = pl.Schema(
+    {
+        "data_source": pl.String,
+        "feature_id": pl.UInt32,
+        "firing_count": pl.UInt64,
+        "firing_frequency": pl.Float64,
+    }
+)
+
 STAGE_SCHEMAS: dict[str, pl.Schema] = {
     layout.SCORES: STAGE_SCORES,
     layout.DECODER_SIMILARITY: STAGE_DECODER_SIMILARITY,
@@ -182,6 +193,7 @@ STAGE_SCHEMAS: dict[str, pl.Schema] = {
     layout.SAMPLED_EXAMPLES: STAGE_SAMPLED_EXAMPLES,
     layout.SCORE_RECORDS: STAGE_SCORE_RECORDS,
     layout.SCORE_EXAMPLES: STAGE_SCORE_EXAMPLES,
+    layout.FIRING: STAGE_FIRING,
 }
 
 

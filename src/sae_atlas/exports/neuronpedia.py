@@ -1,24 +1,39 @@
-"""``sae-atlas export neuronpedia``: an output directory as a Neuronpedia export.
+"""``sae-atlas export neuronpedia``: an output directory as files Neuronpedia's own importer loads.
 
-The layout and every field follow the neuronpedia repository's own utilities (hijohnnylin/neuronpedia
-``ebb8426``): ``utils/neuronpedia-utils/neuronpedia_utils/db_models/{feature,activation,explanation,
-source}.py`` for the fields and their order, ``convert-saedashboard-to-neuronpedia-export.py`` for the
-layout (``features/`` and ``activations/batch-<k>.jsonl.gz``, gzip level 5, orjson lines, naive ISO
-times) and ``batch-autointerp.py`` for explanations (``explanationModelName`` is the last path
-component of the model name)::
+The importer is ``apps/webapp/app/api/admin/import/route.ts`` with ``lib/db/import.ts`` and
+``lib/utils/s3.ts`` (hijohnnylin/neuronpedia ``ebb8426``). It reads, under ``<model>/<source>/``::
 
-    <out>/<model-id>/<source>/
-      source.jsonl                      the Source row
-      features/batch-<k>.jsonl.gz       one Feature per latent: decoder neighbours as
-                                        topkCosSimIndices / topkCosSimValues, firing frequency as
-                                        frac_nonzero, the largest sampled activation as maxActApprox
-      activations/batch-<k>.jsonl.gz    one Activation per example stage 4 sampled: the prompt's
-                                        tokens and dense values (3 decimals, as Neuronpedia stores
-                                        them), its quantile bin's range as binMin / binMax
-      explanations/batch-<k>.jsonl.gz   one Explanation per (latent, explainer), sentinels left out
+    model.jsonl                       the Model row (required: the route reads it outside any try)
+    sourceset.jsonl                   the SourceSet row (required too)
+    source.jsonl                      the Source row
+    features/batch-<k>.jsonl.gz       one Neuron per latent: decoder neighbours as topkCosSimIndices /
+                                      topkCosSimValues, firing frequency (every latent's delphi
+                                      count) as frac_nonzero, the largest sampled activation as
+                                      maxActApprox
+    activations/batch-<k>.jsonl.gz    one Activation per example stage 4 sampled: the prompt's tokens
+                                      and values (3 decimals, as Neuronpedia stores them), its bin
+    explanations/batch-<k>.jsonl.gz   one Explanation per (latent, explainer), sentinels left out
 
-Batch k holds latents k·1024 … k·1024 + 1023, as ``export-data.py`` batches them; each batch is
-encoded and written before the next, so only one batch's JSON is ever in memory.
+Rows follow ``utils/neuronpedia-utils/neuronpedia_utils/db_models/*.py`` field for field, except
+where the database's columns differ from those dataclasses (the importer inserts only the keys of a
+file's first line that are columns of the table, with ``jsonb_to_recordset``): the explanation's
+``triggeredByUserId`` (the dataclass says ``triggeredById``, which no column holds) and the
+activation's ``zIndices`` as ``[]`` (the importer turns an array into ``zKIndices``/``zQIndices``).
+Batch k holds latents k·1024 … k·1024 + 1023, as ``export-data.py`` batches them.
+
+What the importer does with rows it already has decides what a re-export can do: every insert is
+``ON CONFLICT DO NOTHING`` (Model, SourceSet and Source are created only when absent). Ids are
+therefore content-addressed (an unchanged row has the same id, a changed one a new id), a manifest
+of the rows written is kept beside the files, and a re-export says what changed since the last one
+into the same directory: Neuronpedia would keep the old features and add changed explanations and
+examples beside the old ones, so the export writes ``delete-before-reimport.sql`` and says to run
+it first (or to export under a new source id, ``<layer>-<set>__v2``).
+
+What cannot be supplied: logit tables and histograms (``pos_str``/``neg_str``,
+``freq_hist_*``, ``logits_hist_*``: sae-atlas has no unembedding), DFA values, vectors, and the
+explanations' ``embedding`` (Neuronpedia's are OpenAI text-embedding-3-large at 256 dimensions; a
+vector from another model would rank nonsense in its search): they are left empty. Neuronpedia's
+scores (``scoreV1``/``scoreV2``) are its own scorer's; delphi's are not written into them.
 """
 
 from __future__ import annotations
@@ -27,7 +42,8 @@ import gzip
 import hashlib
 import re
 from collections.abc import Iterator
-from datetime import datetime
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -35,41 +51,179 @@ import orjson
 import polars as pl
 
 from sae_atlas import __version__, layout
+from sae_atlas.config import SamplingConfig
 from sae_atlas.query.atlas import Atlas
 
 BATCH_FEATURES = 1024
-DEFAULT_CREATOR_ID = "clkht01d40000jv08hvalcvly"  # the utilities' default creator
+DEFAULT_CREATOR_ID = "clkht01d40000jv08hvalcvly"  # the user Neuronpedia's seed creates ("bot")
 DEFAULT_EXPLANATION_TYPE = "eleuther_acts_top20"  # Neuronpedia's type for EleutherAI's explainer
 SOURCE_ID = re.compile(r"[0-9]+-[A-Za-z0-9._-]+(?:__[A-Za-z0-9._-]+)?", re.ASCII)  # "<layer>-<set>[__suffix]"
+MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*", re.ASCII)  # a leading "." would leave ``out``
 ID_LENGTH = 25  # cuid length, as FastPseudoCuid makes them
+MANIFEST = "sae-atlas-export.parquet"
+DELETE_SQL = "delete-before-reimport.sql"
+# Models whose shape sae-atlas knows (layers, MLP neurons per layer, d_model, owner), by Neuronpedia
+# model id; a Gemma Scope sae_id names its model in its release.
+KNOWN_MODELS = {
+    "gemma-2-2b": (26, 9216, 2304, "Google"),
+    "gemma-2-9b": (42, 14336, 3584, "Google"),
+    "gemma-2-27b": (46, 36864, 4608, "Google"),
+    "pythia-70m": (6, 2048, 512, "EleutherAI"),
+    "pythia-70m-deduped": (6, 2048, 512, "EleutherAI"),
+    "gpt2-small": (12, 3072, 768, "OpenAI"),
+    "llama3.1-8b": (32, 14336, 4096, "Meta"),
+}
+GEMMA_SCOPE = re.compile(r"gemma-scope-(2b|9b|27b)")
 
 
 class ExportError(ValueError):
     """The export cannot be made as asked; the message is one line."""
 
 
+@dataclass(frozen=True)
+class Target:
+    """Where the export goes in Neuronpedia and what its Model and SourceSet rows say; the ``None``
+    fields are derived (:func:`resolve`)."""
+
+    model_id: str
+    source: str
+    creator_id: str = DEFAULT_CREATOR_ID
+    explanation_type: str = DEFAULT_EXPLANATION_TYPE
+    layers: int | None = None
+    neurons_per_layer: int | None = None
+    dimension: int | None = None
+    owner: str | None = None
+    creator_name: str | None = None
+    description: str | None = None
+    explainer_names: dict[str, str] = field(default_factory=dict)  # local explainer → registered name
+
+    @property
+    def set_name(self) -> str:
+        return self.source.split("-", 1)[1].split("__", 1)[0]
+
+
 def record_id(*parts) -> str:
-    """A cuid-shaped id that is the same for the same record in every export (so a re-export
-    updates rather than duplicates)."""
+    """A cuid-shaped id of a row's identity and content: the same for an unchanged row in every
+    export, a new one when its content changed."""
     return "c" + hashlib.blake2b("|".join(map(str, parts)).encode(), digest_size=12).hexdigest()[: ID_LENGTH - 1]
 
 
-def _gzip_lines(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    body = b"".join(orjson.dumps(row) + b"\n" for row in rows)
-    layout.write_atomic_bytes(path, gzip.compress(body, compresslevel=5))
+def resolve(target: Target, sae_id: str | None) -> Target:
+    """``target`` with the model's shape and owner filled in from what sae-atlas knows of the model
+    (its Neuronpedia id, or the model a Gemma Scope ``sae_id`` names); a one-line error for what
+    stays unknown."""
+    if not SOURCE_ID.fullmatch(target.source):
+        raise ExportError(
+            f"source {target.source!r} is not a Neuronpedia source id <layer>-<set name> (e.g. 30-gemmascope-res-16k)"
+        )
+    if not MODEL_ID.fullmatch(target.model_id):
+        raise ExportError(
+            f"model id {target.model_id!r} is not a Neuronpedia model id "
+            "(a letter or digit, then letters, digits, . _ -)"
+        )
+    known = KNOWN_MODELS.get(target.model_id)
+    scope = GEMMA_SCOPE.search(sae_id or "")
+    if known is None and scope is not None:
+        known = KNOWN_MODELS[f"gemma-2-{scope.group(1)}"]
+    layers, neurons, dimension, owner = known or (None, None, None, None)
+    repository_owner = (sae_id or "").partition("/")[0] or None
+    filled = {
+        "layers": target.layers if target.layers is not None else layers,
+        "neurons_per_layer": target.neurons_per_layer if target.neurons_per_layer is not None else neurons,
+        "dimension": target.dimension if target.dimension is not None else dimension,
+        "owner": target.owner or owner or repository_owner,
+    }
+    missing = [name for name in ("layers", "neurons_per_layer", "owner") if filled[name] is None]
+    if missing:
+        options = ", ".join("--" + name.replace("_", "-") for name in missing)
+        raise ExportError(
+            f"Neuronpedia's Model row needs {', '.join(missing)}, which sae-atlas does not know for model "
+            f"{target.model_id!r}: pass {options} (known: {', '.join(sorted(KNOWN_MODELS))})"
+        )
+    return Target(**{**target.__dict__, **filled, "creator_name": target.creator_name or filled["owner"]})
 
 
-def source_row(atlas: Atlas, *, model_id: str, source: str, creator_id: str, created_at: str) -> dict:
+def explanation_model_names(target: Target, explainers: list[str]) -> tuple[dict[str, str], list[str]]:
+    """Each explainer's ``explanationModelName``: its mapping, else the last component of its name
+    (as Neuronpedia's batch-autointerp.py writes them); and the names no mapping gave, which a
+    maintainer must register as ExplanationModelType rows before importing."""
+    short = {explainer: explainer.split("/")[-1] for explainer in explainers}
+    unknown = sorted(set(target.explainer_names) - set(explainers) - set(short.values()))
+    if unknown:
+        raise ExportError(
+            f"--explainer-name maps {', '.join(unknown)}, which explained nothing here (explainers: "
+            f"{', '.join(sorted(explainers))})"
+        )
+    names, unmapped = {}, []
+    for explainer in explainers:
+        mapped = target.explainer_names.get(explainer, target.explainer_names.get(short[explainer]))
+        names[explainer] = mapped or short[explainer]
+        if mapped is None:
+            unmapped.append(short[explainer])
+    return names, sorted(set(unmapped))
+
+
+# -- rows -----------------------------------------------------------------------------------------
+
+
+def model_row(target: Target, created_at: str) -> dict:
+    """db_models/model.py's ``Model``, field for field (the route creates it with these keys)."""
+    return {
+        "id": target.model_id,
+        "instruct": target.model_id.endswith("-it"),
+        "creatorId": target.creator_id,
+        "displayNameShort": target.model_id,
+        "displayName": target.model_id,
+        "tlensId": None,
+        "dimension": target.dimension,
+        "visibility": "PUBLIC",
+        "defaultSourceSetName": None,
+        "defaultSourceId": None,
+        "inferenceEnabled": False,  # no inference server holds this SAE
+        "layers": target.layers,
+        "neuronsPerLayer": target.neurons_per_layer,
+        "createdAt": created_at,
+        "owner": target.owner,
+        "updatedAt": created_at,
+        "website": None,
+    }
+
+
+def source_set_row(target: Target, sae_id: str | None, created_at: str) -> dict:
+    """db_models/source_set.py's ``SourceSet``, field for field."""
+    return {
+        "modelId": target.model_id,
+        "name": target.set_name,
+        "creatorId": target.creator_id,
+        "hasDashboards": True,
+        "visibility": "PUBLIC",
+        "description": target.description or f"{sae_id or target.set_name} (exported by sae-atlas)",
+        "type": "",
+        "creatorName": target.creator_name,
+        "urls": [],
+        "creatorEmail": None,
+        "releaseName": None,
+        "defaultOfModelId": None,
+        "defaultRange": 1,
+        "defaultShowBreaks": True,
+        "showDfa": False,
+        "showCorrelated": False,
+        "showHeadAttribution": False,
+        "showUmap": False,
+        "createdAt": created_at,
+    }
+
+
+def source_row(atlas: Atlas, target: Target, created_at: str) -> dict:
     """db_models/source.py's ``Source``, field for field."""
     prompts = layout.read_prompt_tokens(atlas.output_dir) if (atlas.output_dir / layout.PROMPTS).exists() else None
     repository, _, folder = (atlas.sae_id or "").partition("/")
     repository_name, _, folder = folder.partition("/")
     return {
-        "id": source,
-        "modelId": model_id,
-        "setName": source.split("-", 1)[1].split("__", 1)[0],
-        "creatorId": creator_id,
+        "id": target.source,
+        "modelId": target.model_id,
+        "setName": target.set_name,
+        "creatorId": target.creator_id,
         "hasDashboards": True,
         "inferenceEnabled": False,
         "inferenceHosts": [],
@@ -92,21 +246,21 @@ def source_row(atlas: Atlas, *, model_id: str, source: str, creator_id: str, cre
 
 
 def feature_row(
-    index: int, neighbours: tuple[list, list], *, model_id: str, source: str, creator_id: str, created_at: str,
-    max_activation: float, frequency: float | None,
+    index: int, neighbours: tuple[list, list], target: Target, created_at: str, *, max_activation: float,
+    frequency: float | None,
 ) -> dict:  # fmt: skip
-    """db_models/feature.py's ``Feature``, field for field."""
+    """db_models/feature.py's ``Feature`` (the Neuron table), field for field."""
     return {
-        "modelId": model_id,
-        "layer": source,
+        "modelId": target.model_id,
+        "layer": target.source,
         "index": str(index),
-        "creatorId": creator_id,
+        "creatorId": target.creator_id,
         "createdAt": created_at,
-        "maxActApprox": max_activation,
+        "maxActApprox": round(float(max_activation), 3),  # as the values are stored
         "hasVector": False,
         "vector": [],
         "vectorLabel": None,
-        "vectorDefaultSteerStrength": 10,
+        "vectorDefaultSteerStrength": None,  # a steering default belongs to features with a vector
         "hookName": None,
         "topkCosSimIndices": neighbours[0],
         "topkCosSimValues": neighbours[1],
@@ -123,34 +277,34 @@ def feature_row(
         "neg_values": [],
         "pos_str": [],
         "pos_values": [],
-        "frac_nonzero": frequency or 0,
+        "frac_nonzero": float(frequency) if frequency is not None else 0.0,
         "freq_hist_data_bar_heights": [],
         "freq_hist_data_bar_values": [],
         "logits_hist_data_bar_heights": [],
         "logits_hist_data_bar_values": [],
         "decoder_weights_dist": [],
-        "sourceSetName": source.split("-", 1)[1].split("__", 1)[0],
+        "sourceSetName": target.set_name,
     }
 
 
 def activation_row(
-    example: dict, bins: tuple[float, float], *, index: int, model_id: str, source: str, creator_id: str,
-    created_at: str,
-) -> dict:  # fmt: skip
-    """db_models/activation.py's ``Activation``, field for field, for one sampled example."""
+    example: dict, group: tuple[float, float, float], index: int, target: Target, created_at: str
+) -> dict:
+    """db_models/activation.py's ``Activation``, field for field, for one sampled example;
+    ``group``: its bin's (binMin, binMax, binContains)."""
     values = [round(float(value), 3) for value in example["activations"]]
     peak = max(values) if values else 0.0
     return {
-        "id": record_id(model_id, source, index, example["prompt_id"]),
+        "id": record_id(target.model_id, target.source, index, example["prompt_id"], values),
         "tokens": example["tokens"],
         "index": str(index),
-        "layer": source,
-        "modelId": model_id,
+        "layer": target.source,
+        "modelId": target.model_id,
         "maxValue": peak,
         "maxValueTokenIndex": values.index(peak) if values else 0,
         "minValue": min(values) if values else 0.0,
         "values": values,
-        "creatorId": creator_id,
+        "creatorId": target.creator_id,
         "dataSource": None,
         "dataIndex": str(example["prompt_id"]),  # the prompt, so an example can be traced back
         "dfaValues": [],
@@ -159,34 +313,100 @@ def activation_row(
         "createdAt": created_at,
         "lossValues": [],
         "logitContributions": None,
-        "binMin": bins[0],
-        "binMax": bins[1],
-        "binContains": None,
+        "binMin": group[0],
+        "binMax": group[1],
+        "binContains": group[2],
         "qualifyingTokenIndex": example["max_position"],
-        "zIndices": None,
-        "zValues": None,
+        "zIndices": [],  # no attention heads: the importer's zKIndices / zQIndices stay empty
+        "zValues": [],
     }
 
 
-def explanation_row(
-    index: int, explainer: str, text: str, *, model_id: str, source: str, creator_id: str, type_name: str,
-    created_at: str,
-) -> dict:  # fmt: skip
-    """db_models/explanation.py's ``Explanation``, field for field."""
+def explanation_row(index: int, name: str, text: str, target: Target, created_at: str) -> dict:
+    """db_models/explanation.py's ``Explanation``, with the column ``triggeredByUserId``."""
     return {
-        "id": record_id(model_id, source, index, explainer),
-        "modelId": model_id,
-        "layer": source,
+        "id": record_id(target.model_id, target.source, index, name, text),
+        "modelId": target.model_id,
+        "layer": target.source,
         "index": str(index),
         "description": text,
-        "authorId": creator_id,
-        "embedding": None,
-        "triggeredById": None,
-        "typeName": type_name,
-        "explanationModelName": explainer.split("/")[-1],
+        "authorId": target.creator_id,
+        "embedding": None,  # Neuronpedia's search embeds with its own model (module docstring)
+        "triggeredByUserId": None,
+        "typeName": target.explanation_type,
+        "explanationModelName": name,
         "notes": None,
         "createdAt": created_at,
     }
+
+
+# -- what the rows are made of ----------------------------------------------------------------------
+
+
+def firing_frequencies(output_dir: Path, explained: pl.DataFrame) -> dict[int, float]:
+    """Each latent's firing frequency: from ``stages/firing.parquet`` (delphi's counts cover every
+    latent of the SAE; the first run in config order that has one), else, for an output written
+    before that file, the explained latents' frequency in ``explained``."""
+    path = output_dir / layout.FIRING
+    if path.exists():
+        table = pl.read_parquet(path, columns=["feature_id", "firing_frequency"]).drop_nulls()
+    else:
+        table = explained.select("feature_id", "firing_frequency").drop_nulls()
+    first = table.unique("feature_id", keep="first", maintain_order=True)
+    return dict(zip(first["feature_id"].to_list(), first["firing_frequency"].to_list(), strict=True))
+
+
+def sampling_quantiles(output_dir: Path) -> int:
+    """How many bins stage 4 sampled from (the run's config, kept in the sidecars)."""
+    sidecar = layout.read_sidecar(output_dir / layout.FEATURES) or {}
+    sampling = (sidecar.get("config") or {}).get("sampling") or {}
+    quantiles = sampling.get("quantiles")
+    return quantiles if isinstance(quantiles, int) and quantiles >= 1 else SamplingConfig().quantiles
+
+
+def activation_groups(output_dir: Path, latents: np.ndarray, quantiles: int) -> dict[tuple[int, int], tuple]:
+    """Neuronpedia's (binMin, binMax, binContains) of each (latent, sampling bin), bin 0 the
+    lowest as stage 4 numbers them (sae_atlas.sampling): the top bin is Neuronpedia's top group
+    (binMin and binContains -1, binMax the latent's largest activation); every other bin is its
+    interval of peak activations, contiguous with the next, and the share of the latent's
+    activating prompts in it (SAEDashboard counts activating tokens; the prompts are what sae-atlas
+    has)."""
+    path = output_dir / layout.ACTIVATION_EXAMPLES
+    if not path.exists() or not len(latents):
+        return {}
+    values = (
+        pl.scan_parquet(path)
+        .filter(pl.col("feature_id").is_between(int(latents.min()), int(latents.max())))
+        .select("feature_id", value=pl.col("max_activation").cast(pl.Float64))
+        .collect()
+    )
+    levels = [step / quantiles for step in range(1, quantiles)]
+    bounds = values.group_by("feature_id").agg(
+        total=pl.len(),
+        low=pl.col("value").min(),
+        high=pl.col("value").max(),
+        **{f"q{index}": pl.col("value").quantile(level, interpolation="linear") for index, level in enumerate(levels)},
+    )
+    binned = values.join(bounds, on="feature_id").with_columns(
+        bin=pl.sum_horizontal([(pl.col("value") > pl.col(f"q{index}")).cast(pl.Int32) for index in range(len(levels))])
+        if levels
+        else pl.lit(0, pl.Int32)
+    )
+    counts = binned.group_by("feature_id", "bin").agg(count=pl.len())
+    edges = [pl.col("low"), *(pl.col(f"q{index}") for index in range(len(levels))), pl.col("high")]
+    table = counts.join(bounds, on="feature_id").with_columns(
+        lower=pl.coalesce([pl.when(pl.col("bin") == position).then(edge) for position, edge in enumerate(edges[:-1])]),
+        upper=pl.coalesce([pl.when(pl.col("bin") == position).then(edge) for position, edge in enumerate(edges[1:])]),
+    )
+    groups = {}
+    for latent, position, count, total, high, lower, upper in table.select(
+        "feature_id", "bin", "count", "total", "high", "lower", "upper"
+    ).iter_rows():
+        if position == quantiles - 1:
+            groups[latent, position] = (-1.0, round(high, 3), -1.0)
+        else:
+            groups[latent, position] = (round(lower, 3), round(upper, 3), count / total)
+    return groups
 
 
 def _batches(latents: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
@@ -194,61 +414,73 @@ def _batches(latents: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
         yield int(batch), latents[(latents // BATCH_FEATURES) == batch]
 
 
-def export(
-    atlas: Atlas,
-    out: Path,
-    *,
-    model_id: str,
-    source: str,
-    creator_id: str = DEFAULT_CREATOR_ID,
-    explanation_type: str = DEFAULT_EXPLANATION_TYPE,
-) -> dict:
-    """Write the Neuronpedia export of ``atlas`` under ``out/<model_id>/<source>/``; returns counts."""
-    if not SOURCE_ID.fullmatch(source):
-        raise ExportError(
-            f"source {source!r} is not a Neuronpedia source id <layer>-<set name> (e.g. 30-gemmascope-res-16k)"
-        )
-    # A leading letter or digit: "." and ".." would put the files beside or above ``out``.
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", model_id, re.ASCII):
-        raise ExportError(
-            f"model id {model_id!r} is not a Neuronpedia model id (a letter or digit, then letters, digits, . _ -)"
-        )
-    root = Path(out) / model_id / source
-    layout.refuse_output_files(root / "source.jsonl")
-    created_at = datetime.now().strftime("%Y-%m-%dT%H:%M:%S.%f")
-    common = {"model_id": model_id, "source": source, "creator_id": creator_id, "created_at": created_at}
-    layout.write_atomic_bytes(root / "source.jsonl", orjson.dumps(source_row(atlas, **common)) + b"\n")
+def _gzip_lines(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    body = b"".join(orjson.dumps(row) + b"\n" for row in rows)
+    layout.write_atomic_bytes(path, gzip.compress(body, compresslevel=5))
 
-    explanations = (
-        atlas.features(limit=None)
-        .filter(pl.col("explanation_ok"))
-        .select("feature_id", "explainer", "explanation_text", "firing_frequency")
-    )
-    frequency = dict(explanations.group_by("feature_id").agg(pl.col("firing_frequency").drop_nulls().first()).rows())
+
+def _digest(row: dict) -> str:
+    """A row's content, its write time aside."""
+    return record_id(*(f"{key}={value}" for key, value in sorted(row.items()) if key != "createdAt"))
+
+
+def export(atlas: Atlas, out: Path, target: Target) -> dict:
+    """Write the Neuronpedia export of ``atlas`` under ``out/<model_id>/<source>/``; returns the
+    counts, the explanation model names a maintainer must register (``unmapped``) and what changed
+    since an earlier export into the same directory (``changed``)."""
+    target = resolve(target, atlas.sae_id)
+    root = Path(out) / target.model_id / target.source
+    layout.refuse_output_files(root / "source.jsonl")
+    features = atlas.features(limit=None)
+    explanations = features.filter(pl.col("explanation_ok")).select("feature_id", "explainer", "explanation_text")
+    names, unmapped = explanation_model_names(target, sorted(explanations["explainer"].unique().to_list()))
+    # UTC with its offset: Prisma, which creates the Model, SourceSet and Source rows, reads only
+    # ISO-8601 times that carry one (PostgreSQL takes them too, for the batch rows)
+    created_at = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    for name, row in (
+        ("model.jsonl", model_row(target, created_at)),
+        ("sourceset.jsonl", source_set_row(target, atlas.sae_id, created_at)),
+        ("source.jsonl", source_row(atlas, target, created_at)),
+    ):
+        layout.write_atomic_bytes(root / name, orjson.dumps(row) + b"\n")
+
+    frequency = firing_frequencies(atlas.output_dir, features)
     latents = np.unique(
         np.concatenate(
-            [atlas.latents_with_neighbours(), explanations["feature_id"].to_numpy(), atlas.sampled_latents()]
+            [
+                atlas.latents_with_neighbours(),
+                explanations["feature_id"].to_numpy(),
+                atlas.sampled_latents(),
+                np.fromiter(frequency, dtype=np.int64, count=len(frequency)),
+            ]
         )
     ).astype(np.int64)
+    quantiles = sampling_quantiles(atlas.output_dir)
     counts = {"features": 0, "activations": 0, "explanations": 0, "batches": 0}
+    manifest: list[tuple[str, str, str]] = []  # (kind, key, digest)
     written: set[Path] = set()
     for batch, members in _batches(latents):
-        features, activations = _feature_rows(atlas, members, frequency, common)
-        batch_explanations = explanations.filter(
-            (pl.col("feature_id") >= batch * BATCH_FEATURES) & (pl.col("feature_id") < (batch + 1) * BATCH_FEATURES)
-        )
-        described = [
-            explanation_row(index, explainer, text, type_name=explanation_type, **common)
-            for index, explainer, text, _ in batch_explanations.rows()
+        groups = activation_groups(atlas.output_dir, members, quantiles)
+        feature_rows, activation_rows = _feature_rows(atlas, members, frequency, groups, target, created_at)
+        in_batch = explanations.filter(pl.col("feature_id") // BATCH_FEATURES == batch)
+        explanation_rows = [
+            explanation_row(index, names[explainer], text, target, created_at)
+            for index, explainer, text in in_batch.rows()
         ]
         name = f"batch-{batch}.jsonl.gz"
-        for kind, rows in (("features", features), ("activations", activations), ("explanations", described)):
+        for kind, rows in (
+            ("features", feature_rows),
+            ("activations", activation_rows),
+            ("explanations", explanation_rows),
+        ):
             if rows or kind == "features":
                 _gzip_lines(root / kind / name, rows)
                 written.add(root / kind / name)
-        counts["features"] += len(features)
-        counts["activations"] += len(activations)
-        counts["explanations"] += len(described)
+            counts[kind] += len(rows)
+        manifest += [("feature", row["index"], _digest(row)) for row in feature_rows]
+        manifest += [("activation", row["id"], row["index"]) for row in activation_rows]
+        manifest += [("explanation", row["id"], row["index"]) for row in explanation_rows]
         counts["batches"] += 1
     # An earlier export into the same directory may have had other batches: they would be imported
     # beside this one's.
@@ -256,37 +488,72 @@ def export(
         for stale in sorted((root / kind).glob("batch-*.jsonl.gz")):
             if stale not in written:
                 stale.unlink()
-    return {"directory": str(root), **counts}
+    table = pl.DataFrame(manifest, schema={"kind": pl.String, "key": pl.String, "digest": pl.String}, orient="row")
+    changed = _changes(root / MANIFEST, table)
+    layout.write_atomic_bytes(root / DELETE_SQL, delete_statements(target).encode())
+    table.write_parquet(root / MANIFEST)
+    return {"directory": str(root), **counts, "unmapped": unmapped, "changed": changed}
 
 
-def _feature_rows(atlas: Atlas, members: np.ndarray, frequency: dict, common: dict) -> tuple[list, list]:
+def _changes(previous_path: Path, current: pl.DataFrame) -> dict[str, int]:
+    """What an import of ``current`` would not do to a database that holds the earlier export of
+    ``previous_path``: features whose content changed (kept as they were), and activations and
+    explanations the earlier export had and this one has not (left beside the new ones)."""
+    if not previous_path.exists():
+        return {}
+    try:
+        previous = pl.read_parquet(previous_path)
+    except (OSError, pl.exceptions.PolarsError):
+        return {}
+    features = previous.filter(pl.col("kind") == "feature").join(
+        current.filter(pl.col("kind") == "feature"), on=["kind", "key"], how="inner"
+    )
+    gone = previous.filter(pl.col("kind") != "feature").join(current, on=["kind", "key"], how="anti")
+    return {
+        "features": int((features["digest"] != features["digest_right"]).sum()),
+        "activations": int((gone["kind"] == "activation").sum()),
+        "explanations": int((gone["kind"] == "explanation").sum()),
+    }
+
+
+def delete_statements(target: Target) -> str:
+    """SQL that removes this source's features, activations and explanations from Neuronpedia's
+    database, so that an import of a changed export replaces them (its importer never updates)."""
+    model, source = (value.replace("'", "''") for value in (target.model_id, target.source))
+    where = f"\"modelId\" = '{model}' AND \"layer\" = '{source}'"
+    return (
+        "-- Neuronpedia's importer inserts with ON CONFLICT DO NOTHING: run this on its database before\n"
+        "-- importing a changed export of this source.\n"
+        "BEGIN;\n"
+        f'DELETE FROM "Explanation" WHERE {where};\n'
+        f'DELETE FROM "Activation" WHERE {where};\n'
+        f'DELETE FROM "Neuron" WHERE {where};\n'
+        "COMMIT;\n"
+    )
+
+
+def _feature_rows(
+    atlas: Atlas, members: np.ndarray, frequency: dict, groups: dict, target: Target, created_at: str
+) -> tuple[list, list]:
     """The feature rows (with decoder neighbours) and activation rows of one batch's latents."""
     features, activations = [], []
     for index in members.tolist():
         examples = atlas.feature_examples(index)
-        bins = _bins(examples)
         neighbours = atlas.neighbours_of(index)
         features.append(
             feature_row(
                 index,
-                (
-                    [row["feature_id"] for row in neighbours],
-                    [round(row["cosine_similarity"], 6) for row in neighbours],
-                ),
+                ([row["feature_id"] for row in neighbours], [round(row["cosine_similarity"], 6) for row in neighbours]),
+                target,
+                created_at,
                 max_activation=max((example["max_activation"] for example in examples), default=0.0),
                 frequency=frequency.get(index),
-                **common,
             )
         )
         activations.extend(
-            activation_row(example, bins[example["quantile"]], index=index, **common) for example in examples
+            activation_row(
+                example, groups.get((index, example["quantile"]), (None, None, None)), index, target, created_at
+            )
+            for example in examples
         )
     return features, activations
-
-
-def _bins(examples: list[dict]) -> dict[int, tuple[float | None, float | None]]:
-    """Each sampling bin's range of maximum activations among the feature's sampled examples."""
-    bins: dict[int, list[float]] = {}
-    for example in examples:
-        bins.setdefault(example["quantile"], []).append(example["max_activation"])
-    return {quantile: (round(min(values), 3), round(max(values), 3)) for quantile, values in bins.items()}

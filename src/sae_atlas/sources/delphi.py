@@ -82,7 +82,9 @@ class LatentFile:
 
 @dataclass
 class DelphiRun:
-    """What :func:`discover_run` found in one run directory."""
+    """What :func:`discover_run` found in one run directory (or, for a source of another
+    ``kind``, its reader: :mod:`sae_atlas.sources.neuronpedia` keeps its explanations read in
+    ``texts``, its batch files in ``batch_files``)."""
 
     name: str
     path: Path
@@ -96,6 +98,9 @@ class DelphiRun:
     notes: list[str] = field(default_factory=list)
     settings: dict = field(default_factory=dict)  # run_config fields that change scores
     file_hook: str | None = None  # the hookpoint the per-latent file names use
+    kind: str = "delphi"
+    batch_files: list[Path] = field(default_factory=list)
+    texts: dict[int, str] = field(default_factory=dict)
 
 
 def _walk_files(root: Path, problems: Problems, run: Path) -> list[Path]:

@@ -49,6 +49,7 @@ LIMITS = {
     "score file": 256 * MiB,
     "tokenizer file": 1024 * MiB,
     "firing counts": 1024 * MiB,
+    "Neuronpedia batch": 1024 * MiB,
     "prompts.json": 16384 * MiB,
     "file": 64 * MiB,
 }

@@ -74,9 +74,12 @@ def explanation_chunk(entries: list[delphi.LatentFile]) -> tuple[list[int], list
 
 
 def read_all(context: StageContext, runs: list[delphi.DelphiRun], problems: Problems) -> pl.DataFrame:
-    """Every run's explanations, the files read in chunks on the run's engine."""
+    """Every run's explanations, the files read in chunks on the run's engine (a Neuronpedia
+    source's were read when it was listed)."""
     tasks = [(run, chunk) for run in runs for chunk in chunks(run.explanations, FILES_PER_TASK)]
-    read: dict[str, tuple[list[int], list[str]]] = {run.name: ([], []) for run in runs}
+    read: dict[str, tuple[list[int], list[str]]] = {
+        run.name: (list(run.texts), list(run.texts.values())) for run in runs
+    }
     for (run, _), (latents, texts, found) in zip(
         tasks, context.map(explanation_chunk, [chunk for _, chunk in tasks]), strict=True
     ):
@@ -94,6 +97,7 @@ def read_all(context: StageContext, runs: list[delphi.DelphiRun], problems: Prob
 def plan(context: StageContext) -> Plan:
     runs_with_files = context.listed_runs()
     files = [entry.path for run in runs_with_files for entry in run.explanations]
+    files += [path for run in runs_with_files for path in run.batch_files]
     files += [run.path / "run_config.json" for run in runs_with_files]
     # Latents scored without an explanation file get a sentinel row: the score listing matters.
     scored = sorted(

@@ -12,7 +12,8 @@ its cached part for the unchanged files and a fresh read of the others, and equa
 A block is cached under ``.cache/scores/v<stage version>/<block digest>/`` (the digest of its files'
 run, method, latent and path) as five files: ``files.parquet`` (each file's size and modification
 time, what "unchanged" means, as for every fingerprint here, and its record count, null when it
-could not be read), ``aggregates.parquet``, ``evidence.parquet``, ``examples.parquet`` and
+could not be read), ``aggregates.parquet``, ``records.parquet`` and ``examples.parquet`` (the
+block's rows of the two stage files, the examples with the run and method each came from) and
 ``problems.json``. A cache that cannot be read is ignored (the block is read whole); deleting
 ``.cache/scores`` is always safe.
 """
@@ -30,6 +31,7 @@ import polars as pl
 from sae_atlas.problems import Problem
 from sae_atlas.scored_examples import pick_examples
 from sae_atlas.stage import digest
+from sae_atlas.stages.score_evidence import with_texts
 
 FILE_KEY = ["data_source", "method", "feature_id"]
 STAMPED_FILE_COLUMNS = {
@@ -41,7 +43,7 @@ STAMPED_FILE_COLUMNS = {
     "modified": pl.Int64,
     "n_records": pl.UInt32,
 }
-TABLES = ("files", "aggregates", "evidence", "examples")
+TABLES = ("files", "aggregates", "records", "examples")
 
 
 @dataclass
@@ -63,7 +65,18 @@ def block_digest(files: list[tuple[str, str, object]]) -> str:
     return digest(sorted((source, method, entry.latent, str(entry.path)) for source, method, entry in files))
 
 
-def load_block(directory: Path | None) -> BlockRead | None:
+@dataclass
+class CachedBlock:
+    """A block as cached: its rows of the stage files as they were written (:func:`save_block`)."""
+
+    files: pl.DataFrame
+    aggregates: pl.DataFrame
+    records: pl.DataFrame
+    examples: pl.DataFrame
+    problems: list[Problem]
+
+
+def load_block(directory: Path | None) -> CachedBlock | None:
     """A cached block, or None when there is none or it cannot be read."""
     if directory is None or not directory.is_dir():
         return None
@@ -72,19 +85,22 @@ def load_block(directory: Path | None) -> BlockRead | None:
         problems = [Problem(**item) for item in orjson.loads((directory / "problems.json").read_bytes())]
     except (OSError, ValueError, TypeError, pl.exceptions.PolarsError):
         return None
-    return BlockRead(**tables, problems=problems)
+    return CachedBlock(**tables, problems=problems)
 
 
-def save_block(directory: Path | None, block: BlockRead) -> None:
-    """Cache ``block`` (written beside, then moved in place: a crash leaves the old block or
-    none). A cache that cannot be written only costs the next run a full read of the block."""
+def save_block(directory: Path | None, block: BlockRead, records: pl.DataFrame, examples: pl.DataFrame) -> None:
+    """Cache ``block``, its evidence as ``records`` and ``examples`` (:func:`number_evidence`:
+    the records point to their example by id, not by a text repeated on every record). Written
+    beside, then moved in place: a crash leaves the old block or none. A cache that cannot be
+    written only costs the next run a full read of the block."""
     if directory is None:
         return
     partial = directory.with_name(f"{directory.name}.partial-{os.getpid()}")
+    tables = {"files": block.files, "aggregates": block.aggregates, "records": records, "examples": examples}
     try:
         partial.mkdir(parents=True, exist_ok=True)
-        for name in TABLES:
-            getattr(block, name).write_parquet(partial / f"{name}.parquet")
+        for name, table in tables.items():
+            table.write_parquet(partial / f"{name}.parquet")
         (partial / "problems.json").write_bytes(orjson.dumps([problem.to_dict() for problem in block.problems]))
         shutil.rmtree(directory, ignore_errors=True)
         partial.rename(directory)
@@ -92,7 +108,7 @@ def save_block(directory: Path | None, block: BlockRead) -> None:
         shutil.rmtree(partial, ignore_errors=True)
 
 
-def unchanged_files(cached: BlockRead | None, files: pl.DataFrame) -> pl.DataFrame:
+def unchanged_files(cached: CachedBlock | None, files: pl.DataFrame) -> pl.DataFrame:
     """The keys (:data:`FILE_KEY`) of ``files`` (this run's, with their stamps) whose cached read
     can be reused: same path, size and modification time."""
     if cached is None:
@@ -101,7 +117,7 @@ def unchanged_files(cached: BlockRead | None, files: pl.DataFrame) -> pl.DataFra
     return files.join(cached.files.select(*FILE_KEY, *same), on=[*FILE_KEY, *same], how="inner").select(FILE_KEY)
 
 
-def merge_blocks(cached: BlockRead, kept: pl.DataFrame, fresh: BlockRead) -> tuple[BlockRead, set[int]]:
+def merge_blocks(cached: CachedBlock, kept: pl.DataFrame, fresh: BlockRead) -> tuple[BlockRead, set[int]]:
     """The block from the cached reads of the ``kept`` files and the ``fresh`` read of the others,
     and the latents whose examples cannot be settled so (an example the cache had from a re-read
     file that its new version no longer holds, though unchanged files still point to it: only a
@@ -110,9 +126,13 @@ def merge_blocks(cached: BlockRead, kept: pl.DataFrame, fresh: BlockRead) -> tup
     def keep(table: pl.DataFrame, key: list[str]) -> pl.DataFrame:
         return table.join(kept.rename(dict(zip(FILE_KEY, key, strict=True))), on=key, how="semi")
 
-    evidence = pl.concat([keep(cached.evidence, FILE_KEY), fresh.evidence])
+    kept_evidence, kept_examples = with_texts(keep(cached.records, FILE_KEY), cached.examples)
+    evidence = pl.concat([kept_evidence, fresh.evidence], how="diagonal_relaxed")
     examples = pick_examples(
-        pl.concat([keep(cached.examples, ["origin_source", "origin_method", "feature_id"]), fresh.examples])
+        pl.concat(
+            [keep(kept_examples, ["origin_source", "origin_method", "feature_id"]), fresh.examples],
+            how="diagonal_relaxed",
+        )
     )
     missing = evidence.filter(pl.col("example_text").is_not_null()).join(
         examples, on=["feature_id", "example_text"], how="anti"

@@ -57,13 +57,12 @@ def evidence_rows(records: pl.DataFrame, sequences: pl.DataFrame | None = None) 
     return pl.concat([rows, simulated.cast(dict(rows.schema))])
 
 
-def build_score_evidence(rows: pl.DataFrame | None, examples: pl.DataFrame | None) -> tuple[pl.DataFrame, pl.DataFrame]:
+def number_evidence(rows: pl.DataFrame, examples: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
     """(records, examples) of a block of latents: ``rows`` from :func:`evidence_rows` (every run of
     those latents), ``examples`` the block's distinct examples (``ExampleStore.table``). An example
     id numbers the examples of one latent in text order, so (feature_id, example_id) depends only
-    on that latent's data."""
-    if rows is None or examples is None:
-        return pl.DataFrame(schema=STAGE_SCORE_RECORDS), pl.DataFrame(schema=STAGE_SCORE_EXAMPLES)
+    on that latent's data. The examples keep their other columns (the records point to them by
+    id, no longer by text)."""
     numbered = examples.sort("feature_id", "example_text").with_columns(
         example_id=pl.int_range(pl.len(), dtype=pl.UInt32).over("feature_id")
     )
@@ -74,4 +73,23 @@ def build_score_evidence(rows: pl.DataFrame | None, examples: pl.DataFrame | Non
         .sort("feature_id", "data_source", "method", "record")
         .select([pl.col(name).cast(dtype) for name, dtype in STAGE_SCORE_RECORDS.items()])
     )
+    return records, numbered.drop("example_text")
+
+
+def build_score_evidence(rows: pl.DataFrame | None, examples: pl.DataFrame | None) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """The two stage files' rows of a block (:func:`number_evidence`, the examples with the
+    columns of ``stages/score_examples.parquet`` only)."""
+    if rows is None or examples is None:
+        return pl.DataFrame(schema=STAGE_SCORE_RECORDS), pl.DataFrame(schema=STAGE_SCORE_EXAMPLES)
+    records, numbered = number_evidence(rows, examples)
     return records, numbered.select([pl.col(name).cast(dtype) for name, dtype in STAGE_SCORE_EXAMPLES.items()])
+
+
+def with_texts(records: pl.DataFrame, examples: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """:func:`number_evidence` undone: the records and examples keyed by the example's text again
+    (its tokens concatenated), for a block read back to be merged with fresh reads."""
+    texts = examples.with_columns(example_text=pl.col("str_tokens").list.join(""))
+    rows = records.join(
+        texts.select("feature_id", "example_id", "example_text"), on=["feature_id", "example_id"], how="left"
+    ).drop("example_id")
+    return rows, texts.drop("example_id")

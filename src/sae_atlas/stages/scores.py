@@ -17,7 +17,7 @@ import polars as pl
 
 from sae_atlas import layout, score_methods
 from sae_atlas.problems import Problems
-from sae_atlas.schema import STAGE_SCORE_EXAMPLES, STAGE_SCORE_RECORDS, STAGE_SCORES
+from sae_atlas.schema import STAGE_FIRING, STAGE_SCORE_EXAMPLES, STAGE_SCORE_RECORDS, STAGE_SCORES
 from sae_atlas.score_methods import AGGREGATE_COLUMNS
 from sae_atlas.scored_examples import EVIDENCE_COLUMNS, ExampleStore
 from sae_atlas.sources import delphi
@@ -26,6 +26,7 @@ from sae_atlas.stages.score_cache import (
     FILE_KEY,
     STAMPED_FILE_COLUMNS,
     BlockRead,
+    CachedBlock,
     block_digest,
     load_block,
     merge_blocks,
@@ -33,7 +34,7 @@ from sae_atlas.stages.score_cache import (
     save_block,
     unchanged_files,
 )
-from sae_atlas.stages.score_evidence import build_score_evidence, evidence_rows
+from sae_atlas.stages.score_evidence import evidence_rows, number_evidence
 
 KEYS = ["data_source", "method", "feature_id"]
 GROUP = score_methods.GROUP
@@ -86,12 +87,7 @@ def build_scores(*, files: pl.DataFrame, records: pl.DataFrame, runs: pl.DataFra
     return join_scores(files=files, aggregates=aggregate_records(records), runs=runs)
 
 
-FIRING_COLUMNS = {
-    "data_source": pl.String,
-    "feature_id": pl.UInt32,
-    "firing_count": pl.UInt64,
-    "firing_frequency": pl.Float64,
-}
+FIRING_COLUMNS = dict(STAGE_FIRING)
 
 
 def firing_table(data_source: str, counts: np.ndarray, n_tokens) -> pl.DataFrame:
@@ -215,26 +211,19 @@ def read_block(files: list[tuple[str, str, delphi.LatentFile]], stamped: pl.Data
     )
 
 
-def read_cached_block(task: ScoreTask) -> BlockRead:
-    """A block from its cache and a fresh read of the files that changed since (all of them
-    without a cache); the cache then updated."""
-    directory = task.cache / block_digest(task.files) if task.cache is not None else None
-    cached = load_block(directory)
-    stamped = _stamped(task.files, task.stamps)
-    kept = unchanged_files(cached, stamped)
+def merged_block(task: ScoreTask, cached: CachedBlock | None, stamped: pl.DataFrame, kept: pl.DataFrame) -> BlockRead:
+    """A block from the cached reads of its ``kept`` files and a fresh read of the others (all
+    of them without a cache)."""
     if cached is None or kept.is_empty():
-        block = read_block(task.files, stamped)
-    else:
-        for _attempt in range(2):
-            keys = set(kept.iter_rows())
-            changed = [item for item in task.files if (item[0], item[1], item[2].latent) not in keys]
-            stamps = stamped.join(kept, on=FILE_KEY, how="anti")
-            block, unsettled = merge_blocks(cached, kept, read_block(changed, stamps))
-            if not unsettled:
-                break
-            kept = kept.filter(~pl.col("feature_id").is_in(list(unsettled)))
-    if block.files_read:
-        save_block(directory, block)
+        return read_block(task.files, stamped)
+    for _attempt in range(2):
+        keys = set(kept.iter_rows())
+        changed = [item for item in task.files if (item[0], item[1], item[2].latent) not in keys]
+        stamps = stamped.join(kept, on=FILE_KEY, how="anti")
+        block, unsettled = merge_blocks(cached, kept, read_block(changed, stamps))
+        if not unsettled:
+            break
+        kept = kept.filter(~pl.col("feature_id").is_in(list(unsettled)))
     return block
 
 
@@ -242,12 +231,23 @@ def score_chunk(
     task: ScoreTask,
 ) -> tuple[pl.DataFrame, pl.DataFrame, tuple[pl.DataFrame, pl.DataFrame], int, list, int]:
     """One block: its file listing, per-latent aggregates, evidence (records, examples), record
-    count, problems and the number of files read from disk (run in a worker process)."""
-    block = read_cached_block(task)
+    count, problems and the number of files read from disk (run in a worker process). A block
+    whose files all are as cached is the cache, as it was written."""
+    directory = task.cache / block_digest(task.files) if task.cache is not None else None
+    cached = load_block(directory)
+    stamped = _stamped(task.files, task.stamps)
+    kept = unchanged_files(cached, stamped)
+    if cached is not None and kept.height == len(task.files):
+        block = BlockRead(cached.files, cached.aggregates, None, None, cached.problems)
+        records, examples = cached.records, cached.examples
+    else:
+        block = merged_block(task, cached, stamped, kept)
+        records, examples = number_evidence(block.evidence, block.examples)
+        save_block(directory, block, records, examples)
     listing = block.files.filter(pl.col("n_records").is_not_null()).select(*LISTING_COLUMNS)
-    evidence = build_score_evidence(block.evidence, block.examples)
     count = int(listing["n_records"].sum() or 0)
-    return listing, block.aggregates, evidence, count, block.problems, block.files_read
+    examples = examples.select([pl.col(name).cast(dtype) for name, dtype in STAGE_SCORE_EXAMPLES.items()])
+    return listing, block.aggregates, (records, examples), count, block.problems, block.files_read
 
 
 LISTING_COLUMNS = {"method": pl.String, "feature_id": pl.UInt32, "n_records": pl.UInt32, "data_source": pl.String}
@@ -285,9 +285,10 @@ def plan(context: StageContext) -> Plan:
             prune_blocks(cache.parent, keep=cache, blocks={block_digest(task.files) for task in tasks})
             tables, found = firing.result()
             problems.extend(found)
-            table = _scores_table(listings, aggregates, tables, runs_with_files, runs, statistics)
+            firing_counts = pl.concat(tables) if tables else pl.DataFrame(schema=STAGE_FIRING)
+            table = _scores_table(listings, aggregates, firing_counts, runs_with_files, runs, statistics)
             statistics.update(counts)
-            yield Parts(output=table)
+            yield Parts(output=table, extra={layout.FIRING: firing_counts.select(STAGE_FIRING.names())})
 
         return Product(
             data=stream(),
@@ -297,6 +298,7 @@ def plan(context: StageContext) -> Plan:
             schemas={
                 layout.SCORE_RECORDS: STAGE_SCORE_RECORDS.to_arrow(),
                 layout.SCORE_EXAMPLES: STAGE_SCORE_EXAMPLES.to_arrow(),
+                layout.FIRING: STAGE_FIRING.to_arrow(),
             },
         )
 
@@ -320,18 +322,18 @@ def _firing_tables(runs_with_files: list) -> tuple[list[pl.DataFrame], list]:
 
 def _scores_table(listings, aggregates, firing, runs_with_files, runs, statistics: dict) -> pl.DataFrame:
     """The stage's own output once every block is read: listings and aggregates joined to the runs
-    and their ``firing`` counts (``statistics`` filled in)."""
+    and their ``firing`` counts (every latent's, :data:`STAGE_FIRING`; ``statistics`` filled in)."""
     listing = pl.concat(listings) if listings else pl.DataFrame(schema=LISTING_COLUMNS)
     aggregated = (
         pl.concat(aggregates) if aggregates else pl.DataFrame(schema={**AGGREGATE_COLUMNS, "method": pl.String})
     )
-    table = join_scores(files=listing, aggregates=aggregated, runs=runs, firing=pl.concat(firing) if firing else None)
+    table = join_scores(files=listing, aggregates=aggregated, runs=runs, firing=firing)
     statistics.update(
         {
             "score_files_read": listing.height,
             "rows_by_method": dict(table.group_by(pl.col("method").cast(pl.String)).len().iter_rows()),
             "rows_without_score": int(table["score"].is_null().sum()),
-            "runs_with_firing_counts": len(firing),
+            "runs_with_firing_counts": firing["data_source"].n_unique(),
             # what each run's scores depend on, for the comparability check of `sae-atlas compare`
             "run_settings": {run.name: run.settings for run in runs_with_files},
         }
@@ -342,8 +344,8 @@ def _scores_table(listings, aggregates, firing, runs_with_files, runs, statistic
 STAGE = Stage(
     name="scores",
     output=layout.SCORES,
-    version=5,
-    extra_outputs=(layout.SCORE_RECORDS, layout.SCORE_EXAMPLES),
+    version=6,
+    extra_outputs=(layout.SCORE_RECORDS, layout.SCORE_EXAMPLES, layout.FIRING),
     plan=plan,
     config=("sources",),
     description="per-latent fuzz, detection, simulation, embedding and intruder scores of every run",
