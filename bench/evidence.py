@@ -138,7 +138,9 @@ run's files grouped by directory, one table per block rather than per run and me
 | now | {now:.1f} s (× {now / before:.2f}; target < 1.5) | {gib(peaks["now"])} (target < 4 GiB at 131k) |
 | now, again after one score file changed | {again:.1f} s ({files_read} file read from disk) | {gib(again_peak)} |
 
-The cache that makes the last row possible (`.cache/scores`) holds {cache_bytes / 2**20:.1f} MB.
+The cache that makes the last row possible (`.cache/scores`) holds {cache_bytes / 2**20:.1f} MB. The re-run still
+lists and stamps every score file, reads every block's cache and writes the stage's files whole: that, not
+reading score files, is its time.
 
 stages/score_records.parquet {sizes["score_records.parquet"] / 2**20:.1f} MB and stages/score_examples.parquet
 {sizes["score_examples.parquet"] / 2**20:.1f} MB: {total / 2**20:.1f} MB together (target < 150 MB at 16,384 latents).

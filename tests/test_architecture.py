@@ -438,7 +438,18 @@ def test_a_format_registered_once_is_in_the_api_the_download_links_and_the_cli(
 # The data path, bottom to top: a module may import modules of its own layer or below, never above.
 LAYERS = [
     # foundations: the contract, the config, bookkeeping, registries
-    {"problems", "config", "layout", "schema", "metrics", "devices", "score_methods", "scored_examples", "engine"},
+    {
+        "problems",
+        "config",
+        "layout",
+        "schema",
+        "metrics",
+        "devices",
+        "score_methods",
+        "scored_examples",
+        "label_store",
+        "engine",
+    },
     # readers of the raw formats, and the synthetic corpus written in them
     {"sources", "synth"},
     # computation shared by stages and queries

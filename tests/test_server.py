@@ -44,8 +44,11 @@ def test_health_and_docs(client):
         "/features/{feature_id}/evidence",
         "/plots",
         "/compare",
+        "/api/labels",  # people's labels: the only writes
+        "/api/labels/last",
     }
-    assert all(set(operations) == {"get"} for operations in paths.values())  # read-only
+    writes = {path: set(operations) - {"get"} for path, operations in paths.items() if set(operations) - {"get"}}
+    assert writes == {"/api/labels": {"post"}, "/api/labels/last": {"delete"}}
 
 
 def test_features_endpoint(client):
@@ -135,7 +138,8 @@ def test_api_conforms_to_its_schema_and_never_fails(app):
         ):
             conformance(operation, mode, checks)()
             checked.append((operation.label, mode.value))
-    assert len(checked) == 26, checked  # /health and /api/stats take no parameters
+    # /health, /api/stats and POST /api/labels (a body, no parameter) are checked with valid data only
+    assert len(checked) == 31, checked
 
 
 def test_the_same_metric_on_both_axes_is_a_plot_not_a_server_error(client):

@@ -891,15 +891,105 @@ def serve(
     output_dir: Annotated[Path, typer.Argument(help="A sae-atlas output directory.")],
     host: Annotated[str, typer.Option(help="Interface to bind; the default is loopback only.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    read_only: Annotated[bool, typer.Option("--read-only", help="Refuse every write (labels).")] = False,
+    write_token: Annotated[
+        str | None,
+        typer.Option(
+            envvar="SAE_ATLAS_WRITE_TOKEN",
+            help="Token scripts send as Authorization: Bearer <token> to write labels; needed to write at all "
+            "when bound beyond loopback.",
+        ),
+    ] = None,
 ) -> None:
     """Serve the outputs over HTTP: the JSON API (docs at /docs) and the feature browser."""
     from sae_atlas.serve.app import serve as run_server
+    from sae_atlas.serve.label_routes import LOOPBACK
 
     atlas_dir = output_dir.resolve()
     _open_atlas(atlas_dir)  # fail here, with one line, if the directory is not an output directory
+    writes = (
+        "read-only" if read_only else "labels with the pages' token" + (" or the write token" if write_token else "")
+    )
+    if not read_only and host not in LOOPBACK and not write_token:
+        writes = "read-only: bound beyond loopback without --write-token"
     console.print(
-        f"serving {atlas_dir} on http://{host}:{port}/  (API docs: http://{host}:{port}/docs; Ctrl-C to stop)",
+        f"serving {atlas_dir} on http://{host}:{port}/  (API docs: http://{host}:{port}/docs; writes: {writes}; "
+        "Ctrl-C to stop)",
         highlight=False,
         soft_wrap=True,
     )
-    run_server(atlas_dir, host=host, port=port)
+    run_server(atlas_dir, host=host, port=port, read_only=read_only, write_token=write_token)
+
+
+def _labelling(output_dir: Path, *, read_only: bool = False):
+    from sae_atlas.query.labelling import Labelling
+
+    return Labelling(_open_atlas(output_dir), read_only=read_only)
+
+
+@app.command()
+@_fail_cleanly
+def label(
+    output_dir: Annotated[Path, typer.Argument(help="A sae-atlas output directory.")],
+    feature_id: Annotated[int, typer.Argument(help="The latent.")],
+    verdict: Annotated[str, typer.Option(help="good, partial, bad or unsure.")],
+    explainer: Annotated[
+        str | None, typer.Option(help="The explainer whose explanation is judged (default: the latent itself).")
+    ] = None,
+    cause: Annotated[
+        list[str] | None, typer.Option("--cause", help="A cause from the vocabulary (repeatable).")
+    ] = None,
+    note: Annotated[str, typer.Option(help="A note.")] = "",
+    author: Annotated[str | None, typer.Option(help="Who judges (default: $USER).")] = None,
+) -> None:
+    """Record a verdict on a latent, or on one explainer's explanation of it, in the output
+    directory's label store (labels.sqlite; never touched by `run`)."""
+    from pydantic import ValidationError
+
+    from sae_atlas.label_store import LabelError, LabelIn
+    from sae_atlas.serve.parameters import validation_message
+
+    who = author or os.environ.get("USER") or "anonymous"
+    try:
+        item = LabelIn(
+            feature_id=feature_id, explainer=explainer, verdict=verdict, causes=cause or [], note=note, author=who
+        )
+    except ValidationError as error:
+        raise LabelError(validation_message(error)) from None
+    (label_id,) = _labelling(output_dir).add([item], author=who)
+    console.print(f"labelled feature {feature_id}{f' ({explainer})' if explainer else ''}: {verdict} [{label_id}]")
+
+
+@app.command()
+@_fail_cleanly
+def labels(
+    arguments: Annotated[
+        list[str], typer.Argument(help="OUTPUT_DIR (then -o FILE: export), or: import OUTPUT_DIR FILE", metavar="…")
+    ],
+    output: Annotated[
+        Path | None, typer.Option("-o", "--output", help="Write every label row to this .csv, .jsonl or .parquet.")
+    ] = None,
+) -> None:
+    """Export the label store's history (`labels OUT -o labels.csv`), or merge an export into
+    another output directory (`labels import OUT FILE`; by label id, so importing twice changes
+    nothing)."""
+    from sae_atlas.exports import tables
+    from sae_atlas.label_store import COLUMNS, LabelError
+    from sae_atlas.query.labelling import as_table, from_table
+
+    if arguments[:1] == ["import"]:
+        if len(arguments) != 3:
+            raise LabelError("usage: sae-atlas labels import OUTPUT_DIR FILE")
+        source = Path(arguments[2])
+        csv = tables.format_of(source) == "csv"
+        frame = from_table(tables.read(source, pl.Schema({**COLUMNS, "causes": pl.String} if csv else COLUMNS)))
+        added = _labelling(Path(arguments[1])).store.import_rows(frame)
+        console.print(f"imported {added:,} new label row(s) of {frame.height:,} from {source}")
+        return
+    if len(arguments) != 1 or output is None:
+        raise LabelError("usage: sae-atlas labels OUTPUT_DIR -o FILE, or sae-atlas labels import OUTPUT_DIR FILE")
+    chosen = tables.format_of(output)
+    layout.refuse_output_files(output)
+    history = _labelling(Path(arguments[0]), read_only=True).store.history()
+    tables.write(as_table(history, chosen), output)
+    console.print(f"wrote {history.height:,} label row(s) to {output} ({chosen})", highlight=False)

@@ -116,6 +116,12 @@ class ExecutionConfig(_Section):
         return address
 
 
+class LabelsConfig(_Section):
+    """People's labels: the causes a label may give besides sae-atlas's own vocabulary."""
+
+    causes: list[Annotated[str, Field(min_length=1, max_length=200)]] = []
+
+
 class AtlasConfig(_Section):
     """A whole ``sae-atlas.toml``."""
 
@@ -128,6 +134,7 @@ class AtlasConfig(_Section):
     sampling: SamplingConfig = SamplingConfig()
     output: OutputConfig = OutputConfig()
     execution: ExecutionConfig = ExecutionConfig()
+    labels: LabelsConfig = LabelsConfig()
 
     @field_validator("sources")
     @classmethod

@@ -21,6 +21,7 @@ never leaves a half-written file, and a reader never sees one.
       run_report.json                        RUN_REPORT
       .cache/embeddings/                     EMBEDDING_CACHE
       .cache/scores/                         SCORE_CACHE
+      labels.sqlite (+ -wal, -shm)           LABELS: people's verdicts; never written by ``run``
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ FIRING = "stages/firing.parquet"
 RUN_REPORT = "run_report.json"
 EMBEDDING_CACHE = ".cache/embeddings"
 SCORE_CACHE = ".cache/scores"
+LABELS = "labels.sqlite"
 SIDECAR_SUFFIX = ".metadata.json"
 
 # The five files downstream consumers read, in the contract's order (DESIGN.md §2).
@@ -97,7 +99,12 @@ class ProtectedOutput(ValueError):
 
 def own_files() -> set[str]:
     """The names at the top of an output directory that sae-atlas writes (beside OWN_DIRECTORIES)."""
-    return {RUN_REPORT, *MASTER_FILES, *(name + SIDECAR_SUFFIX for name in MASTER_FILES)}
+    return {
+        RUN_REPORT,
+        *MASTER_FILES,
+        *(name + SIDECAR_SUFFIX for name in MASTER_FILES),
+        *(LABELS + suffix for suffix in ("", "-wal", "-shm", "-journal")),
+    }
 
 
 def is_output_directory(path: Path) -> bool:

@@ -2,7 +2,8 @@
 
 Views are named after their files (``features``, ``explanation_embeddings``,
 ``activation_examples``, ``activation_embeddings``, ``activation_example_similarity``) plus the stage
-table ``scores``. Only a single SELECT (or WITH … SELECT) statement is accepted, and the connection
+table ``scores``, and ``labels`` (every label row, when people have labelled). Only a single SELECT
+(or WITH … SELECT) statement is accepted, and the connection
 can read the views' files and nothing else: nothing can be written, attached, installed, or read
 from elsewhere on the machine or the network through this door.
 """
@@ -15,6 +16,7 @@ import duckdb
 import polars as pl
 
 from sae_atlas import layout
+from sae_atlas.label_store import LabelStore
 
 VIEWS = {layout.view_name(name): name for name in (*layout.MASTER_FILES, layout.SCORES)}
 
@@ -44,6 +46,10 @@ def connect(output_dir: str | Path) -> duckdb.DuckDBPyConnection:
         if path.exists():
             connection.execute(f"CREATE VIEW {view} AS SELECT * FROM read_parquet({_literal(str(path))})")
             allowed.append(str(path))
+    # people's labels, read from their store read-only (every row ever written; see `labels`)
+    labels = LabelStore(output_dir, read_only=True).history()
+    if labels.height:
+        connection.register("labels", labels.to_arrow())
     connection.execute(f"SET allowed_paths = [{', '.join(_literal(path) for path in allowed)}]")
     connection.execute("SET enable_external_access = false")
     connection.execute("SET lock_configuration = true")

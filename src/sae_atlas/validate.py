@@ -10,6 +10,7 @@ so memory does not grow with them.
 
 from __future__ import annotations
 
+import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -314,8 +315,29 @@ def validate(output_dir: str | Path) -> Validation:
         _check_activation_similarity(validation, frames[layout.ACTIVATION_SIMILARITY], counted)
 
     _check_stage_outputs(validation, output_dir)
+    _check_labels(validation, output_dir)
     distinct = set().union(*sae_ids.values()) if sae_ids else set()
     if len(distinct) > 1:
         listing = "; ".join(f"{name}: {', '.join(sorted(ids))}" for name, ids in sae_ids.items())
         validation.fail("sae_id", f"differs between files ({listing})")
     return validation
+
+
+def _check_labels(validation: Validation, output_dir: Path) -> None:
+    """The label store, when there is one, opened read-only: readable and intact."""
+    path = output_dir / layout.LABELS
+    if not path.exists():
+        return
+    validation.checked.append(layout.LABELS)
+    try:
+        connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+        try:
+            result = connection.execute("PRAGMA quick_check").fetchone()[0]
+            connection.execute("SELECT count(*) FROM labels").fetchone()
+        finally:
+            connection.close()
+    except sqlite3.Error as error:
+        validation.fail(layout.LABELS, f"cannot be read ({error})")
+        return
+    if result != "ok":
+        validation.fail(layout.LABELS, f"damaged ({result})")

@@ -1,10 +1,11 @@
-"""``sae-atlas serve``: a read-only FastAPI app over :class:`~sae_atlas.query.atlas.Atlas`.
+"""``sae-atlas serve``: a FastAPI app over :class:`~sae_atlas.query.atlas.Atlas`.
 
 JSON API under ``/api`` (OpenAPI docs at ``/docs``), ``/health`` for probes. Every parameter is
 validated (422 with a message naming it), an unknown feature is a 404, and nothing a client sends
-can make the server answer 5xx. There is no SQL over HTTP and no route that writes. The routes are
-derived from the page declarations of :mod:`sae_atlas.serve.pages`; the response models are the
-query layer's (:mod:`sae_atlas.query.results`): this module declares none of its own.
+can make the server answer 5xx. There is no SQL over HTTP. The read routes are derived from the
+page declarations of :mod:`sae_atlas.serve.pages`; the response models are the query layer's
+(:mod:`sae_atlas.query.results`): this module declares none of its own. The only writes are
+people's labels, checked as :mod:`sae_atlas.serve.label_routes` says.
 
 (No ``from __future__ import annotations`` here: FastAPI reads the parameter types of the routes,
 some of which are built per atlas inside :func:`create_app`.)
@@ -28,8 +29,10 @@ from sae_atlas import __version__
 from sae_atlas.exports import tables
 from sae_atlas.query import results
 from sae_atlas.query.atlas import Atlas, FeatureNotFound, QueryError
+from sae_atlas.query.labelling import Labelling
 from sae_atlas.serve import pages
 from sae_atlas.serve.guard import Guard
+from sae_atlas.serve.label_routes import WriteSettings, add_label_routes
 from sae_atlas.serve.parameters import validation_message
 from sae_atlas.serve.web import mount_browser
 
@@ -96,16 +99,20 @@ def lifespan_of(atlas: Atlas, *, prepare: bool, page_threads: int | None):
     return lifespan
 
 
-def create_app(atlas: Atlas, *, prepare: bool = True, page_threads: int | None = None) -> FastAPI:
+def create_app(
+    atlas: Atlas, *, prepare: bool = True, page_threads: int | None = None, writes: WriteSettings | None = None
+) -> FastAPI:
     """The application serving ``atlas``: a JSON route per declared page (:data:`pages.PAGES`),
     the HTML pages (:func:`mount_browser`) and ``/health``. With ``prepare``, what the first
     requests would wait for (the example index, the embedding model) loads in the background as
     the server starts. ``page_threads`` caps the worker threads that build pages, tables and
-    searches (default: Starlette's 40)."""
+    searches (default: Starlette's 40). ``writes``: whether and how labels may be written
+    (default: on loopback at port 8000, with the pages' token)."""
+    writes = writes or WriteSettings()
     app = FastAPI(
         title="sae-atlas",
         version=__version__,
-        description=f"Read-only API over the sae-atlas outputs of `{atlas.sae_id}`.",
+        description=f"API over the sae-atlas outputs of `{atlas.sae_id}`; labels are its only writes.",
         default_response_class=FastJSON,
         lifespan=lifespan_of(atlas, prepare=prepare, page_threads=page_threads),
     )
@@ -118,6 +125,8 @@ def create_app(atlas: Atlas, *, prepare: bool = True, page_threads: int | None =
 
     for page in pages.PAGES.values():
         add_api_route(app, atlas, page, runners[page.runs_on])
+    add_label_routes(app, Labelling(atlas, read_only=writes.read_only), writes)
+    app.state.writes = writes
     mount_browser(app, atlas, runners)
     # Added last, so outermost: every response passes it, the browser's redirects included.
     app.add_middleware(Guard)
@@ -178,7 +187,14 @@ def add_api_route(app: FastAPI, atlas: Atlas, page: pages.Page, run) -> None:
     )
 
 
-def serve(output_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000) -> None:
+def serve(
+    output_dir: str | Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    read_only: bool = False,
+    write_token: str | None = None,
+) -> None:
     """Serve ``output_dir`` until interrupted."""
     import uvicorn
 
@@ -188,5 +204,6 @@ def serve(output_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000) 
     # one thread, so a feature look-up on the event loop never waits long for the GIL. Measured in
     # bench/load.py: feature p99 246 ms → 12 ms under a mixed load of 8 clients.
     sys.setswitchinterval(0.001)
-    app = create_app(Atlas(output_dir, threads=1), page_threads=1)
+    writes = WriteSettings(host=host, port=port, read_only=read_only, write_token=write_token)
+    app = create_app(Atlas(output_dir, threads=1), page_threads=1, writes=writes)
     uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -77,6 +77,9 @@ def mount_browser(app: FastAPI, atlas: Atlas, runners: dict[str, Callable]) -> N
     chosen = declared.html_pages()
     twins = declared.twins()
     templates = templates_for(atlas, [(page.nav, page.path) for page in chosen if page.nav])
+    writes = getattr(app.state, "writes", None)
+    # the token a page's script sends with a write (another origin cannot read it)
+    templates.env.globals["page_token"] = writes.page_token if writes is not None and not writes.read_only else ""
     queries = {page.name: page.query(atlas) if page.query else None for page in chosen}
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
     app.add_middleware(BlankFieldRedirect, paths=declared.form_paths())
