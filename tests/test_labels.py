@@ -365,3 +365,91 @@ def test_eight_writers_lose_nothing_and_a_killed_server_keeps_every_acknowledged
         if server.poll() is None:
             os.killpg(server.pid, signal.SIGTERM)
             server.wait(timeout=30)
+
+
+# -- the triage queue -------------------------------------------------------------------------------
+
+
+def test_the_uncertainty_order_waits_for_labels_of_each_verdict_then_is_reproducible(atlas):
+    from sae_atlas.query.triage import ordered
+
+    labelling = Labelling(atlas)
+    queue, used, note = ordered(atlas, labelling.current(), order="uncertainty")
+    assert used == "scorer_disagreement" and "needs 3 good and 3 bad labels" in note
+    rows = atlas.features(limit=None).filter(pl.col("explanation_ok")).sort("fuzz", nulls_last=True)
+    good = rows.tail(3).select("feature_id", "explainer").rows()
+    bad = rows.head(3).select("feature_id", "explainer").rows()
+    labelling.add(
+        [LabelIn(feature_id=f, explainer=e, verdict="good") for f, e in good]
+        + [LabelIn(feature_id=f, explainer=e, verdict="bad") for f, e in bad],
+        author="ann",
+    )
+    current = labelling.current()
+    queue, used, note = ordered(atlas, current, order="uncertainty")
+    again, _, _ = ordered(atlas, current, order="uncertainty")
+    assert used == "uncertainty" and "logistic regression on 6 labels" in note and queue.equals(again)
+    assert queue.height == rows.height - 6  # the labelled ones left the queue
+    assert (queue["priority"].drop_nulls().diff().drop_nulls() <= 1e-12).all()  # least sure first
+    random, used, note = ordered(atlas, current, order="random")
+    assert used == "random" and "without bias" in note and sorted(random.rows()) != random.rows()
+
+
+@pytest.mark.browser
+def test_five_features_labelled_from_the_keyboard_stay_labelled(atlas, output):
+    import threading
+
+    import uvicorn
+    from playwright.sync_api import sync_playwright
+
+    from tests.test_browser import CHROMIUM_FLAGS, VIEWPORT, chromium_path, screenshot
+
+    port = free_port()
+    app = create_app(atlas, prepare=False, writes=WriteSettings(host="127.0.0.1", port=port))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            if httpx.get(base + "/health").status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=chromium_path(), headless=True, args=CHROMIUM_FLAGS)
+            page = browser.new_page(viewport=VIEWPORT)
+            page.goto(base + "/triage?order=random")
+            screenshot(page, "triage")
+            judged = []
+            for key in ("1", "3", "2", "1", "4"):
+                section = page.locator("#triage")
+                judged.append((int(section.get_attribute("data-feature")), section.get_attribute("data-explainer")))
+                if key == "3":  # a cause and a note, from the keyboard too
+                    page.keyboard.press("c")
+                    page.keyboard.press("Space")
+                    page.keyboard.press("n")
+                    page.keyboard.type("fires on <b>numbers</b> too")
+                    page.keyboard.press("Escape")
+                with page.expect_navigation():
+                    page.keyboard.press(key)
+            page.reload()
+            screenshot(page, "triage-after-five")
+            stored = {
+                (row["feature_id"], row["explainer"]): row for row in httpx.get(base + "/api/labels").json()["labels"]
+            }
+            assert set(judged) <= set(stored) and len(stored) == 5
+            verdicts = [stored[key]["verdict"] for key in judged]
+            assert verdicts == ["good", "bad", "partial", "good", "unsure"]
+            noted = stored[judged[1]]
+            assert noted["causes"] == ["misses the token pattern"] and noted["note"] == "fires on <b>numbers</b> too"
+            # the page shows the next unlabelled explanation, and the total went down by five
+            assert (
+                int(page.locator("#triage").get_attribute("data-feature")),
+                page.locator("#triage").get_attribute("data-explainer"),
+            ) not in stored
+            page.goto(f"{base}/features/{judged[1][0]}")
+            browser.close()
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

@@ -44,6 +44,8 @@ def test_health_and_docs(client):
         "/features/{feature_id}/evidence",
         "/plots",
         "/compare",
+        "/triage",  # the triage queue and its JSON twin
+        "/api/triage",
         "/api/labels",  # people's labels: the only writes
         "/api/labels/last",
     }
@@ -139,7 +141,7 @@ def test_api_conforms_to_its_schema_and_never_fails(app):
             conformance(operation, mode, checks)()
             checked.append((operation.label, mode.value))
     # /health, /api/stats and POST /api/labels (a body, no parameter) are checked with valid data only
-    assert len(checked) == 31, checked
+    assert len(checked) == 35, checked
 
 
 def test_the_same_metric_on_both_axes_is_a_plot_not_a_server_error(client):

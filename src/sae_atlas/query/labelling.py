@@ -4,6 +4,7 @@ text it judged, and the labels read back with their staleness (:mod:`sae_atlas.l
 from __future__ import annotations
 
 import threading
+import weakref
 from functools import cached_property
 
 import numpy as np
@@ -70,6 +71,19 @@ class Labelling:
         frame = self.store.history().filter(pl.col("sae_id") == (self.atlas.sae_id or ""))
         latent_itself = pl.when(pl.col("explainer") == "").then(None).otherwise(pl.col("explainer"))
         return _filtered(frame.with_columns(explainer=latent_itself), filters)
+
+
+_OF_ATLAS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_OF_ATLAS_LOCK = threading.Lock()
+
+
+def labelling_of(atlas: Atlas, *, read_only: bool = False) -> Labelling:
+    """The one :class:`Labelling` of ``atlas`` (its look-up tables are built once, not per page)."""
+    with _OF_ATLAS_LOCK:
+        kinds = _OF_ATLAS.setdefault(atlas, {})
+        if read_only not in kinds:
+            kinds[read_only] = Labelling(atlas, read_only=read_only)
+        return kinds[read_only]
 
 
 def _filtered(frame: pl.DataFrame, filters: dict) -> pl.DataFrame:

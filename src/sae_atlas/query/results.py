@@ -450,6 +450,40 @@ class Evidence(BaseModel):
     methods: list[MethodEvidence]
 
 
+class Label(BaseModel):
+    label_id: str
+    feature_id: int
+    explainer: str | None = Field(description="none: a label of the latent itself")
+    verdict: Literal["good", "partial", "bad", "unsure"]
+    causes: list[str]
+    note: str
+    author: str
+    created_at: str
+    stale: bool = Field(description="the explanation's text changed since it was judged")
+
+
+class TriageItem(BaseModel):
+    feature_id: int
+    explainer: str
+    explanation_text: str
+    priority: float | None = Field(description="the order's measure: larger is judged first")
+
+
+class Triage(BaseModel):
+    order: str
+    order_used: str = Field(description="the order the queue has (uncertainty falls back until it can be trained)")
+    note: str
+    unbiased: bool = Field(description="labels taken in this order estimate explainers' shares without bias")
+    explainer: str | None
+    position: int
+    total: int = Field(description="explanations not yet labelled, in this order")
+    item: TriageItem | None
+    feature: Feature | None
+    labels: list[Label] = Field(description="the current labels of this latent")
+    verdicts: list[str]
+    causes: list[str]
+
+
 class Health(BaseModel):
     status: Literal["ok"]
     version: str

@@ -29,7 +29,7 @@ from sae_atlas import __version__
 from sae_atlas.exports import tables
 from sae_atlas.query import results
 from sae_atlas.query.atlas import Atlas, FeatureNotFound, QueryError
-from sae_atlas.query.labelling import Labelling
+from sae_atlas.query.labelling import labelling_of
 from sae_atlas.serve import pages
 from sae_atlas.serve.guard import Guard
 from sae_atlas.serve.label_routes import WriteSettings, add_label_routes
@@ -125,7 +125,7 @@ def create_app(
 
     for page in pages.PAGES.values():
         add_api_route(app, atlas, page, runners[page.runs_on])
-    add_label_routes(app, Labelling(atlas, read_only=writes.read_only), writes)
+    add_label_routes(app, labelling_of(atlas, read_only=writes.read_only), writes)
     app.state.writes = writes
     mount_browser(app, atlas, runners)
     # Added last, so outermost: every response passes it, the browser's redirects included.

@@ -18,19 +18,25 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlencode
 
 import numpy as np
+import polars as pl
 from fastapi import Path as PathParameter
 from fastapi import Query, Request
 from pydantic import BaseModel
 
 from sae_atlas import metrics
 from sae_atlas.exports import tables
+from sae_atlas.label_store import VERDICTS
 from sae_atlas.query import results
 from sae_atlas.query.atlas import Atlas
+from sae_atlas.query.labelling import labelling_of
+from sae_atlas.query.triage import UNBIASED
+from sae_atlas.query.triage import ordered as triage_queue
 from sae_atlas.serve.parameters import (
     CompareQuery,
     EvidenceQuery,
     FeatureQuery,
     PlotQuery,
+    TriageQuery,
     compare_query_model,
     feature_query_model,
     histogram_query_model,
@@ -133,6 +139,36 @@ def feature(atlas: Atlas, query: None = None, *, feature_id: int) -> dict:
 def evidence(atlas: Atlas, query: EvidenceQuery, *, feature_id: int) -> dict:
     """What the scorers saw on one latent (:meth:`Atlas.evidence`)."""
     return atlas.evidence(feature_id, method=None if query.method == "both" else query.method, show=query.show)
+
+
+def triage(atlas: Atlas, query: TriageQuery) -> dict:
+    """The next explanation to judge in the chosen order, with everything the feature page shows."""
+    labelling = labelling_of(atlas)
+    current = labelling.current()
+    queue, used, note = triage_queue(atlas, current, order=query.order, explainer=query.explainer)
+    position = min(query.position, max(queue.height - 1, 0))
+    item = None
+    if queue.height:
+        feature_id, explainer, priority = queue.row(position)
+        text = labelling.texts.get((feature_id, explainer), "")
+        item = {"feature_id": feature_id, "explainer": explainer, "explanation_text": text, "priority": priority}
+    labels = current.filter(pl.col("feature_id") == item["feature_id"]) if item else current.clear()
+    return {
+        "order": query.order,
+        "order_used": used,
+        "note": note,
+        "unbiased": used == UNBIASED,
+        "explainer": query.explainer,
+        "position": position,
+        "total": queue.height,
+        "item": item,
+        "feature": atlas.feature(item["feature_id"]) if item else None,
+        "labels": labels.select(
+            "label_id", "feature_id", "explainer", "verdict", "causes", "note", "author", "created_at", "stale"
+        ).to_dicts(),
+        "verdicts": list(VERDICTS),
+        "causes": list(labelling.store.causes),
+    }
 
 
 def scatter(rows, x: str, y: str) -> dict:
@@ -361,6 +397,21 @@ register(
         runs_on="own",
         context=compare_context,
         tags=("compare",),
+    )
+)
+register(
+    Page(
+        "triage",
+        "/api/triage",
+        triage,
+        results.Triage,
+        "The next explanation to judge, in an order: classifier uncertainty, scorer or explainer disagreement, random.",
+        query=lambda atlas: TriageQuery,
+        path="/triage",
+        template="triage.html",
+        nav="Triage",
+        context=lambda atlas, query, data, request: {"query": query, "explainers": atlas.explainers},
+        tags=("labels",),
     )
 )
 register(Page("stats", "/api/stats", stats, results.Stats, "What the output directory holds.", tags=("features",)))

@@ -176,6 +176,16 @@ class EvidenceQuery(_Query):
     )
 
 
+class TriageQuery(_Query):
+    """Query parameters of the triage queue (``/triage``)."""
+
+    order: Literal["uncertainty", "scorer_disagreement", "explainer_disagreement", "random"] = Field(
+        "scorer_disagreement", description="which explanation to judge next"
+    )
+    explainer: str | None = Field(None, max_length=200, description="only this explainer's explanations")
+    position: int = Field(0, ge=0, le=10_000_000, description="the place in the queue")
+
+
 class CompareQuery(_Query):
     """Query parameters of the comparison (``GET /api/compare`` and the compare page)."""
 
