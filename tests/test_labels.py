@@ -443,12 +443,22 @@ def test_five_features_labelled_from_the_keyboard_stay_labelled(atlas, output):
             assert verdicts == ["good", "bad", "partial", "good", "unsure"]
             noted = stored[judged[1]]
             assert noted["causes"] == ["misses the token pattern"] and noted["note"] == "fires on <b>numbers</b> too"
+            assert {row["origin"] for row in stored.values()} == {"triage:random"}
             # the page shows the next unlabelled explanation, and the total went down by five
             assert (
                 int(page.locator("#triage").get_attribute("data-feature")),
                 page.locator("#triage").get_attribute("data-explainer"),
             ) not in stored
-            page.goto(f"{base}/features/{judged[1][0]}")
+            # the labels page: progress per explainer, and the scorers against these five verdicts
+            page.goto(f"{base}/labels?resamples=200")
+            assert page.locator("h1").inner_text() == "Labels"
+            labelled = sum(
+                int(cell.split()[0])
+                for cell in page.locator("table.labels").first.locator("tbody tr td:nth-child(3)").all_inner_texts()
+            )
+            assert labelled == 5
+            assert "Every label used was taken in the random order." in page.content()
+            screenshot(page, "labels")
             browser.close()
     finally:
         server.should_exit = True

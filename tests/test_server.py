@@ -46,6 +46,8 @@ def test_health_and_docs(client):
         "/compare",
         "/triage",  # the triage queue and its JSON twin
         "/api/triage",
+        "/labels",  # progress and the scorers against people, and its twin
+        "/api/labels/summary",
         "/api/labels",  # people's labels: the only writes
         "/api/labels/last",
     }
@@ -141,7 +143,7 @@ def test_api_conforms_to_its_schema_and_never_fails(app):
             conformance(operation, mode, checks)()
             checked.append((operation.label, mode.value))
     # /health, /api/stats and POST /api/labels (a body, no parameter) are checked with valid data only
-    assert len(checked) == 35, checked
+    assert len(checked) == 39, checked
 
 
 def test_the_same_metric_on_both_axes_is_a_plot_not_a_server_error(client):

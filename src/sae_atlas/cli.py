@@ -210,6 +210,12 @@ def synth(
         float,
         typer.Option(help="Share of latents where every explainer writes the first one's text, word for word."),
     ] = 0.0,
+    scorer_reliability: Annotated[
+        str | None,
+        typer.Option(
+            help="How far each scorer follows the explanation's quality, comma-separated (1: fully, 0: coin flips)."
+        ),
+    ] = None,
 ) -> None:
     """Write a synthetic corpus in the real raw formats, with a ground truth and a ready config."""
     from sae_atlas.synth import SynthOptions, synthesize
@@ -220,6 +226,12 @@ def synth(
             quality = tuple(float(part) for part in explainer_quality.split(","))
         except ValueError:
             raise CommandError(f"--explainer-quality {explainer_quality!r} is not a list of numbers") from None
+    reliability = None
+    if scorer_reliability:
+        try:
+            reliability = tuple(float(part) for part in scorer_reliability.split(","))
+        except ValueError:
+            raise CommandError(f"--scorer-reliability {scorer_reliability!r} is not a list of numbers") from None
     options = SynthOptions(
         features,
         explained,
@@ -233,6 +245,7 @@ def synth(
         decoder_format,
         explainer_quality=quality,
         identical_texts=identical_texts,
+        scorer_reliability=reliability,
     )
     started = time.perf_counter()
     result = synthesize(out, options, progress=lambda message: console.print(message, style="dim", markup=False))
@@ -952,7 +965,13 @@ def label(
     who = author or os.environ.get("USER") or "anonymous"
     try:
         item = LabelIn(
-            feature_id=feature_id, explainer=explainer, verdict=verdict, causes=cause or [], note=note, author=who
+            feature_id=feature_id,
+            explainer=explainer,
+            verdict=verdict,
+            causes=cause or [],
+            note=note,
+            author=who,
+            origin="cli",
         )
     except ValidationError as error:
         raise LabelError(validation_message(error)) from None

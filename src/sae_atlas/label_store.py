@@ -61,6 +61,7 @@ COLUMNS = {
     "note": pl.String,
     "author": pl.String,
     "created_at": pl.String,
+    "origin": pl.String,
 }
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS labels (
@@ -76,7 +77,8 @@ CREATE TABLE IF NOT EXISTS labels (
     causes TEXT NOT NULL DEFAULT '[]',
     note TEXT NOT NULL DEFAULT '',
     author TEXT NOT NULL,
-    created_at TEXT NOT NULL
+    created_at TEXT NOT NULL,
+    origin TEXT NOT NULL DEFAULT 'api'
 );
 CREATE INDEX IF NOT EXISTS labels_key ON labels (sae_id, feature_id, explainer);
 CREATE TRIGGER IF NOT EXISTS labels_never_updated BEFORE UPDATE ON labels
@@ -106,6 +108,9 @@ class LabelIn(BaseModel):
     causes: Annotated[list[Text], Field(max_length=MAX_CAUSES)] = []
     note: Annotated[str, StringConstraints(max_length=MAX_NOTE)] = ""
     author: Author | None = None
+    origin: Annotated[str, StringConstraints(pattern=r"^[a-z_]{1,20}(:[a-z_]{1,40})?$")] = Field(
+        "api", description="where it was given: triage:<order>, feature, cli, api (only triage:random is unbiased)"
+    )
 
 
 def text_hash(text: str | None) -> str | None:
@@ -169,6 +174,7 @@ class LabelStore:
                     label.note,
                     label.author or default_author,
                     now(),
+                    label.origin,
                 )
             )
         self._insert(rows)
@@ -222,6 +228,7 @@ class LabelStore:
                 row["note"] or "",
                 row["author"],
                 row["created_at"],
+                row["origin"] or "import",
             )
             for row in frame.sort("row" if "row" in frame.columns else "created_at").iter_rows(named=True)
         ]
@@ -237,7 +244,7 @@ class LabelStore:
             try:
                 connection.executemany(
                     f"{verb} INTO labels (label_id, action, retracts, sae_id, feature_id, explainer, text_hash, "
-                    "verdict, causes, note, author, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "verdict, causes, note, author, created_at, origin) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     rows,
                 )
             except sqlite3.IntegrityError as error:

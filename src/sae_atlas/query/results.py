@@ -459,6 +459,7 @@ class Label(BaseModel):
     note: str
     author: str
     created_at: str
+    origin: str = Field(description="where it was given: triage:<order>, feature, cli, api")
     stale: bool = Field(description="the explanation's text changed since it was judged")
 
 
@@ -482,6 +483,56 @@ class Triage(BaseModel):
     labels: list[Label] = Field(description="the current labels of this latent")
     verdicts: list[str]
     causes: list[str]
+
+
+class LabelProgress(BaseModel):
+    explainer: str
+    explanations: int
+    labelled: int
+    good: int
+    partial: int
+    bad: int
+    unsure: int
+
+
+class ScorerAgainstPeople(BaseModel):
+    scorer: str
+    n: int
+    n_good: int
+    n_bad: int
+    auc: float | None = Field(description="ROC-AUC of the score for good against bad verdicts")
+    auc_low: float | None
+    auc_high: float | None
+    spearman: float | None = Field(description="Spearman's rho of the score and the verdict (bad < partial < good)")
+    spearman_low: float | None
+    spearman_high: float | None
+
+
+class ExplainerAgainstPeople(BaseModel):
+    explainer: str
+    n: int
+    share_good: float
+    low: float | None
+    high: float | None
+
+
+class AgainstPeople(BaseModel):
+    n: int
+    scorers: list[ScorerAgainstPeople]
+    explainers: list[ExplainerAgainstPeople]
+    origins: dict[str, int] = Field(description="labels used, by where they were given")
+    unbiased: bool = Field(description="every label used came from the random triage order")
+    resamples: int
+    confidence: float
+    unit: str = Field(description="the unit of resampling of every interval")
+
+
+class LabelSummary(BaseModel):
+    metric: str | None = Field(description="the score the scorers are judged by")
+    progress: list[LabelProgress]
+    latent_labels: int = Field(description="labels of latents themselves")
+    stale: int = Field(description="labels whose explanation changed since")
+    people: AgainstPeople | None
 
 
 class Health(BaseModel):

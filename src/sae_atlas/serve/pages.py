@@ -27,14 +27,16 @@ from sae_atlas import metrics
 from sae_atlas.exports import tables
 from sae_atlas.label_store import VERDICTS
 from sae_atlas.query import results
+from sae_atlas.query.against_people import against_people
 from sae_atlas.query.atlas import Atlas
 from sae_atlas.query.labelling import labelling_of
-from sae_atlas.query.triage import UNBIASED
+from sae_atlas.query.triage import UNBIASED, headline_metric
 from sae_atlas.query.triage import ordered as triage_queue
 from sae_atlas.serve.parameters import (
     CompareQuery,
     EvidenceQuery,
     FeatureQuery,
+    LabelsQuery,
     PlotQuery,
     TriageQuery,
     compare_query_model,
@@ -164,10 +166,49 @@ def triage(atlas: Atlas, query: TriageQuery) -> dict:
         "item": item,
         "feature": atlas.feature(item["feature_id"]) if item else None,
         "labels": labels.select(
-            "label_id", "feature_id", "explainer", "verdict", "causes", "note", "author", "created_at", "stale"
+            "label_id",
+            "feature_id",
+            "explainer",
+            "verdict",
+            "causes",
+            "note",
+            "author",
+            "created_at",
+            "origin",
+            "stale",
         ).to_dicts(),
         "verdicts": list(VERDICTS),
         "causes": list(labelling.store.causes),
+    }
+
+
+def label_summary(atlas: Atlas, query: LabelsQuery) -> dict:
+    """Labelling progress per explainer, and the scorers and explainers against people's verdicts."""
+    current = labelling_of(atlas).current()
+    rows = atlas.features(limit=None).filter(pl.col("explanation_ok"))
+    judged = current.filter(pl.col("explainer").is_not_null() & ~pl.col("stale"))
+    counts = judged.group_by("explainer", "verdict").len()
+    progress = []
+    for explainer, explanations in rows.group_by("explainer").len().sort("explainer").iter_rows():
+        mine = dict(counts.filter(pl.col("explainer") == explainer).select("verdict", "len").iter_rows())
+        progress.append({"explainer": explainer, "explanations": explanations, "labelled": sum(mine.values())}
+                        | {verdict: mine.get(verdict, 0) for verdict in VERDICTS})  # fmt: skip
+    metric = headline_metric(rows)
+    people = None
+    if metric is not None and judged.height:
+        scores = pl.concat(
+            atlas.features(limit=None, scorer=scorer).select(
+                "feature_id", "explainer", pl.lit(scorer).alias("scorer"), pl.col(metric).alias("score")
+            )
+            for scorer in atlas.scorers
+        )
+        people = against_people(scores, current, resamples=query.resamples, seed=query.seed)
+    return {
+        "metric": metric,
+        "progress": progress,
+        "latent_labels": int(current["explainer"].is_null().sum()),
+        "stale": int(current["stale"].sum()),
+        "people": people,
     }
 
 
@@ -411,6 +452,21 @@ register(
         template="triage.html",
         nav="Triage",
         context=lambda atlas, query, data, request: {"query": query, "explainers": atlas.explainers},
+        tags=("labels",),
+    )
+)
+register(
+    Page(
+        "labels",
+        "/api/labels/summary",
+        label_summary,
+        results.LabelSummary,
+        "Labelling progress per explainer; the scorers and the explainers against people's verdicts.",
+        query=lambda atlas: LabelsQuery,
+        path="/labels",
+        template="labels.html",
+        nav="Labels",
+        runs_on="own",
         tags=("labels",),
     )
 )

@@ -186,6 +186,13 @@ class TriageQuery(_Query):
     position: int = Field(0, ge=0, le=10_000_000, description="the place in the queue")
 
 
+class LabelsQuery(_Query):
+    """Query parameters of the labels page (``/labels``)."""
+
+    resamples: int = Field(2000, ge=100, le=20_000, description="bootstrap resamples of the intervals")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="the bootstrap's seed")
+
+
 class CompareQuery(_Query):
     """Query parameters of the comparison (``GET /api/compare`` and the compare page)."""
 

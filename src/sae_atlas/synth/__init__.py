@@ -64,6 +64,9 @@ class SynthOptions:
     # the share of latents where every explainer's text is the first explainer's, word for word (as
     # in the real study: a control on which explainers cannot differ)
     identical_texts: float = 0.0
+    # how far each scorer's fuzz / detection verdicts follow the explanation's quality (1: as
+    # delphi_runs plants it, 0: coin flips), so that scorers can be checked against people's labels
+    scorer_reliability: tuple[float, ...] | None = None
 
     def check(self) -> None:
         if self.features < 8:
@@ -86,6 +89,12 @@ class SynthOptions:
                 raise ValueError("--explainer-quality hit rates must lie between 0 and 1")
         if not 0.0 <= self.identical_texts <= 1.0:
             raise ValueError("--identical-texts must lie between 0 and 1")
+        if self.scorer_reliability is not None:
+            if len(self.scorer_reliability) != self.scorers:
+                given = len(self.scorer_reliability)
+                raise ValueError(f"--scorer-reliability gives {given} values for {self.scorers} scorers")
+            if not all(0.0 <= value <= 1.0 for value in self.scorer_reliability):
+                raise ValueError("--scorer-reliability values must lie between 0 and 1")
 
 
 @dataclass
@@ -209,7 +218,7 @@ def synthesize(
     hookpoint = f"layer_{LAYER}/width_{label}/average_l0_120"
     runs = [(explainer, scorer) for explainer in explainers for scorer in scorers]
     sources = _write_runs(raw, runs, explained, by_latent, unexplained, firing, options, hookpoint, candidates)
-    _write_scores(raw, runs, explained, by_latent, unexplained, corpus, latents, rng)
+    _write_scores(raw, runs, explained, by_latent, unexplained, corpus, latents, rng, options.scorer_reliability)
 
     sae_id = f"{SPARSE_MODEL}/{hookpoint}"
     config = _write_config(root, sources, "delphi" if not jsonl else "jsonl", decoder_path, sae_id)
@@ -287,7 +296,7 @@ def _write_runs(raw: Path, runs, explained, by_latent, unexplained, firing, opti
     return sources
 
 
-def _write_scores(raw: Path, runs, explained, by_latent, unexplained, corpus, latents, rng) -> None:
+def _write_scores(raw: Path, runs, explained, by_latent, unexplained, corpus, latents, rng, reliability=None) -> None:
     """Every run's score files; examples are drawn once per latent and shared by every run."""
     # as delphi's seeded sampler does
     for latent in explained.tolist():
@@ -298,10 +307,13 @@ def _write_scores(raw: Path, runs, explained, by_latent, unexplained, corpus, la
             if rng.random() < UNSCORED_RATE:
                 continue  # explanation without score files
             bias = delphi_runs.SCORER_BIAS[scorer.index]
+            trust = reliability[scorer.index] if reliability is not None else 1.0
             records = {
-                "fuzz": delphi_runs.classifier_records(examples, good=good, method="fuzz", bias=bias, rng=rng),
+                "fuzz": delphi_runs.classifier_records(
+                    examples, good=good, method="fuzz", bias=bias, rng=rng, reliability=trust
+                ),
                 "detection": delphi_runs.classifier_records(
-                    examples, good=good, method="detection", bias=bias, rng=rng
+                    examples, good=good, method="detection", bias=bias, rng=rng, reliability=trust
                 ),
                 "embedding": delphi_runs.embedding_records(examples, good=good, rng=rng),
                 "simulation": delphi_runs.simulation_records(good=good, rng=rng),

@@ -194,9 +194,10 @@ def _fail_batches(records: list[dict], rng: np.random.Generator, fields: tuple[s
 
 
 def classifier_records(
-    examples: Examples, *, good: bool, method: str, bias: float, rng: np.random.Generator
+    examples: Examples, *, good: bool, method: str, bias: float, rng: np.random.Generator, reliability: float = 1.0
 ) -> list[dict]:
-    """fuzz / detection records (Gen 3 layout), shuffled, with null batches."""
+    """fuzz / detection records (Gen 3 layout), shuffled, with null batches. ``reliability``: how
+    far the scorer's verdicts follow the explanation's quality (0: a coin flip on every example)."""
     records = []
     for index in rng.permutation(len(examples.distance)):
         activating = bool(examples.activating[index])
@@ -206,7 +207,8 @@ def classifier_records(
             p_correct += bias - (0.04 if method == "fuzz" else 0.0)
         else:
             p_correct = (0.9 if good else 0.72) + bias / 2
-        correct = bool(rng.random() < min(max(p_correct, 0.02), 0.99))
+        p_correct = reliability * min(max(p_correct, 0.02), 0.99) + (1.0 - reliability) * 0.5
+        correct = bool(rng.random() < p_correct)
         records.append(
             {
                 "str_tokens": examples.tokens[index],

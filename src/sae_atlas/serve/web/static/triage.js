@@ -22,6 +22,7 @@
       verdict: verdict,
       causes: causes,
       note: document.getElementById("note").value,
+      origin: "triage:" + section.dataset.order,
     };
     status.textContent = "saving…";
     const response = await fetch("/api/labels", {
