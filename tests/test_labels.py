@@ -463,3 +463,27 @@ def test_five_features_labelled_from_the_keyboard_stay_labelled(atlas, output):
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+@pytest.mark.slow
+def test_compare_and_report_carry_the_scorers_against_people(atlas, output, tmp_path):
+    client, _ = client_of(atlas)
+    assert client.get("/api/compare", params={"resamples": 200}).json()["people"] is None
+    rows = atlas.features(limit=None).filter(pl.col("explanation_ok")).head(12).select("feature_id", "explainer").rows()
+    Labelling(atlas).add(
+        [
+            LabelIn(feature_id=f, explainer=e, verdict=("good", "bad", "partial")[index % 3], origin="cli")
+            for index, (f, e) in enumerate(rows)
+        ],
+        author="ann",
+    )
+    client, _ = client_of(atlas)  # a new server: the labels are read per request anyway
+    people = client.get("/api/compare", params={"resamples": 200}).json()["people"]
+    assert people["n"] == 12 and people["unbiased"] is False and people["origins"] == {"cli": 12}
+    assert {row["scorer"] for row in people["scorers"]} == set(atlas.scorers)
+    assert "The scorers against people" in client.get("/compare", params={"resamples": 200}).text
+    report = tmp_path / "report.md"
+    result = CliRunner().invoke(cli, ["report", str(output), "-o", str(report), "--resamples", "200"])
+    assert result.exit_code == 0, result.output
+    text = report.read_text()
+    assert "## The scorers against people" in text and "12 labelled explanations; not every label came" in text

@@ -618,8 +618,11 @@ def compare(
     """Which explainer explains better and how far each scorer can be trusted: the answer first
     (ranking, differences with clustered-bootstrap intervals, Holm over a fixed family), then
     comparability, means, per-scorer differences and scorer agreement."""
+    from sae_atlas.serve.pages import with_people
+
     settings = _compare_settings(metric, resamples, seed, confidence, latents, exclude_identical)
-    data = _open_atlas(output_dir).compare(**settings)
+    atlas = _open_atlas(output_dir)
+    data = with_people(atlas, atlas.compare(**settings), settings)
     if as_json:
         _print_json(data)
         return
@@ -637,6 +640,30 @@ def compare(
             f"explanations of {_short(pair['first'])} and {_short(pair['second'])}: cosine median "
             f"{_n(pair['median'])} (quartiles {_n(pair['q1'])}–{_n(pair['q3'])}) over {pair['latents']:,} latents; "
             f"most different: latents {', '.join(str(row['feature_id']) for row in pair['disagreements'][:5])}",
+            highlight=False,
+            soft_wrap=True,
+        )
+    _print_people(data.get("people"))
+
+
+def _print_people(people: dict | None) -> None:
+    """The scorers against people's labels, one line each."""
+    if not people:
+        return
+    where = "random order" if people["unbiased"] else "not only the random order: shares describe the labelled"
+    console.print(f"against people ({people['n']} labelled explanations; {where}):", highlight=False)
+    for row in people["scorers"]:
+        console.print(
+            f"  {_short(row['scorer'])}: AUC good vs bad {_n(row['auc'])} "
+            f"[{_n(row['auc_low'])}, {_n(row['auc_high'])}], "
+            f"Spearman {_n(row['spearman'])} [{_n(row['spearman_low'])}, {_n(row['spearman_high'])}]",
+            highlight=False,
+            soft_wrap=True,
+        )
+    for row in people["explainers"]:
+        console.print(
+            f"  {_short(row['explainer'])}: {_n(row['share_good'])} good "
+            f"[{_n(row['low'])}, {_n(row['high'])}] of {row['n']}",
             highlight=False,
             soft_wrap=True,
         )
@@ -750,6 +777,7 @@ def report(
     """Write the comparison as one self-contained HTML file (inline SVG and CSS, no network) or as
     Markdown tables, with the score distributions and the run's provenance."""
     from sae_atlas.exports.report import FORMATS, write_report
+    from sae_atlas.serve.pages import with_people
 
     layout.refuse_output_files(output)
     suffixes = {".md": "md", ".markdown": "md", ".html": "html", ".htm": "html"}
@@ -763,7 +791,7 @@ def report(
         raise CommandError(f"unknown report format {chosen!r}; formats are {', '.join(FORMATS)}")
     settings = _compare_settings(metric, resamples, seed, 0.95, latents, exclude_identical)
     atlas = _open_atlas(output_dir)
-    write_report(atlas, atlas.compare(**settings), output, chosen)
+    write_report(atlas, with_people(atlas, atlas.compare(**settings), settings), output, chosen)
     console.print(f"wrote {output} ({chosen})", highlight=False)
 
 

@@ -168,6 +168,7 @@ def render_markdown(atlas: Atlas, comparison: dict) -> str:
     for metric in settings["metrics"]:
         lines += _markdown_metric(comparison, metric)
     lines += _markdown_explainer_agreement(comparison)
+    lines += _markdown_people(comparison)
     lines += _markdown_provenance(atlas, comparison)
     return "\n".join(lines).rstrip() + "\n"
 
@@ -393,6 +394,49 @@ def _markdown_explainer_agreement(comparison: dict) -> list[str]:
             f"{_cell(pair['q3'])}; Spearman with the score: {correlation}.",
             "",
         ]
+    return lines
+
+
+def _markdown_people(comparison: dict) -> list[str]:
+    """The scorers and explainers against people's labels (when anything is labelled)."""
+    people = comparison.get("people")
+    if not people:
+        return []
+    origin = (
+        "every label used was taken in the random triage order"
+        if people["unbiased"]
+        else "not every label came from the random order: the explainers' shares describe the explanations labelled"
+    )
+    lines = [
+        "## The scorers against people",
+        "",
+        f"{people['n']} labelled explanations; {origin}. Intervals: {people['confidence']:.0%} percentile bootstrap, "
+        f"{people['resamples']:,} resamples, unit of resampling: {md(people['unit'])}; no multiple-testing correction.",
+        "",
+    ]
+    lines += _table(
+        ["scorer", "n (good / bad)", "AUC good vs bad", "Spearman ρ with the verdict"],
+        [
+            [
+                row["scorer"],
+                f"{row['n']} ({row['n_good']} / {row['n_bad']})",
+                f"{_cell(row['auc'])} [{_cell(row['auc_low'])}, {_cell(row['auc_high'])}]",
+                f"{_cell(row['spearman'])} [{_cell(row['spearman_low'])}, {_cell(row['spearman_high'])}]",
+            ]
+            for row in people["scorers"]
+        ],
+    )
+    lines += _table(
+        ["explainer", "n", "share good"],
+        [
+            [
+                md(row["explainer"]),
+                str(row["n"]),
+                f"{_cell(row['share_good'])} [{_cell(row['low'])}, {_cell(row['high'])}]",
+            ]
+            for row in people["explainers"]
+        ],
+    )
     return lines
 
 

@@ -24,7 +24,10 @@ import numpy as np
 import polars as pl
 from scipy.stats import rankdata
 
+from sae_atlas import metrics
+
 ORDINAL = {"bad": 0, "partial": 1, "good": 2}
+HEADLINE_ORDER = tuple(metric.name for metric in metrics.HEADLINE_SCORE_METRICS)
 UNBIASED_ORIGIN = "triage:random"
 
 
@@ -125,3 +128,20 @@ def _scorer_row(scorer: str, values: np.ndarray, ordinal: np.ndarray, draws: lis
         "spearman_low": rho_low,
         "spearman_high": rho_high,
     }
+
+
+def for_atlas(atlas, labels: pl.DataFrame, *, resamples: int = 2000, seed: int = 0, confidence: float = 0.95):
+    """(metric, :func:`against_people` of ``atlas``'s scorers on their headline score) — (metric,
+    None) when nothing is labelled or no headline score exists. ``labels``: the current labels."""
+    rows = atlas.features(limit=None).filter(pl.col("explanation_ok"))
+    metric = next((name for name in HEADLINE_ORDER if name in rows.columns), None)
+    judged = labels.filter(pl.col("explainer").is_not_null() & ~pl.col("stale"))
+    if metric is None or not judged.height:
+        return metric, None
+    scores = pl.concat(
+        atlas.features(limit=None, scorer=scorer).select(
+            "feature_id", "explainer", pl.lit(scorer).alias("scorer"), pl.col(metric).alias("score")
+        )
+        for scorer in atlas.scorers
+    )
+    return metric, against_people(scores, labels, resamples=resamples, seed=seed, confidence=confidence)

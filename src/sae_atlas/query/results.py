@@ -412,6 +412,9 @@ class Comparison(BaseModel):
         "(false negatives) and on non-activating ones (false positives), from the scored records"
     )
     small_samples: list[SmallSample] = Field(description="the intervals that are Student-t because n is small")
+    people: AgainstPeople | None = Field(
+        None, description="the scorers and explainers against people's current labels (none: nothing labelled)"
+    )
 
 
 Verdict = Literal["correct", "wrong", "failed"]
@@ -544,3 +547,6 @@ class Problem(BaseModel):
     """Why a request was refused (404, 414, 422): one line."""
 
     detail: str
+
+
+Comparison.model_rebuild()

@@ -27,10 +27,10 @@ from sae_atlas import metrics
 from sae_atlas.exports import tables
 from sae_atlas.label_store import VERDICTS
 from sae_atlas.query import results
-from sae_atlas.query.against_people import against_people
+from sae_atlas.query.against_people import for_atlas as people_against
 from sae_atlas.query.atlas import Atlas
 from sae_atlas.query.labelling import labelling_of
-from sae_atlas.query.triage import UNBIASED, headline_metric
+from sae_atlas.query.triage import UNBIASED
 from sae_atlas.query.triage import ordered as triage_queue
 from sae_atlas.serve.parameters import (
     CompareQuery,
@@ -193,16 +193,7 @@ def label_summary(atlas: Atlas, query: LabelsQuery) -> dict:
         mine = dict(counts.filter(pl.col("explainer") == explainer).select("verdict", "len").iter_rows())
         progress.append({"explainer": explainer, "explanations": explanations, "labelled": sum(mine.values())}
                         | {verdict: mine.get(verdict, 0) for verdict in VERDICTS})  # fmt: skip
-    metric = headline_metric(rows)
-    people = None
-    if metric is not None and judged.height:
-        scores = pl.concat(
-            atlas.features(limit=None, scorer=scorer).select(
-                "feature_id", "explainer", pl.lit(scorer).alias("scorer"), pl.col(metric).alias("score")
-            )
-            for scorer in atlas.scorers
-        )
-        people = against_people(scores, current, resamples=query.resamples, seed=query.seed)
+    metric, people = people_against(atlas, current, resamples=query.resamples, seed=query.seed)
     return {
         "metric": metric,
         "progress": progress,
@@ -245,8 +236,20 @@ def plots(atlas: Atlas, query: PlotQuery) -> dict:
 
 
 def compare(atlas: Atlas, query: CompareQuery) -> dict:
-    """Explainers and scorers compared, with their uncertainty (:meth:`Atlas.compare`)."""
-    return atlas.compare(**query.arguments())
+    """Explainers and scorers compared, with their uncertainty (:meth:`Atlas.compare`), and the
+    scorers against people's labels as they are now (never cached: labels change)."""
+    arguments = query.arguments()
+    return with_people(atlas, atlas.compare(**arguments), arguments)
+
+
+def with_people(atlas: Atlas, comparison: dict, arguments: dict) -> dict:
+    """``comparison`` with ``people``: the scorers against the current labels, with its settings."""
+    current = labelling_of(atlas).current()
+    resamples, seed = arguments.get("resamples", 2000), arguments.get("seed", 0)
+    _, people = people_against(
+        atlas, current, resamples=resamples, seed=seed, confidence=arguments.get("confidence", 0.95)
+    )
+    return {**comparison, "people": people}
 
 
 def stats(atlas: Atlas, query: None = None) -> dict:
