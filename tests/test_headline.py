@@ -124,6 +124,32 @@ def test_the_headline_interval_resamples_latents_with_all_their_scorers():
     assert "one scorer" not in result["sentences"][0] and "2 of 2 scorers agree" in result["sentences"][0]
 
 
+def test_small_samples_get_a_student_t_interval_finite_at_any_confidence_and_none_for_one_latent():
+    """Below SMALL_SAMPLE latents: mean ± t(n−1) · s/√n by hand. A confidence within 1e-16 of 1
+    (schemathesis sent 0.9999999999999999) must give finite bounds, not ±inf: (1 + c)/2 rounds to 1.0
+    there. One latent has no interval: None in the result and in its sentence, never NaN."""
+    rng = np.random.default_rng(3)
+    cube = rng.random((12, 2, 1))
+    cube[:, 0, 0] += 0.2
+    args = dict(excluded=np.zeros(0, np.int64), identical={}, resamples=resampling.Resamples(200, 0))
+    scores = long_scores(cube, ["A", "B"], ["S"])
+    [pair] = headline.headline(scores, ["A", "B"], ["S"], confidence=0.9, **args)["pairs"]
+    d = cube[:, 0, 0] - cube[:, 1, 0]
+    half = stats.t.ppf(0.95, 11) * d.std(ddof=1) / np.sqrt(12)
+    assert pair["interval"] == "t"
+    assert (pair["ci_low"], pair["ci_high"]) == pytest.approx((d.mean() - half, d.mean() + half))
+    extreme = headline.headline(scores, ["A", "B"], ["S"], confidence=0.9999999999999999, **args)
+    [pair] = extreme["pairs"]
+    bounds = [pair["ci_low"], pair["ci_high"]] + [
+        bound for item in extreme["rankings"][0]["explainers"] for bound in (item["ci_low"], item["ci_high"])
+    ]
+    assert all(np.isfinite(bounds)) and pair["ci_low"] < d.mean() < pair["ci_high"]
+    single = headline.headline(long_scores(cube[:1], ["A", "B"], ["S"]), ["A", "B"], ["S"], confidence=0.9, **args)
+    [pair] = single["pairs"]
+    assert pair["ci_low"] is None and pair["ci_high"] is None
+    assert "[–, –]" in single["sentences"][0]
+
+
 def test_the_headline_says_who_scores_itself_and_uses_only_latents_every_run_scored():
     rng = np.random.default_rng(1)
     cube = rng.random((30, 2, 1))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import schemathesis
 from fastapi.testclient import TestClient
@@ -118,7 +120,16 @@ def conformance(operation, mode, checks):
     """A hypothesis test of ``operation``'s generated requests in ``mode``."""
 
     @given(case=operation.as_strategy(generation_mode=mode))
-    @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    # Derandomized: the same requests on every run, so that CI's verdict is the code's, not the draw's
+    # (a random draw once found a real bug in one CI run and not the next). SAE_ATLAS_EXPLORE=1 draws
+    # afresh, for hunting new failures while working.
+    @settings(
+        max_examples=30,
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+        database=None,
+        derandomize=not os.environ.get("SAE_ATLAS_EXPLORE"),
+    )
     def conforms(case):
         case.call_and_validate(checks=checks)
 

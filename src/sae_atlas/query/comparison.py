@@ -37,7 +37,7 @@ from sae_atlas import metrics as registry
 from sae_atlas.query import agreement, anatomy, profiles
 from sae_atlas.query.comparability import data_checks
 from sae_atlas.query.headline import common_latents, headline, short_name
-from sae_atlas.query.resampling import SMALL_SAMPLE, Resamples, mean_intervals, wilcoxon
+from sae_atlas.query.resampling import SMALL_SAMPLE, Resamples, finite_or_none, mean_intervals, wilcoxon
 from sae_atlas.query.scores import RUN_SCORES
 
 DEFAULT_RESAMPLES = 2000
@@ -57,10 +57,6 @@ def rank_correlations(first: np.ndarray, second: np.ndarray) -> tuple[float | No
     if len(first) < 3 or np.ptp(first) == 0 or np.ptp(second) == 0:
         return None, None
     return float(stats.spearmanr(first, second).statistic), float(stats.kendalltau(first, second).statistic)
-
-
-def _number(value) -> float | None:
-    return None if value is None or not np.isfinite(value) else float(value)
 
 
 # -- the comparison of one output -------------------------------------------------------------------
@@ -133,8 +129,8 @@ def summary(
                     "latents": len(chosen),
                     "mean": float(chosen.mean()),
                     "median": float(np.median(chosen)),
-                    "ci_low": _number(low[column_index]),
-                    "ci_high": _number(high[column_index]),
+                    "ci_low": finite_or_none(low[column_index]),
+                    "ci_high": finite_or_none(high[column_index]),
                     "interval": methods[column_index],
                     "weighted_mean": weighted,
                 }
@@ -180,8 +176,8 @@ def paired_differences(
                     "metric": metric,
                     "latents": len(difference),
                     "mean_difference": float(difference.mean()),
-                    "ci_low": _number(low[column_index]),
-                    "ci_high": _number(high[column_index]),
+                    "ci_low": finite_or_none(low[column_index]),
+                    "ci_high": finite_or_none(high[column_index]),
                     "interval": methods[column_index],
                     "wilcoxon_p": wilcoxon(difference),
                     "wins": int((difference > 0).sum()),

@@ -28,7 +28,7 @@ import polars as pl
 from scipy import stats
 
 from sae_atlas import metrics as registry
-from sae_atlas.query.resampling import Resamples, holm, mean_intervals, wilcoxon
+from sae_atlas.query.resampling import Resamples, finite_or_none, holm, mean_intervals, wilcoxon
 
 
 def short_name(name: str) -> str:
@@ -121,8 +121,8 @@ def _pair_rows(
                 "second": explainers[b],
                 "latents": len(differences),
                 "mean_difference": mean,
-                "ci_low": float(low[index]),
-                "ci_high": float(high[index]),
+                "ci_low": finite_or_none(low[index]),
+                "ci_high": finite_or_none(high[index]),
                 "interval": methods[index],
                 "wilcoxon_p": wilcoxon(differences[:, index]),
                 "per_scorer": {scorer: float(value) for scorer, value in zip(scorers, means, strict=True)},
@@ -150,8 +150,8 @@ def _ranking(
                 "explainer": explainers[index],
                 "rank": rank + 1,
                 "mean": float(means[index]),
-                "ci_low": float(low[index]),
-                "ci_high": float(high[index]),
+                "ci_low": finite_or_none(low[index]),
+                "ci_high": finite_or_none(high[index]),
                 "interval": methods[index],
             }
             for rank, index in enumerate(order)
@@ -211,6 +211,10 @@ def scorer_note(first: str, second: str, scorers: list[str]) -> str:
     return f"{' and '.join(own)} also score their own explanations" if own else ""
 
 
+def _bound(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3f}"
+
+
 def _p(value: float | None) -> str:
     if value is None:
         return "–"
@@ -231,9 +235,8 @@ def sentences(pairs: list[dict], rankings: list[dict], scorers: list[str], *, ex
         order = [item["explainer"] for item in ranking["explainers"]]
         for first, second in itertools.pairwise(order):
             row = by_pair[ranking["metric"], first, second]
-            interval = (
-                f"{row['mean_difference']:.3f} [{row['ci_low']:.3f}, {row['ci_high']:.3f}] (Holm p {_p(row['holm_p'])})"
-            )
+            bounds = f"[{_bound(row['ci_low'])}, {_bound(row['ci_high'])}]"
+            interval = f"{row['mean_difference']:.3f} {bounds} (Holm p {_p(row['holm_p'])})"
             latents = _latents(row, excluded)
             label = registry.BY_NAME[ranking["metric"]].label
             if row["significant"]:

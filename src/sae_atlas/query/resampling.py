@@ -89,6 +89,12 @@ def bootstrap_means(
     return low, high
 
 
+def finite_or_none(value: float | None) -> float | None:
+    """``value`` as a float, or None where it is missing, NaN or infinite (an interval bound of a
+    column without one: a single latent)."""
+    return None if value is None or not np.isfinite(value) else float(value)
+
+
 def holm(p_values: list[float | None]) -> list[float | None]:
     """Holm's step-down adjustment of ``p_values`` (None stays None): the k-th smallest of m is
     multiplied by m − k + 1, then made monotone."""
@@ -121,7 +127,9 @@ def t_interval(values: np.ndarray, confidence: float) -> tuple[float, float] | N
     n = len(values)
     if n < 2:
         return None
-    half = stats.t.ppf((1 + confidence) / 2, n - 1) * values.std(ddof=1) / math.sqrt(n)
+    # From the upper tail: (1 + confidence) / 2 rounds to 1.0 for a confidence within 1e-16 of 1,
+    # where ppf is infinite; isf of the tail stays finite for every confidence below 1.
+    half = stats.t.isf((1 - confidence) / 2, n - 1) * values.std(ddof=1) / math.sqrt(n)
     return float(values.mean() - half), float(values.mean() + half)
 
 

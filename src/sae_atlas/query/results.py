@@ -207,8 +207,8 @@ class RankedExplainer(BaseModel):
     explainer: str
     rank: int
     mean: float = Field(description="mean over the common latents of the score averaged over scorers")
-    ci_low: float
-    ci_high: float
+    ci_low: float | None = Field(description="none where there is no interval (a single latent)")
+    ci_high: float | None
     interval: Interval
 
 
@@ -225,8 +225,8 @@ class HeadlinePair(BaseModel):
     second: str
     latents: int
     mean_difference: float = Field(description="first minus second, averaged over scorers, then over latents")
-    ci_low: float
-    ci_high: float
+    ci_low: float | None = Field(description="none where there is no interval (a single latent)")
+    ci_high: float | None
     interval: Interval = Field(description=INTERVAL + "; latents resampled with all their scorers")
     wilcoxon_p: float | None
     holm_p: float | None = Field(description="Holm-adjusted over the headline family")
