@@ -252,6 +252,9 @@ def test_metric_registry_and_openapi_schema_agree(client):
         "explanation_text",
         "explanation_ok",
         *metrics.NAMES,
+        "verdict",
+        "causes",
+        "label_stale",
     ]
     for metric in metrics.METRICS:
         assert components["FeatureRow"]["properties"][metric.name]["description"] == metric.description

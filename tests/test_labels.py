@@ -152,6 +152,56 @@ def test_a_page_writes_with_its_token_and_nothing_else_writes(atlas):
     assert [row["label_id"] for row in stored] == [label_id] and stored[0]["note"] == "<script>x</script>"
 
 
+def test_the_feature_table_filters_by_label_and_shows_each_rows_label(atlas):
+    client, writes = client_of(atlas)
+    rows = atlas.features(limit=None).filter(pl.col("explanation_ok")).select("feature_id", "explainer").rows()
+    (f1, e1), (f2, e2), (f3, e3) = rows[:3]
+    own = {"Origin": BASE, "X-SAE-Atlas-Token": writes.page_token}
+    labels = [
+        {"feature_id": f1, "explainer": e1, "verdict": "good"},
+        {"feature_id": f2, "explainer": e2, "verdict": "bad", "causes": ["too broad"]},
+        {"feature_id": f3, "verdict": "unsure"},  # the latent itself: no explanation row is labelled by it
+    ]
+    assert client.post("/api/labels", json=labels, headers=own).status_code == 201
+    total = client.get("/api/features").json()["total"]
+
+    def keys(**params) -> tuple[set, int]:
+        page = client.get("/api/features", params={"limit": 1000, **params}).json()
+        return {(row["feature_id"], row["explainer"]) for row in page["rows"]}, page["total"]
+
+    assert keys(labelled="yes") == ({(f1, e1), (f2, e2)}, 2)
+    assert keys(labelled="bad") == ({(f2, e2)}, 1)
+    unlabelled, count = keys(labelled="no")
+    assert count == total - 2 and not unlabelled & {(f1, e1), (f2, e2)}
+    # the filter applies before paging: the second labelled row is the first of page two
+    assert client.get("/api/features", params={"labelled": "yes", "limit": 1, "offset": 1}).json()["rows"][0][
+        "feature_id"
+    ] == max(f1, f2)
+    page = client.get("/api/features", params={"labelled": "bad"}).json()["rows"]
+    assert (page[0]["verdict"], page[0]["causes"], page[0]["label_stale"]) == ("bad", ["too broad"], False)
+    assert client.get("/api/features", params={"labelled": "maybe"}).status_code == 422
+    csv = pl.read_csv(client.get("/api/features", params={"labelled": "yes", "format": "csv"}).content)
+    assert sorted(csv["verdict"].to_list()) == ["bad", "good"] and '["too broad"]' in csv["causes"].to_list()
+    html = client.get("/", params={"labelled": "yes"}).text
+    assert 'option value="yes" selected' in html and ">bad</td>" in html and ">good</td>" in html
+
+
+def test_the_queue_is_ordered_once_and_labelled_pairs_leave_it_without_reordering(atlas, monkeypatch):
+    from sae_atlas.query import triage
+
+    labelling = Labelling(atlas)
+    first, _, _ = triage.ordered(atlas, labelling.current(), order="scorer_disagreement", version=labelling.version())
+    computed = []
+    original = triage._every_explanation
+    monkeypatch.setattr(triage, "_every_explanation", lambda *a, **k: computed.append(1) or original(*a, **k))
+    feature, explainer, _ = first.row(0)
+    labelling.add([LabelIn(feature_id=feature, explainer=explainer, verdict="bad")], author="ann")
+    after, _, _ = triage.ordered(atlas, labelling.current(), order="scorer_disagreement", version=labelling.version())
+    assert computed == [] and after.equals(first.slice(1))  # the same order, less the labelled pair
+    fresh, _, _ = triage.ordered(atlas, labelling.current(), order="scorer_disagreement")
+    assert computed == [1] and fresh.equals(after)  # without a version: computed again, the same queue
+
+
 def test_malformed_and_oversized_writes_get_one_line(atlas):
     client, writes = client_of(atlas)
     own = {"Origin": BASE, "X-SAE-Atlas-Token": writes.page_token}
@@ -459,6 +509,11 @@ def test_five_features_labelled_from_the_keyboard_stay_labelled(atlas, output):
             assert labelled == 5
             assert "Every label used was taken in the random order." in page.content()
             screenshot(page, "labels")
+            # the index, labelled rows only: the five, each with its verdict
+            page.goto(f"{base}/?labelled=yes")
+            cells = page.locator("#features tbody td.verdict").all_inner_texts()
+            assert sorted(cells) == sorted(verdicts)
+            screenshot(page, "index-labelled")
             browser.close()
     finally:
         server.should_exit = True

@@ -279,21 +279,50 @@ class LabelStore:
         frame = pl.DataFrame(rows, schema={**COLUMNS, "causes": pl.String}, orient="row")
         return frame.with_columns(pl.col("causes").str.json_decode(pl.List(pl.String)))
 
-    def current(self, texts: dict | None = None) -> pl.DataFrame:
+    def version(self) -> int:
+        """The store's state as one number: its newest row (rows are only ever appended), 0 when
+        empty or not yet created. Equal versions, equal labels: what reads may be cached on."""
+        if not self.exists():
+            return 0
+        connection = self._connect()
+        try:
+            return connection.execute("SELECT coalesce(max(row), 0) FROM labels").fetchone()[0]
+        finally:
+            connection.close()
+
+    def current(self, texts: dict | pl.DataFrame | None = None) -> pl.DataFrame:
         """The current label of every (sae_id, feature_id, explainer): the newest label row not
-        taken back; ``stale`` where ``texts`` ((feature_id, explainer) → text) gives another text
-        than the one judged, ``explainer`` null for a label of the latent itself."""
+        taken back; ``stale`` where ``texts`` gives another text than the one judged, ``explainer``
+        null for a label of the latent itself. ``texts``: (feature_id, explainer) → text, or the
+        hashes already taken (:func:`text_hashes`)."""
         history = self.history()
         retracted = history.filter(pl.col("action") == "retract")["retracts"]
         labels = history.filter((pl.col("action") == "label") & ~pl.col("label_id").is_in(retracted.to_list()))
         current = labels.sort("row").unique(["sae_id", "feature_id", "explainer"], keep="last", maintain_order=True)
         current = current.sort("feature_id", "explainer", "row")
-        hashes = {key: text_hash(text) for key, text in (texts or {}).items()}
-        stale = [
-            bool(explainer) and texts is not None and hashes.get((feature, explainer)) != judged
-            for feature, explainer, judged in current.select("feature_id", "explainer", "text_hash").iter_rows()
-        ]
+        if texts is None:
+            stale = pl.lit(False)
+        else:
+            hashes = texts if isinstance(texts, pl.DataFrame) else text_hashes(texts)
+            current = current.join(
+                hashes.rename({"text_hash": "_now"}), on=["feature_id", "explainer"], how="left", maintain_order="left"
+            )
+            # a label of an explanation is stale when the text is another now, or gone
+            stale = (pl.col("explainer") != "") & (pl.col("_now").is_null() | (pl.col("_now") != pl.col("text_hash")))
         return current.with_columns(
-            stale=pl.Series(stale, dtype=pl.Boolean),
+            stale=stale.fill_null(True),
             explainer=pl.when(pl.col("explainer") == "").then(None).otherwise(pl.col("explainer")),
-        ).drop("action", "retracts")
+        ).drop("action", "retracts", "_now", strict=False)
+
+
+def text_hashes(texts: dict) -> pl.DataFrame:
+    """(feature_id, explainer, text_hash) of every text of ``texts`` ((feature_id, explainer) → text)."""
+    keys = list(texts)
+    return pl.DataFrame(
+        {
+            "feature_id": [feature for feature, _ in keys],
+            "explainer": [explainer for _, explainer in keys],
+            "text_hash": [text_hash(texts[key]) for key in keys],
+        },
+        schema={"feature_id": COLUMNS["feature_id"], "explainer": pl.String, "text_hash": pl.String},
+    )

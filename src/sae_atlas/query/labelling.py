@@ -12,10 +12,14 @@ import orjson
 import polars as pl
 
 from sae_atlas import layout
-from sae_atlas.label_store import LabelError, LabelIn, LabelStore
+from sae_atlas.label_store import VERDICTS, LabelError, LabelIn, LabelStore, text_hashes
 from sae_atlas.query.atlas import Atlas
 
 FILTERS = ("feature_id", "explainer", "verdict", "author")
+# What the feature table's ``labelled`` filter keeps: every row; explanations with a current label
+# (not stale); those without one (never labelled, or labelled before the text changed); the stale
+# ones; those of one verdict.
+LABELLED = ("any", "yes", "no", "stale", *VERDICTS)
 
 
 class Labelling:
@@ -28,12 +32,18 @@ class Labelling:
         causes = ((sidecar.get("config") or {}).get("labels") or {}).get("causes") or []
         self.store = LabelStore(atlas.output_dir, read_only=read_only, causes=causes)
         self._lock = threading.Lock()
+        self._current: tuple[int, pl.DataFrame] | None = None
 
     @cached_property
     def texts(self) -> dict[tuple[int, str], str]:
         """(feature_id, explainer) → the explanation text a label of it judges."""
         rows = self.atlas.features(limit=None).select("feature_id", "explainer", "explanation_text")
         return {(feature, explainer): text for feature, explainer, text in rows.iter_rows() if text is not None}
+
+    @cached_property
+    def hashes(self) -> pl.DataFrame:
+        """(feature_id, explainer, text_hash) of every explanation: taken once, not per read."""
+        return text_hashes(self.texts)
 
     @cached_property
     def latents(self) -> np.ndarray:
@@ -61,10 +71,19 @@ class Labelling:
     def current(self, **filters) -> pl.DataFrame:
         """The current labels of this atlas's SAE, with ``stale``; ``filters``: equality on
         :data:`FILTERS` (``explainer=""``: labels of latents themselves)."""
+        version = self.store.version()
         with self._lock:
-            texts = self.texts
-        frame = self.store.current(texts).filter(pl.col("sae_id") == (self.atlas.sae_id or ""))
+            hashes = self.hashes
+            if self._current is None or self._current[0] != version:
+                # read and derived once per state of the store: a page's reads cost one query
+                frame = self.store.current(hashes).filter(pl.col("sae_id") == (self.atlas.sae_id or ""))
+                self._current = (version, frame)
+            frame = self._current[1]
         return _filtered(frame, filters)
+
+    def version(self) -> int:
+        """The store's version (:meth:`LabelStore.version`)."""
+        return self.store.version()
 
     def history(self, **filters) -> pl.DataFrame:
         """Every label row ever written for this SAE, taken-back ones and retractions included."""
@@ -84,6 +103,29 @@ def labelling_of(atlas: Atlas, *, read_only: bool = False) -> Labelling:
         if read_only not in kinds:
             kinds[read_only] = Labelling(atlas, read_only=read_only)
         return kinds[read_only]
+
+
+def with_labels(rows: pl.DataFrame, current: pl.DataFrame) -> pl.DataFrame:
+    """``rows`` (one per feature_id × explainer) with the current label of each explanation:
+    ``verdict``, ``causes`` and ``label_stale``, null where it has none."""
+    labels = current.filter(pl.col("explainer").is_not_null()).select(
+        pl.col("feature_id").cast(rows.schema["feature_id"]), "explainer", "verdict", "causes", label_stale="stale"
+    )
+    return rows.join(labels, on=["feature_id", "explainer"], how="left", maintain_order="left")
+
+
+def labelled_rows(rows: pl.DataFrame, labelled: str) -> pl.DataFrame:
+    """The rows of :func:`with_labels` that ``labelled`` (one of :data:`LABELLED`) keeps."""
+    if labelled not in LABELLED:
+        raise LabelError(f"labelled must be one of {', '.join(LABELLED)}")
+    judged = pl.col("verdict").is_not_null() & ~pl.col("label_stale")
+    keep = {
+        "any": pl.lit(True),
+        "yes": judged,
+        "no": ~judged.fill_null(False),
+        "stale": pl.col("label_stale").fill_null(False),
+    }.get(labelled, judged & (pl.col("verdict") == labelled))
+    return rows.filter(keep.fill_null(False))
 
 
 def _filtered(frame: pl.DataFrame, filters: dict) -> pl.DataFrame:

@@ -104,6 +104,9 @@ FeatureRow = create_model(
     explanation_text=(str, ...),
     explanation_ok=(bool, ...),
     **_metric_fields(metrics.METRICS),
+    verdict=(str | None, Field(None, description="people's current verdict on the explanation")),
+    causes=(list[str] | None, Field(None, description="the causes that label gives")),
+    label_stale=(bool | None, Field(None, description="the label judged an earlier text of the explanation")),
 )
 
 

@@ -16,6 +16,9 @@ Orders, each a column over every pair at once:
 
 from __future__ import annotations
 
+import threading
+import weakref
+
 import numpy as np
 import polars as pl
 
@@ -46,20 +49,49 @@ def scorer_spread(atlas: Atlas, metric: str) -> pl.DataFrame:
 
 
 def ordered(
-    atlas: Atlas, labels: pl.DataFrame, *, order: str, explainer: str | None = None, seed: int = 0
+    atlas: Atlas,
+    labels: pl.DataFrame,
+    *,
+    order: str,
+    explainer: str | None = None,
+    seed: int = 0,
+    version: int | None = None,
 ) -> tuple[pl.DataFrame, str, str]:
     """The queue (``feature_id``, ``explainer``, ``priority``, first to judge first), the order
     used and a note on it. ``labels``: the current labels (their pairs, unless stale, leave the
-    queue)."""
+    queue). ``version``: the label store's version (:meth:`LabelStore.version`) ``labels`` are
+    of; given, the ordering of every explanation is computed once per order (and, for the
+    classifier, per version) and each call only removes the labelled pairs from it."""
     if order not in ORDERS:
         raise ValueError(f"order must be one of {', '.join(ORDERS)}")
+    key = (order, explainer, seed, version if order == "uncertainty" else None)
+    with _MEMO_LOCK:  # one thread computes an ordering; the others wait for it rather than redo it
+        memo = _MEMO.setdefault(atlas, {}) if version is not None else {}
+        if key not in memo:
+            memo[key] = _every_explanation(atlas, labels, order=order, explainer=explainer, seed=seed)
+            while len(memo) > MEMO_SIZE:
+                memo.pop(next(iter(memo)))
+        queue, used, note = memo[key]
+    judged = labels.filter(pl.col("explainer").is_not_null() & ~pl.col("stale")).select(
+        pl.col("feature_id").cast(queue.schema["feature_id"]), "explainer"
+    )
+    return queue.join(judged, on=["feature_id", "explainer"], how="anti", maintain_order="left"), used, note
+
+
+# The orderings of every explanation kept per atlas (each 3 columns × explanations: 10 MB at 131k × 3).
+_MEMO: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+MEMO_SIZE = 8
+_MEMO_LOCK = threading.Lock()
+
+
+def _every_explanation(
+    atlas: Atlas, labels: pl.DataFrame, *, order: str, explainer: str | None, seed: int
+) -> tuple[pl.DataFrame, str, str]:
+    """Every explanation in ``order``, labelled or not, with the order used and its note."""
     rows = atlas.features(limit=None).filter(pl.col("explanation_ok"))
     if explainer is not None:
         rows = rows.filter(pl.col("explainer") == explainer)
-    judged = labels.filter(pl.col("explainer").is_not_null() & ~pl.col("stale")).select(
-        pl.col("feature_id").cast(rows.schema["feature_id"]), "explainer"
-    )
-    pending = rows.join(judged, on=["feature_id", "explainer"], how="anti")
+    pending = rows
     metric = headline_metric(rows)
     note = ""
     used = order

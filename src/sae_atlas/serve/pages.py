@@ -29,7 +29,7 @@ from sae_atlas.label_store import VERDICTS
 from sae_atlas.query import results
 from sae_atlas.query.against_people import for_atlas as people_against
 from sae_atlas.query.atlas import Atlas
-from sae_atlas.query.labelling import labelling_of
+from sae_atlas.query.labelling import LABELLED, as_table, labelled_rows, labelling_of, with_labels
 from sae_atlas.query.triage import UNBIASED
 from sae_atlas.query.triage import ordered as triage_queue
 from sae_atlas.serve.parameters import (
@@ -120,8 +120,9 @@ def form_paths() -> tuple[str, ...]:
 
 
 def feature_table(atlas: Atlas, query: FeatureQuery) -> dict:
-    """One page of the (feature, explainer) table; with ``q``, the closest explanations too."""
-    rows, total = atlas.query_features(**query.table_arguments())
+    """One page of the (feature, explainer) table with people's labels; with ``q``, the closest
+    explanations too."""
+    rows, total = labelled_table(atlas, query.table_arguments(), query.labelled)
     data = {"total": total, "limit": query.limit, "offset": query.offset, "rows": rows.to_dicts()}
     if query.q and query.q.strip():
         data["hits"] = atlas.search(query.q, SEARCH_HITS, explainer=query.explainer).to_dicts()
@@ -130,7 +131,20 @@ def feature_table(atlas: Atlas, query: FeatureQuery) -> dict:
 
 def feature_export(atlas: Atlas, query: FeatureQuery):
     """The rows of the feature table a download holds (every matching row unless limited)."""
-    return atlas.query_features(**query.export_arguments())[0]
+    return as_table(labelled_table(atlas, query.export_arguments(), query.labelled)[0], query.format)
+
+
+def labelled_table(atlas: Atlas, arguments: dict, labelled: str) -> tuple[pl.DataFrame, int]:
+    """:meth:`Atlas.query_features` with each row's current label, kept by ``labelled``: a filter on
+    labels takes every matching row first, then pages (the store is read, never created)."""
+    current = labelling_of(atlas, read_only=True).current()
+    if labelled == "any":
+        rows, total = atlas.query_features(**arguments)
+        return with_labels(rows, current), total
+    everything, _ = atlas.query_features(**{**arguments, "limit": None, "offset": 0})
+    matching = labelled_rows(with_labels(everything, current), labelled)
+    limit = arguments["limit"]
+    return matching.slice(arguments["offset"], limit), matching.height
 
 
 def feature(atlas: Atlas, query: None = None, *, feature_id: int) -> dict:
@@ -146,8 +160,9 @@ def evidence(atlas: Atlas, query: EvidenceQuery, *, feature_id: int) -> dict:
 def triage(atlas: Atlas, query: TriageQuery) -> dict:
     """The next explanation to judge in the chosen order, with everything the feature page shows."""
     labelling = labelling_of(atlas)
+    version = labelling.version()
     current = labelling.current()
-    queue, used, note = triage_queue(atlas, current, order=query.order, explainer=query.explainer)
+    queue, used, note = triage_queue(atlas, current, order=query.order, explainer=query.explainer, version=version)
     position = min(query.position, max(queue.height - 1, 0))
     item = None
     if queue.height:
@@ -297,6 +312,8 @@ def index_context(atlas: Atlas, query: FeatureQuery, data: dict, request) -> dic
         "explainer": query.explainer,
         "scorer": query.scorer,
         "contains": query.contains or "",
+        "labelled": query.labelled,
+        "labelled_choices": LABELLED,
         "query": query.q or "",
         "hits": data.get("hits", []),
         "params": params,
@@ -308,7 +325,9 @@ def index_context(atlas: Atlas, query: FeatureQuery, data: dict, request) -> dic
         "headers": [*HEADERS, *[(metric.name, metric.label, metric.description) for metric in shown]],
         "shown": shown,
         "filtered": list(query.filters()),
-        "filtering": bool(query.explainer or query.scorer or query.contains or query.filters()),
+        "filtering": bool(
+            query.explainer or query.scorer or query.contains or query.filters() or query.labelled != "any"
+        ),
     }
 
 

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from sae_atlas import metrics
 from sae_atlas.exports import tables
 from sae_atlas.query.atlas import COLUMNS, QueryError
+from sae_atlas.query.labelling import LABELLED
 
 MAX_TEXT = 500
 MAX_LIMIT = 1000
@@ -38,6 +39,7 @@ class FeatureQuery(_Query):
     scorer: str | None = None
     contains: str | None = None
     q: str | None = None
+    labelled: str = "any"
     sort: str = "feature_id"
     order: Literal["asc", "desc"] = "asc"
     limit: int = 100
@@ -99,6 +101,10 @@ def feature_query_model(explainers: list[str], scorers: list[str]) -> type[Featu
         scorer=(scorer | None, Field(None, description="score columns from this scorer only")),
         contains=(str | None, Field(None, max_length=MAX_TEXT, description="text the explanation contains")),
         q=(str | None, Field(None, max_length=MAX_TEXT, description="free text: closest explanations, as `hits`")),
+        labelled=(
+            Literal[LABELLED],  # type: ignore[valid-type]
+            Field("any", description="by people's labels: yes, no (none or stale), stale, or one verdict"),
+        ),
         sort=(Literal[COLUMNS], Field("feature_id", description="column to sort by")),  # type: ignore[valid-type]
         limit=(int, Field(100, ge=1, le=MAX_LIMIT)),
         offset=(int, Field(0, ge=0, le=MAX_OFFSET)),
