@@ -235,6 +235,11 @@ def test_scores_per_activation_quantile_reach_the_feature(atlas, outputs):
     # synth draws 10 quantiles of 5 activating examples per latent (delphi's default)
     assert sorted({row["quantile"] for row in fuzz}) == list(range(10))
     assert all(row["score"] is None or 0 <= row["score"] <= 1 for row in fuzz)
+    # the page unnests its latent's rows itself: the same rows as the comparison's whole table
+    whole = atlas._quantiles.table.get()[0].filter(feature_id=feature, explainer=item["explainer"])
+    assert len(rows) == whole.height and {
+        (row["scorer"], row["method"], row["quantile"], row["score"], row["examples"]) for row in rows
+    } == set(whole.select("scorer", "method", "quantile", "score", "examples").rows())
     # the pooled simulation group apart from the study's mean over every group
     table = atlas.features(limit=None)
     assert table["simulation_overall"].drop_nulls().len() > 0.8 * table.height

@@ -147,9 +147,15 @@ def test_the_neuronpedia_export_refuses_bad_ids(small_run, tmp_path, option, val
 FILTERS = {"fuzz_min": "0.5", "detection_max": "0.95", "sort": "detection", "order": "desc"}
 
 
-def expected_rows(atlas: Atlas) -> pl.DataFrame:
-    return atlas.features(
+def expected_rows(atlas: Atlas, format: str = "parquet") -> pl.DataFrame:
+    """The filtered rows, with the (empty) label columns every download carries; CSV holds a
+    label's causes as JSON text."""
+    rows = atlas.features(
         filters={"fuzz": (0.5, None), "detection": (None, 0.95)}, sort="detection", descending=True, limit=None
+    )
+    causes = pl.String if format == "csv" else pl.List(pl.String)
+    return rows.with_columns(
+        verdict=pl.lit(None, pl.String), causes=pl.lit(None, causes), label_stale=pl.lit(None, pl.Boolean)
     )
 
 
@@ -161,7 +167,7 @@ def test_the_table_export_reads_back_as_the_filtered_rows(small_run, atlas, tmp_
         "--sort", "detection", "--order", "desc", "-o", output,
     )  # fmt: skip
     assert result.exit_code == 0, result.output
-    expected = expected_rows(atlas)
+    expected = expected_rows(atlas, suffix)
     assert 0 < expected.height < atlas.features(limit=None).height  # the filters select, and not everything
     assert f"wrote {expected.height:,} rows" in result.output
     assert_frame_equal(tables.read(output, expected.schema), expected)
@@ -178,7 +184,9 @@ def test_the_table_export_takes_explainer_scorer_and_text(small_run, atlas, tmp_
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     expected = atlas.features(explainer=explainer, scorer=scorer, contains=text, limit=None)
-    assert_frame_equal(pl.read_parquet(output), expected)
+    written = pl.read_parquet(output)
+    assert written.select(pl.col("verdict", "causes", "label_stale").is_null().all()).row(0) == (True,) * 3
+    assert_frame_equal(written.drop("verdict", "causes", "label_stale"), expected)
 
 
 @pytest.mark.parametrize(
@@ -219,7 +227,7 @@ def test_the_api_downloads_every_matching_row(client, atlas, chosen):
     assert response.status_code == 200
     assert response.headers["content-type"].split(";")[0] == tables.RENDERERS[chosen].media_type.split(";")[0]
     assert response.headers["content-disposition"] == f'attachment; filename="features.{chosen}"'
-    expected = expected_rows(atlas)
+    expected = expected_rows(atlas, chosen)
     assert expected.height > 100  # more than one JSON page: a download is not paged
     body = io.BytesIO(response.content)
     read = {

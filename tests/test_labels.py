@@ -155,7 +155,7 @@ def test_a_page_writes_with_its_token_and_nothing_else_writes(atlas):
 def test_the_feature_table_filters_by_label_and_shows_each_rows_label(atlas):
     client, writes = client_of(atlas)
     rows = atlas.features(limit=None).filter(pl.col("explanation_ok")).select("feature_id", "explainer").rows()
-    (f1, e1), (f2, e2), (f3, e3) = rows[:3]
+    (f1, e1), (f2, e2), (f3, _) = rows[:3]
     own = {"Origin": BASE, "X-SAE-Atlas-Token": writes.page_token}
     labels = [
         {"feature_id": f1, "explainer": e1, "verdict": "good"},
@@ -184,6 +184,12 @@ def test_the_feature_table_filters_by_label_and_shows_each_rows_label(atlas):
     assert sorted(csv["verdict"].to_list()) == ["bad", "good"] and '["too broad"]' in csv["causes"].to_list()
     html = client.get("/", params={"labelled": "yes"}).text
     assert 'option value="yes" selected' in html and ">bad</td>" in html and ">good</td>" in html
+    exported = atlas.output_dir.parent / "bad.parquet"
+    result = CliRunner().invoke(
+        cli, ["export", "table", str(atlas.output_dir), "--labelled", "bad", "-o", str(exported)]
+    )
+    assert result.exit_code == 0, result.output
+    assert pl.read_parquet(exported).select("feature_id", "verdict").rows() == [(f2, "bad")]
 
 
 def test_the_queue_is_ordered_once_and_labelled_pairs_leave_it_without_reordering(atlas, monkeypatch):

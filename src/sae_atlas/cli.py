@@ -826,6 +826,9 @@ def export_table(
     ] = None,
     sort: Annotated[str, typer.Option(help="Column to sort by.")] = "feature_id",
     order: Annotated[str, typer.Option(help="asc or desc.")] = "asc",
+    labelled: Annotated[
+        str, typer.Option(help="By people's labels: any, yes, no (none or stale), stale, or a verdict.")
+    ] = "any",
 ) -> None:
     """Write the rows of the feature table the filters select (every match, as the index page's
     download does) to CSV, JSON Lines or Parquet, the format from the file's suffix."""
@@ -833,10 +836,11 @@ def export_table(
     from sae_atlas.serve import pages
     from sae_atlas.serve.parameters import feature_query_model, parse
 
-    tables.format_of(output)  # a bad suffix or a protected path fails before any work
+    chosen = tables.format_of(output)  # a bad suffix or a protected path fails before any work
     layout.refuse_output_files(output)
     atlas = _open_atlas(output_dir)
-    params = {"sort": sort, "order": order, **_bounds(minimum, "min"), **_bounds(maximum, "max")}
+    params = {"sort": sort, "order": order, "format": chosen, "labelled": labelled}
+    params.update({**_bounds(minimum, "min"), **_bounds(maximum, "max")})
     params.update(
         {key: value for key, value in (("explainer", explainer), ("scorer", scorer), ("contains", contains)) if value}
     )

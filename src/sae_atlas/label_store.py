@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import hashlib
 import sqlite3
+import threading
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Literal
@@ -130,17 +132,43 @@ class LabelStore:
         self.path = Path(output_dir) / layout.LABELS
         self.read_only = read_only
         self.causes = tuple(dict.fromkeys((*CAUSES, *causes)))
+        # One connection for this store's writes, kept open: opening and closing one per write cost
+        # more than the write (the last connection to close checkpoints the WAL). Writes take turns
+        # on it; other processes' writers wait on SQLite's lock as before.
+        self._writer: sqlite3.Connection | None = None
+        self._writer_lock = threading.Lock()
 
-    def _connect(self) -> sqlite3.Connection:
+    def _connect(self, *, shared: bool = False) -> sqlite3.Connection:
+        """A new connection; ``shared``: usable from any thread (the caller takes turns)."""
         if self.read_only:
             connection = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=10)
         else:
-            connection = sqlite3.connect(self.path, timeout=10, isolation_level=None)
+            connection = sqlite3.connect(self.path, timeout=10, isolation_level=None, check_same_thread=not shared)
             connection.execute("PRAGMA journal_mode=WAL")
             connection.execute("PRAGMA synchronous=FULL")
             connection.executescript(SCHEMA)
         connection.execute("PRAGMA busy_timeout=10000")
         return connection
+
+    @contextmanager
+    def _writing(self) -> Iterator[sqlite3.Connection]:
+        """This store's write connection, for one thread at a time."""
+        with self._writer_lock:
+            if self._writer is None:
+                self._writer = self._connect(shared=True)
+            try:
+                yield self._writer
+            except BaseException:
+                if self._writer.in_transaction:  # never leave a half transaction on the kept connection
+                    self._writer.execute("ROLLBACK")
+                raise
+
+    def close(self) -> None:
+        """Close the write connection (reads open their own)."""
+        with self._writer_lock:
+            if self._writer is not None:
+                self._writer.close()
+                self._writer = None
 
     def exists(self) -> bool:
         return self.path.exists()
@@ -185,8 +213,7 @@ class LabelStore:
         the id of the label taken back, None when there is none."""
         if self.read_only:
             raise LabelError("the label store is open read-only")
-        connection = self._connect()
-        try:
+        with self._writing() as connection:
             connection.execute("BEGIN IMMEDIATE")
             found = connection.execute(
                 "SELECT label_id FROM labels WHERE action = 'label' AND sae_id = ? AND feature_id = ? AND "
@@ -204,8 +231,6 @@ class LabelStore:
             )
             connection.execute("COMMIT")
             return found[0]
-        finally:
-            connection.close()
 
     def import_rows(self, frame: pl.DataFrame) -> int:
         """Merge exported rows (:meth:`history`) by ``label_id``; how many were new."""
@@ -238,8 +263,7 @@ class LabelStore:
 
     def _insert(self, rows: list[tuple], *, ignore_known: bool = False) -> None:
         verb = "INSERT OR IGNORE" if ignore_known else "INSERT"
-        connection = self._connect()
-        try:
+        with self._writing() as connection:
             connection.execute("BEGIN IMMEDIATE")
             try:
                 connection.executemany(
@@ -251,8 +275,6 @@ class LabelStore:
                 connection.execute("ROLLBACK")
                 raise LabelError(f"label refused by the store: {error}") from None
             connection.execute("COMMIT")
-        finally:
-            connection.close()
 
     def _count(self) -> int:
         if not self.exists():

@@ -432,7 +432,7 @@ class Atlas:
         activation-example index and (``search``) the explanation vectors and the model. A server
         calls it in the background as it starts."""
         self.stats()
-        self._quantiles.table.get()
+        self._quantiles.nested.get()
         self._examples.index.get()
         if search:
             self._search.prepare()

@@ -12,7 +12,7 @@ import orjson
 import polars as pl
 
 from sae_atlas import layout
-from sae_atlas.label_store import VERDICTS, LabelError, LabelIn, LabelStore, text_hashes
+from sae_atlas.label_store import VERDICTS, LabelError, LabelIn, LabelStore, text_hash
 from sae_atlas.query.atlas import Atlas
 
 FILTERS = ("feature_id", "explainer", "verdict", "author")
@@ -41,9 +41,9 @@ class Labelling:
         return {(feature, explainer): text for feature, explainer, text in rows.iter_rows() if text is not None}
 
     @cached_property
-    def hashes(self) -> pl.DataFrame:
-        """(feature_id, explainer, text_hash) of every explanation: taken once, not per read."""
-        return text_hashes(self.texts)
+    def hashes(self) -> dict[tuple[int, str], str]:
+        """(feature_id, explainer) → the hash of its text: taken once, not per read."""
+        return {key: text_hash(text) for key, text in self.texts.items()}
 
     @cached_property
     def latents(self) -> np.ndarray:
@@ -76,7 +76,13 @@ class Labelling:
             hashes = self.hashes
             if self._current is None or self._current[0] != version:
                 # read and derived once per state of the store: a page's reads cost one query
-                frame = self.store.current(hashes).filter(pl.col("sae_id") == (self.atlas.sae_id or ""))
+                frame = self.store.current().filter(pl.col("sae_id") == (self.atlas.sae_id or ""))
+                # stale: judged another text than the explanation's now (a look-up per label)
+                stale = [
+                    explainer is not None and hashes.get((feature, explainer)) != judged
+                    for feature, explainer, judged in frame.select("feature_id", "explainer", "text_hash").iter_rows()
+                ]
+                frame = frame.with_columns(stale=pl.Series(stale, dtype=pl.Boolean))
                 self._current = (version, frame)
             frame = self._current[1]
         return _filtered(frame, filters)

@@ -76,42 +76,53 @@ def read_scores(output_dir: Path, features: pl.DataFrame, explainers: list[str])
     )
 
 
-def _read_quantiles(path: Path) -> tuple[pl.DataFrame, np.ndarray]:
+def _read_nested_quantiles(path: Path) -> tuple[pl.DataFrame, np.ndarray]:
+    """One row per (feature, explainer, scorer, method) with its ``by_quantile`` list, by feature:
+    ten times fewer rows than one per quantile, which a latent's page unnests for itself."""
     if path.exists() and "by_quantile" in pq.read_schema(path).names:
-        table = (
-            pl.read_parquet(path, columns=["feature_id", "llm_explainer", "llm_scorer", "method", "by_quantile"])
-            .explode("by_quantile")
-            .drop_nulls("by_quantile")
-            .unnest("by_quantile")
-            .select(
-                pl.col("feature_id").cast(pl.Int64),
-                pl.col("llm_explainer").cast(pl.String).alias("explainer"),
-                pl.col("llm_scorer").cast(pl.String).alias("scorer"),
-                pl.col("method").cast(pl.String),
-                "quantile",
-                "score",
-                "examples",
-            )
-            .sort("feature_id", maintain_order=True)
+        table = pl.read_parquet(
+            path, columns=["feature_id", "llm_explainer", "llm_scorer", "method", "by_quantile"]
+        ).select(
+            pl.col("feature_id").cast(pl.Int64),
+            pl.col("llm_explainer").cast(pl.String).alias("explainer"),
+            pl.col("llm_scorer").cast(pl.String).alias("scorer"),
+            pl.col("method").cast(pl.String),
+            "by_quantile",
         )
+        table = table.sort("feature_id", maintain_order=True)
     else:
-        table = pl.DataFrame(schema={"feature_id": pl.Int64, "explainer": pl.String, **dict.fromkeys(QUANTILE_FIELDS)})
+        table = pl.DataFrame(
+            schema={"feature_id": pl.Int64, "explainer": pl.String, "scorer": pl.String, "method": pl.String}
+        )
     return table, table["feature_id"].to_numpy()
 
 
+def _unnested(nested: pl.DataFrame) -> pl.DataFrame:
+    """One row per (feature, explainer, scorer, method, quantile)."""
+    if "by_quantile" not in nested.columns:
+        return pl.DataFrame(schema={"feature_id": pl.Int64, "explainer": pl.String, **dict.fromkeys(QUANTILE_FIELDS)})
+    return (
+        nested.explode("by_quantile")
+        .drop_nulls("by_quantile")
+        .unnest("by_quantile")
+        .select("feature_id", "explainer", "scorer", "method", "quantile", "score", "examples")
+    )
+
+
 class QuantileScores:
-    """Every score per activation quantile, one row per (feature, explainer, scorer, method,
-    quantile), read on first use."""
+    """Every score per activation quantile, read on first use: nested for a latent's look-up,
+    one row per (feature, explainer, scorer, method, quantile) for the comparison."""
 
     def __init__(self, output_dir: Path):
-        self.table = Lazy(lambda: _read_quantiles(Path(output_dir) / layout.SCORES), name="quantile-scores")
+        self.nested = Lazy(lambda: _read_nested_quantiles(Path(output_dir) / layout.SCORES), name="quantile-scores")
+        self.table = Lazy(lambda: (_unnested(self.nested.get()[0]),), name="quantile-table")
 
     def of_feature(self, feature_id: int) -> dict[str, list[dict]]:
         """A latent's quantile scores, by explainer."""
-        table, ids = self.table.get()
+        nested, ids = self.nested.get()
         low, high = np.searchsorted(ids, [feature_id, feature_id + 1])
         by_explainer: dict[str, list[dict]] = {}
-        for explainer, *values in table.slice(low, high - low).drop("feature_id").rows():
+        for explainer, *values in _unnested(nested.slice(low, high - low)).drop("feature_id").rows():
             by_explainer.setdefault(explainer, []).append(dict(zip(QUANTILE_FIELDS, values, strict=True)))
         return by_explainer
 

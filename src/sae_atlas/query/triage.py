@@ -72,10 +72,16 @@ def ordered(
             while len(memo) > MEMO_SIZE:
                 memo.pop(next(iter(memo)))
         queue, used, note = memo[key]
-    judged = labels.filter(pl.col("explainer").is_not_null() & ~pl.col("stale")).select(
-        pl.col("feature_id").cast(queue.schema["feature_id"]), "explainer"
-    )
-    return queue.join(judged, on=["feature_id", "explainer"], how="anti", maintain_order="left"), used, note
+    judged = labels.filter(pl.col("explainer").is_not_null() & ~pl.col("stale"))
+    # one integer per pair: the filter is a look-up in a small set, not a join of every explanation
+    taken = judged.select(_pair(atlas.explainers)).to_series().drop_nulls()
+    return queue.filter(~pl.col("_pair").is_in(taken.implode())).drop("_pair"), used, note
+
+
+def _pair(explainers: list[str]) -> pl.Expr:
+    """(feature_id, explainer) as one integer; null for an explainer the atlas does not have."""
+    index = pl.col("explainer").replace_strict(explainers, range(len(explainers)), default=None, return_dtype=pl.Int64)
+    return (pl.col("feature_id").cast(pl.Int64) * len(explainers) + index).alias("_pair")
 
 
 # The orderings of every explanation kept per atlas (each 3 columns × explanations: 10 MB at 131k × 3).
@@ -118,7 +124,7 @@ def _every_explanation(
         note = "this order picks hard cases: its labels do not estimate how often an explainer is right"
     queue = pending.sort(
         [pl.col("priority").fill_nan(None), "feature_id", "explainer"], descending=[True, False, False], nulls_last=True
-    ).select("feature_id", "explainer", "priority")
+    ).select("feature_id", "explainer", "priority", _pair(atlas.explainers))
     return queue, used, note
 
 
