@@ -216,6 +216,13 @@ def synth(
             help="How far each scorer follows the explanation's quality, comma-separated (1: fully, 0: coin flips)."
         ),
     ] = None,
+    plant_patterns: Annotated[
+        bool,
+        typer.Option(
+            "--plant-patterns",
+            help="Plant lexical, mixed, contextual and diffuse latents, and explanations that name or miss the token.",
+        ),
+    ] = False,
 ) -> None:
     """Write a synthetic corpus in the real raw formats, with a ground truth and a ready config."""
     from sae_atlas.synth import SynthOptions, synthesize
@@ -246,6 +253,7 @@ def synth(
         explainer_quality=quality,
         identical_texts=identical_texts,
         scorer_reliability=reliability,
+        plant_patterns=plant_patterns,
     )
     started = time.perf_counter()
     result = synthesize(out, options, progress=lambda message: console.print(message, style="dim", markup=False))
@@ -488,12 +496,30 @@ def show(
             if key != "num_examples_sampled" and value is not None
         )
         console.print(f"activation windows: {similarity['num_examples_sampled']} sampled; pairwise cosine {numbers}")
+    _print_diagnosis(record["diagnosis"])
     for example in record["activation_examples"][:examples]:
         console.print(
             f"[dim]prompt {example['prompt_id']} · quantile {example['quantile']} · "
             f"max {example['max_activation']:.2f}[/dim]"
         )
         console.print(_highlighted(example))
+
+
+def _print_diagnosis(diagnosis: dict) -> None:
+    """The latent's pattern and each explanation's cause, as the feature page's diagnosis shows them."""
+    pattern = diagnosis["pattern"]
+    if pattern:
+        top = f"top token {pattern['top_token']!r} {pattern['top_token_coverage']:.0%}" if pattern["top_token"] else ""
+        coherence = "–" if pattern["coherence"] is None else f"{pattern['coherence']:.2f}"
+        console.print(
+            f"pattern: [bold]{pattern['pattern'] or 'undecided'}[/bold] ({escape(top)} of {pattern['tokens']} "
+            f"activating tokens; coherence {coherence})"
+        )
+    if diagnosis["note"]:
+        console.print(f"[dim]{escape(diagnosis['note'])}[/dim]")
+    for explainer, row in sorted(diagnosis["explanations"].items()):
+        if row["cause"]:
+            console.print(f"{_short(explainer)}: [bold]{row['cause']}[/bold]: {escape(row['cause_evidence'])}")
 
 
 @app.command()

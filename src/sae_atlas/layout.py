@@ -17,6 +17,8 @@ never leaves a half-written file, and a reader never sees one.
       stages/score_records.parquet           SCORE_RECORDS
       stages/score_examples.parquet          SCORE_EXAMPLES
       stages/firing.parquet                  FIRING
+      stages/activation_patterns.parquet     ACTIVATION_PATTERNS
+      stages/diagnosis.parquet               DIAGNOSIS
       <file>.metadata.json                   sidecars
       run_report.json                        RUN_REPORT
       .cache/embeddings/                     EMBEDDING_CACHE
@@ -49,6 +51,8 @@ SAMPLED_EXAMPLES = "stages/sampled_examples.parquet"
 SCORE_RECORDS = "stages/score_records.parquet"
 SCORE_EXAMPLES = "stages/score_examples.parquet"
 FIRING = "stages/firing.parquet"
+ACTIVATION_PATTERNS = "stages/activation_patterns.parquet"
+DIAGNOSIS = "stages/diagnosis.parquet"
 RUN_REPORT = "run_report.json"
 EMBEDDING_CACHE = ".cache/embeddings"
 SCORE_CACHE = ".cache/scores"

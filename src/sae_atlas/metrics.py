@@ -114,6 +114,13 @@ METRICS: tuple[Metric, ...] = (
         "cosine of the feature's nearest decoder neighbour",
         (0.0, 1.0),
     ),
+    Metric(
+        "names_top_tokens",
+        "names tokens",
+        "share of the latent's five most frequent activating tokens the explanation names (stages/diagnosis.py)",
+        (0.0, 1.0),
+        headline=False,
+    ),
 )
 
 for _method in ("fuzz", "detection"):

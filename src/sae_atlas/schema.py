@@ -186,6 +186,47 @@ STAGE_FIRING = pl.Schema(
     }
 )
 
+# What kind of latent each one is (stages/activation_patterns.py): the tokens at its peaks, their
+# coverage, its pattern.
+STAGE_ACTIVATION_PATTERNS = pl.Schema(
+    {
+        "feature_id": pl.UInt32,
+        "examples": pl.UInt32,
+        "tokens": pl.UInt32,  # activating tokens: at half their example's peak or more
+        "top_token": pl.String,
+        "top_token_coverage": pl.Float32,
+        "top_tokens": pl.List(pl.String),
+        "concentration": pl.Float32,  # the chance two activating tokens are the same token
+        "top_ngram": pl.String,
+        "top_ngram_coverage": pl.Float32,
+        "coverage_by_quantile": pl.List(pl.Float32),  # index 0 = the top activations
+        "coherence": pl.Float32,
+        "pattern": pl.String,  # lexical, mixed, contextual, diffuse; null: not decidable
+    }
+)
+
+# Why each explanation fails (stages/diagnosis.py): one row per (feature, explainer).
+STAGE_DIAGNOSIS = pl.Schema(
+    {
+        "feature_id": pl.UInt32,
+        "explainer": pl.String,
+        "pattern": pl.String,  # the latent's, from stages/activation_patterns.parquet
+        "top_token": pl.String,
+        "top_token_coverage": pl.Float32,
+        "coherence": pl.Float32,
+        "names_top_token": pl.Boolean,
+        "names_top_tokens": pl.Float32,  # share of the latent's five top tokens the explanation names
+        "agreement": pl.Float32,  # mean cosine to the other explainers' texts
+        "fuzz": pl.Float32,
+        "false_positive_rate": pl.Float32,
+        "top_quantile_recall": pl.Float32,
+        "low_quantile_recall": pl.Float32,
+        "quantile_drop": pl.Float32,
+        "cause": pl.String,
+        "cause_evidence": pl.String,
+    }
+)
+
 STAGE_SCHEMAS: dict[str, pl.Schema] = {
     layout.SCORES: STAGE_SCORES,
     layout.DECODER_SIMILARITY: STAGE_DECODER_SIMILARITY,
@@ -194,6 +235,8 @@ STAGE_SCHEMAS: dict[str, pl.Schema] = {
     layout.SCORE_RECORDS: STAGE_SCORE_RECORDS,
     layout.SCORE_EXAMPLES: STAGE_SCORE_EXAMPLES,
     layout.FIRING: STAGE_FIRING,
+    layout.ACTIVATION_PATTERNS: STAGE_ACTIVATION_PATTERNS,
+    layout.DIAGNOSIS: STAGE_DIAGNOSIS,
 }
 
 

@@ -26,6 +26,7 @@ import polars as pl
 from sae_atlas import layout, metrics
 from sae_atlas.query import comparison
 from sae_atlas.query.anatomy import read_error_rates
+from sae_atlas.query.diagnosis import Diagnosis
 from sae_atlas.query.errors import FeatureNotFound, QueryError
 from sae_atlas.query.evidence import DECISION_METHODS, SHOWS, ScoreEvidence
 from sae_atlas.query.examples import ExampleIndex
@@ -91,6 +92,7 @@ class Atlas:
                 if name not in ("feature_id", "sae_id")
             }
         self._explanations_by_feature = self._index_explanations()
+        self._diagnosis = Diagnosis(self.output_dir)
         self._table = self._flat_table()
         self._examples = ExampleIndex(self.output_dir)
         self._quantiles = QuantileScores(self.output_dir)
@@ -153,6 +155,7 @@ class Atlas:
             table = table.join(coherence, on="feature_id", how="left", maintain_order="left")
         else:
             table = table.with_columns(activation_similarity=pl.lit(None, pl.Float64))
+        table = self._diagnosis.joined(table)
         return table.with_columns(_order=pl.int_range(pl.len())).select(*COLUMNS, "_order")
 
     # -- look-ups ---------------------------------------------------------------------------------
@@ -195,6 +198,7 @@ class Atlas:
             "decoder_neighbours": neighbours or [],
             "activation_similarity": similarity,
             "activation_examples": examples,
+            "diagnosis": self._diagnosis.of_feature(feature_id),
         }
 
     def evidence(self, feature_id: int, *, method: str | None = None, show: str = "all") -> dict:

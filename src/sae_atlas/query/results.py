@@ -87,6 +87,41 @@ class ActivationExample(BaseModel):
     activations: list[float] = Field(description="activation value of every token")
 
 
+class ActivationPattern(BaseModel):
+    """What kind of latent it is, from the tokens it activates on (stages/activation_patterns.py)."""
+
+    pattern: str | None = Field(description="lexical, mixed, contextual or diffuse (rules in the stage's docstring)")
+    examples: int
+    tokens: int = Field(description="activating tokens: at half their example's peak or more")
+    top_token: str | None
+    top_token_coverage: float | None = Field(description="share of the activating tokens that are the top token")
+    top_tokens: list[str] | None
+    concentration: float | None = Field(description="chance that two activating tokens are the same token")
+    top_ngram: str | None
+    top_ngram_coverage: float | None
+    coverage_by_quantile: list[float] | None = Field(description="the top token's share per quantile, top first")
+    coherence: float | None = Field(description="mean pairwise similarity of the examples' windows")
+
+
+class ExplanationDiagnosis(BaseModel):
+    """What an explanation claims against what its latent does, and its cause (stages/diagnosis.py)."""
+
+    names_top_token: bool | None
+    names_top_tokens: float | None = Field(description="share of the latent's five top tokens it names")
+    false_positive_rate: float | None = Field(description="non-activating examples the scorers called activating")
+    top_quantile_recall: float | None
+    low_quantile_recall: float | None
+    quantile_drop: float | None
+    cause: str | None
+    cause_evidence: str | None = Field(description="the numbers that triggered the cause")
+
+
+class FeatureDiagnosis(BaseModel):
+    pattern: ActivationPattern | None
+    explanations: dict[str, ExplanationDiagnosis] = Field(description="by explainer")
+    note: str | None = Field(description="why parts are missing")
+
+
 class Feature(BaseModel):
     feature_id: int
     sae_id: str | None
@@ -94,6 +129,7 @@ class Feature(BaseModel):
     decoder_neighbours: list[Neighbour]
     activation_similarity: ActivationSimilarity | None
     activation_examples: list[ActivationExample]
+    diagnosis: FeatureDiagnosis
 
 
 # One row of the feature table: a column per metric of the registry.

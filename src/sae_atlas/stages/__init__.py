@@ -8,8 +8,10 @@ built from them.
 from sae_atlas.stages import (
     activation_embeddings,
     activation_examples,
+    activation_patterns,
     activation_similarity,
     decoder_similarity,
+    diagnosis,
     explanation_embeddings,
     features,
     scores,
@@ -23,4 +25,6 @@ REGISTERED = (
     features.STAGE,
     activation_embeddings.STAGE,
     activation_similarity.STAGE,
+    activation_patterns.STAGE,
+    diagnosis.STAGE,
 )

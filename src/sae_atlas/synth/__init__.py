@@ -67,6 +67,9 @@ class SynthOptions:
     # how far each scorer's fuzz / detection verdicts follow the explanation's quality (1: as
     # delphi_runs plants it, 0: coin flips), so that scorers can be checked against people's labels
     scorer_reliability: tuple[float, ...] | None = None
+    # plant a pattern per latent (lexical, mixed, contextual, diffuse: synth/latents.py) and, on
+    # lexical latents, explanations that name or miss the token; off, the corpus is unchanged
+    plant_patterns: bool = False
 
     def check(self) -> None:
         if self.features < 8:
@@ -184,7 +187,7 @@ def synthesize(
     delphi = options.activation_format in ("delphi", "both")
     # The jsonl shape (Neuronpedia-like) starts each prompt with <bos> and never activates on it.
     corpus = build_prompts(options.prompts, options.ctx, n_concepts, rng, bos=jsonl)
-    latents = assign_latents(options.features, corpus, n_concepts, rng)
+    latents = assign_latents(options.features, corpus, n_concepts, rng, plant=options.plant_patterns)
 
     say(f"activations of {options.features:,} latents")
     n_records, n_pairs, firing = _write_activations(raw, corpus, latents, options, rng, jsonl=jsonl)
@@ -337,6 +340,7 @@ def _write_ground_truth(path: Path, latents, explained: np.ndarray, explanations
                 "hit": bool(item.hit and not missing),
                 "sentinel": bool(item.sentinel or missing),
                 "described": list(item.described) if not missing else [],
+                "kind": "sentinel" if missing else item.kind,
             }
         )
     n_features = len(latents.concepts)
@@ -348,6 +352,8 @@ def _write_ground_truth(path: Path, latents, explained: np.ndarray, explanations
             "multi_concept": latents.multi_concept,
             "explained": [latent in explained_set for latent in range(n_features)],
             "explanations": [rows.get(latent, []) for latent in range(n_features)],
+            "pattern": [latents.pattern_of(latent) for latent in range(n_features)],
+            "word": latents.word if latents.word is not None else [None] * n_features,
         },
         schema={
             "feature_id": pl.UInt32,
@@ -356,9 +362,17 @@ def _write_ground_truth(path: Path, latents, explained: np.ndarray, explanations
             "explained": pl.Boolean,
             "explanations": pl.List(
                 pl.Struct(
-                    {"explainer": pl.String, "hit": pl.Boolean, "sentinel": pl.Boolean, "described": pl.List(pl.String)}
+                    {
+                        "explainer": pl.String,
+                        "hit": pl.Boolean,
+                        "sentinel": pl.Boolean,
+                        "described": pl.List(pl.String),
+                        "kind": pl.String,
+                    }
                 )
             ),
+            "pattern": pl.String,
+            "word": pl.String,
         },
     )
     frame.write_parquet(path)

@@ -81,6 +81,34 @@ class Explanation:
     hit: bool
     sentinel: bool
     described: tuple[str, ...]
+    # what the explanation does, planted: "hit", "other concept", "vague", "sentinel"; for a
+    # lexical latent "names the token" or "misses the token" (its concept, not its word)
+    kind: str = ""
+
+
+def _names_word(explainer: Model, word: str) -> str:
+    """A hit on a lexical latent: the explanation names its word, in the explainer's style."""
+    style = explainer.index % 4
+    if style == 0:
+        return f'The word "{word}".'
+    if style == 1:
+        return f"The token {word}, wherever it occurs, whatever the sentence is about."
+    if style == 2:
+        return f"Occurrences of “{word}”."
+    return f"Mentions of {word.lower()} in running text"
+
+
+def _lexical(latents: Latents, latent: int, explainer: Model, hit: bool, rng: np.random.Generator) -> Explanation:
+    """The explanation of a planted lexical latent: names its word (a hit) or describes its concept
+    without the word (misses the token; scorers see a miss)."""
+    word = latents.word[latent]
+    concept = CONCEPTS[latents.concepts[latent][0]]
+    if hit:
+        return Explanation(
+            latent, explainer, _names_word(explainer, word), True, False, (concept.name,), "names the token"
+        )
+    text = concept.descriptions[int(rng.integers(3))] + "."
+    return Explanation(latent, explainer, text, False, False, (concept.name,), "misses the token")
 
 
 def explain(
@@ -99,9 +127,12 @@ def explain(
         concepts = latents.concepts[latent]
         for explainer in explainers:
             if rng.random() < SENTINEL_RATE:
-                result.append(Explanation(latent, explainer, SENTINEL, False, True, ()))
+                result.append(Explanation(latent, explainer, SENTINEL, False, True, (), "sentinel"))
                 continue
             hit = rng.random() < hit_rates[explainer.index]
+            if latents.pattern_of(latent) == "lexical":
+                result.append(_lexical(latents, latent, explainer, hit, rng))
+                continue
             if hit:
                 described = concepts
             elif rng.random() < 0.75:
@@ -109,7 +140,7 @@ def explain(
                 described = (int(rng.choice(others)),)
             else:
                 vague = VAGUE_DESCRIPTIONS[int(rng.integers(len(VAGUE_DESCRIPTIONS)))]
-                result.append(Explanation(latent, explainer, vague + ".", False, False, ()))
+                result.append(Explanation(latent, explainer, vague + ".", False, False, (), "vague"))
                 continue
             parts = [CONCEPTS[index] for index in described]
             description = " and ".join(
@@ -121,7 +152,8 @@ def explain(
             text = _style(explainer, description, topic, words)
             if rng.random() < 0.01:  # delphi keeps the LLM's newlines (escaped in the JSON file)
                 text = text.replace(", ", ",\n", 1)
-            result.append(Explanation(latent, explainer, text, hit, False, tuple(part.name for part in parts)))
+            names = tuple(part.name for part in parts)
+            result.append(Explanation(latent, explainer, text, hit, False, names, "hit" if hit else "other concept"))
     return result
 
 

@@ -7,6 +7,10 @@
 - It fires on the prompts that contain its words (preferring prompts where they recur, i.e. the
   prompt is about its concept): high on its words, a little on the tokens right after, and faintly
   on a few background tokens.
+- With planted patterns (``synth --plant-patterns``) each latent is one of four kinds
+  (:data:`PATTERN_SHARES`): ``lexical`` fires on one word of its concept, ``mixed`` on a set of
+  them (every latent without planting), ``contextual`` near its concept's words but not on them
+  (2–8 tokens away: the context carries it, no token does), ``diffuse`` anywhere in random prompts.
 """
 
 from __future__ import annotations
@@ -28,6 +32,9 @@ REFERENCE_RECORDS_PER_LATENT = 33.2
 REFERENCE_PROMPTS = 24_571
 BACKGROUND_PER_PROMPT = 2.6
 SPREAD = 0.35  # of the number of prompts a latent fires on (log scale)
+PATTERNS = ("lexical", "mixed", "contextual", "diffuse")
+PATTERN_SHARES = (0.3, 0.3, 0.25, 0.15)
+CONTEXT_OFFSETS = np.array([*range(-8, -1), *range(2, 9)])
 
 
 @dataclass
@@ -37,6 +44,12 @@ class Latents:
     concepts: list[tuple[int, ...]]
     trigger_sets: list[list[np.ndarray]]  # per latent, per concept: the piece ids it fires on
     strength: np.ndarray  # typical peak activation
+    # the planted kind of each latent (PATTERNS) and, for lexical ones, the word it fires on
+    pattern: list[str] | None = None
+    word: list[str | None] | None = None
+
+    def pattern_of(self, latent: int) -> str:
+        return self.pattern[latent] if self.pattern is not None else "mixed"
 
     def triggers(self, latent: int) -> np.ndarray:
         """Every piece id ``latent`` fires on."""
@@ -55,8 +68,10 @@ def concept_count(n_features: int) -> int:
     return int(max(2, min(len(CONCEPTS), n_features // 4)))
 
 
-def assign_latents(n_features: int, corpus: PromptCorpus, n_concepts: int, rng: np.random.Generator) -> Latents:
-    """Concepts, trigger words and strength of each latent."""
+def assign_latents(
+    n_features: int, corpus: PromptCorpus, n_concepts: int, rng: np.random.Generator, *, plant: bool = False
+) -> Latents:
+    """Concepts, trigger words and strength of each latent; ``plant``: a planted pattern each."""
     primary = rng.permutation(np.arange(n_features) % n_concepts)
     multi = rng.random(n_features) < MULTI_CONCEPT_RATE
     secondary = (primary + rng.integers(1, n_concepts, n_features)) % n_concepts
@@ -78,7 +93,20 @@ def assign_latents(n_features: int, corpus: PromptCorpus, n_concepts: int, rng: 
         concepts.append(chosen)
         triggers.append(sets)
     strength = np.exp(rng.normal(np.log(20.0), 0.5, n_features)).astype(np.float32)
-    return Latents(concepts, triggers, strength)
+    if not plant:  # no draws: a corpus without planted patterns is the one it always was
+        return Latents(concepts, triggers, strength)
+    patterns = [PATTERNS[index] for index in rng.choice(len(PATTERNS), size=n_features, p=PATTERN_SHARES)]
+    words: list[str | None] = [None] * n_features
+    for latent in np.flatnonzero(np.array(patterns) == "lexical").tolist():
+        concept = concepts[latent][0]
+        present = [word for word in CONCEPTS[concept].words if pieces_of_word.get(word)]
+        if not present:
+            patterns[latent] = "mixed"
+            continue
+        words[latent] = str(rng.choice(present))
+        concepts[latent] = (concept,)
+        triggers[latent] = [np.array(sorted(pieces_of_word[words[latent]]), dtype=np.int32)]
+    return Latents(concepts, triggers, strength, patterns, words)
 
 
 def decoder_weights(latents: Latents, d_model: int, rng: np.random.Generator, block_rows: int = 8192) -> np.ndarray:
@@ -190,12 +218,13 @@ def activation_blocks(
             )
             if not len(chosen):
                 continue
+            pattern = latents.pattern_of(latent)
+            if pattern == "diffuse":
+                chosen = np.sort(rng.choice(n_prompts, size=min(len(chosen), n_prompts), replace=False))
             pieces = np.unique(np.concatenate(sets))
             window = corpus.tokens[chosen]
             dense = np.zeros(window.shape, dtype=np.float32)
-            rows, columns = np.nonzero(np.isin(window, pieces))
-            keep = columns >= first_position
-            rows, columns = rows[keep], columns[keep]
+            rows, columns = _peak_positions(window, pieces, pattern, first_position, rng)
             peaks = latents.strength[latent] * rng.uniform(0.25, 1.0, len(rows)).astype(np.float32)
             for offset, chance, scale in ((1, 0.7, 0.3), (2, 0.4, 0.12)):
                 spill = (columns + offset < ctx) & (rng.random(len(rows)) < chance)
@@ -217,6 +246,25 @@ def activation_blocks(
             positions.append(record_columns)
             values.append(dense[record_rows, record_columns])
         yield _table(features, prompts, counts, positions, values)
+
+
+def _peak_positions(window: np.ndarray, pieces: np.ndarray, pattern: str, first: int, rng: np.random.Generator):
+    """Where a latent of ``pattern`` peaks in its prompts (rows of ``window``): on its pieces, a few
+    tokens away from them (contextual), or at three random positions a prompt (diffuse)."""
+    ctx = window.shape[1]
+    if pattern == "diffuse":
+        rows = np.repeat(np.arange(len(window)), 3)
+        return rows, rng.integers(first, ctx, len(rows))
+    rows, columns = np.nonzero(np.isin(window, pieces))
+    if pattern == "contextual":
+        moved = columns + rng.choice(CONTEXT_OFFSETS, len(columns))
+        inside = (moved >= first) & (moved < ctx)
+        rows, columns = rows[inside], moved[inside]
+        # one peak per (prompt, position): np.maximum.at and the records below expect no duplicates
+        unique = np.unique(rows.astype(np.int64) * ctx + columns)
+        rows, columns = unique // ctx, unique % ctx
+    keep = columns >= first
+    return rows[keep], columns[keep]
 
 
 def _table(features, prompts, counts, positions, values) -> ActivationTable:
