@@ -56,12 +56,14 @@ def _text(column: pl.Expr) -> pl.Expr:
 
 
 def prompt_token_table(prompt_tokens: pl.Series) -> pl.DataFrame:
-    """(prompt_id, position, token) of every prompt token; ``prompt_tokens`` indexed by prompt id."""
+    """(prompt_id, position, token) of every prompt token, special tokens null; ``prompt_tokens``
+    indexed by prompt id."""
     return (
         pl.DataFrame({"prompt_id": np.arange(len(prompt_tokens), dtype=np.uint32), "token": prompt_tokens})
         .explode("token")
         .with_columns(position=pl.int_range(pl.len()).over("prompt_id").cast(pl.Int64))
-        .drop_nulls("token")
+        # a special token (<bos>, <|endoftext|>) is no word of a pattern, nor of an n-gram across it
+        .with_columns(token=pl.when(pl.col("token").str.contains(r"^<[^<>]*>$")).then(None).otherwise("token"))
     )
 
 

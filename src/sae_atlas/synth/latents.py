@@ -10,7 +10,7 @@
 - With planted patterns (``synth --plant-patterns``) each latent is one of four kinds
   (:data:`PATTERN_SHARES`): ``lexical`` fires on one word of its concept, ``mixed`` on a set of
   them (every latent without planting), ``contextual`` near its concept's words but not on them
-  (2–8 tokens away: the context carries it, no token does), ``diffuse`` anywhere in random prompts.
+  (2–12 tokens away: the context carries it, no token does), ``diffuse`` anywhere in random prompts.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ BACKGROUND_PER_PROMPT = 2.6
 SPREAD = 0.35  # of the number of prompts a latent fires on (log scale)
 PATTERNS = ("lexical", "mixed", "contextual", "diffuse")
 PATTERN_SHARES = (0.3, 0.3, 0.25, 0.15)
-CONTEXT_OFFSETS = np.array([*range(-8, -1), *range(2, 9)])
+CONTEXT_OFFSETS = np.array([*range(-12, -1), *range(2, 13)])
 
 
 @dataclass

@@ -1,0 +1,231 @@
+"""Diagnosis: each latent's activation pattern and each explanation's claims and cause, checked by
+hand on small tables (a latent that fires on " Paris", explanations that name it or not, counts
+worked out) and against what synth plants (pattern kinds, explanations that miss the token)."""
+
+from __future__ import annotations
+
+import polars as pl
+import pytest
+
+from sae_atlas import Atlas, layout
+from sae_atlas.config import load_config
+from sae_atlas.pipeline import Pipeline
+from sae_atlas.stages import activation_patterns, diagnosis
+from sae_atlas.synth import SynthOptions, synthesize
+
+# Two prompts of six tokens, SentencePiece-style word marks.
+PROMPTS = pl.Series(
+    [
+        ["<bos>", "▁We", "▁flew", "▁to", "▁Paris", "▁today"],
+        ["<bos>", "▁Paris", "▁is", "▁big", "▁and", "▁old"],
+    ]
+)
+
+
+def example(feature: int, prompt: int, quantile: int, pairs: list[tuple[int, float]]) -> dict:
+    return {
+        "feature_id": feature,
+        "prompt_id": prompt,
+        "quantile": quantile,
+        "max_activation": max(value for _, value in pairs),
+        "activation_pairs": [{"token_position": position, "activation_value": value} for position, value in pairs],
+    }
+
+
+def sampled(rows: list[dict]) -> pl.DataFrame:
+    return pl.DataFrame(
+        rows,
+        schema={
+            "feature_id": pl.UInt32,
+            "prompt_id": pl.UInt32,
+            "quantile": pl.UInt8,
+            "max_activation": pl.Float32,
+            "activation_pairs": pl.List(pl.Struct({"token_position": pl.UInt32, "activation_value": pl.Float32})),
+        },
+    )
+
+
+def test_a_latent_that_fires_on_paris_is_lexical_and_one_on_varied_tokens_is_not():
+    rows = [
+        # latent 7 peaks on " Paris" in both prompts; the spill after it (0.2 of the peak) is not counted
+        example(7, 0, 1, [(4, 10.0), (5, 2.0)]),
+        example(7, 1, 0, [(1, 8.0), (2, 1.0)]),
+        # latent 9: four activating tokens, all different ("to" twice would be concentration 1/6)
+        example(9, 0, 0, [(2, 5.0), (3, 5.0)]),
+        example(9, 1, 1, [(3, 4.0), (5, 3.0)]),
+    ]
+    coherence = pl.DataFrame({"feature_id": [7, 9], "mean_pairwise_similarity": [0.6, 0.2]})
+    table = activation_patterns.activation_patterns(sampled(rows), PROMPTS, coherence)
+    paris, varied = table.to_dicts()
+    assert (paris["pattern"], paris["top_token"], paris["tokens"], paris["top_token_coverage"]) == (
+        "lexical",
+        "Paris",
+        2,
+        1.0,
+    )
+    assert paris["concentration"] == 1.0 and paris["top_tokens"] == ["Paris"]
+    # the top token's share per quantile, the top activations first: quantile 1 is the higher bin
+    assert paris["coverage_by_quantile"] == [1.0, 1.0]
+    assert paris["top_ngram"] == "to Paris" and paris["top_ngram_coverage"] == 0.5
+    # four tokens, no two the same: concentration 0 / (4 · 3); coherence 0.2 < 0.35: diffuse
+    assert varied["tokens"] == 4 and varied["concentration"] == 0.0 and varied["top_token_coverage"] == 0.25
+    assert varied["pattern"] == "diffuse"
+    # without the coherence, a latent that is neither lexical nor mixed is undecided, not guessed
+    undecided = activation_patterns.activation_patterns(sampled(rows), PROMPTS, None)
+    assert undecided["pattern"].to_list() == ["lexical", None]
+
+
+def test_concentration_is_simpsons_index_by_hand():
+    # latent 3: tokens flew, to | to, Paris, today (prompt 0 twice): counts {to: 2, flew, Paris,
+    # today: 1} → same ordered pairs 2·1 = 2 of 5·4 = 20; the top token "to" is 2 of 5
+    rows = [example(3, 0, 0, [(2, 1.0), (3, 1.0)]), example(3, 0, 1, [(3, 1.0), (4, 1.0), (5, 1.0)])]
+    [row] = activation_patterns.activation_patterns(sampled(rows), PROMPTS, None).to_dicts()
+    assert row["concentration"] == pytest.approx(2 / 20) and row["top_token"] == "to"
+    assert row["top_token_coverage"] == pytest.approx(0.4)
+    assert row["pattern"] == "mixed"  # 0.4 < 0.5 is no single token; 0.1 ≥ 0.07 is a small set
+
+
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [
+        ("the word Paris", True),
+        ("Mentions of “paris” in travel writing", True),
+        ('The token "Paris".', True),
+        ("European capitals", False),
+        ("Parisian culture", False),  # a word that merely contains the token does not name it
+    ],
+)
+def test_an_explanation_names_the_top_token_as_a_word(text, named):
+    explanations = pl.DataFrame({"feature_id": [7], "explainer": ["e"], "explanation_text": [text]})
+    patterns = pl.DataFrame({"feature_id": [7], "top_tokens": [["▁Paris", "▁to", ","]]})
+    [row] = diagnosis.named_tokens(explanations, patterns).to_dicts()
+    assert row["names_top_token"] is named
+    # "," is not a word to name: the share is over the two word tokens
+    assert row["names_top_tokens"] == (0.5 if named else 0.0)
+
+
+def scores_row(explainer: str, method: str, fp: int, tn: int, recalls: list[float], score: float = 0.5) -> dict:
+    return {
+        "feature_id": 1,
+        "llm_explainer": explainer,
+        "method": method,
+        "score": score,
+        "false_positives": fp,
+        "true_negatives": tn,
+        "by_quantile": [{"quantile": q, "score": value, "examples": 5} for q, value in enumerate(recalls)],
+    }
+
+
+def test_false_positives_pool_scorers_and_recall_compares_the_top_and_lowest_quantiles():
+    recalls = [1.0, 0.8, 0.9, 0.5, 0.4, 0.3, 0.2]  # quantiles 0 (top) … 6
+    scores = pl.DataFrame(
+        [
+            scores_row("e", "fuzz", 3, 7, recalls),
+            scores_row("e", "detection", 1, 9, recalls),
+            scores_row("e", "embedding", 10, 0, recalls),  # not a classifier: left out
+        ]
+    )
+    [row] = diagnosis.classifier_evidence(scores).to_dicts()
+    assert row["false_positive_rate"] == pytest.approx(4 / 20)
+    assert row["top_quantile_recall"] == pytest.approx(0.9)  # (1.0 + 0.8 + 0.9) / 3
+    assert row["low_quantile_recall"] == pytest.approx(0.3)  # quantiles 4, 5, 6
+
+
+def test_each_cause_holds_by_its_rule_and_cites_its_numbers():
+    explanations = pl.DataFrame(
+        {
+            "feature_id": [1, 1, 1, 1],
+            "explainer": ["misses", "broad", "top", "fine"],
+            "explanation_text": ["European capitals", "Anything at all", "the word Paris", "the word Paris"],
+            "explanation_ok": [True] * 4,
+            "agreement": [0.9] * 4,
+        }
+    )
+    high, flat = [1.0, 1.0, 1.0, 0.5, 0.4, 0.3, 0.2], [0.9] * 7
+    scores = pl.DataFrame(
+        [
+            scores_row("misses", "fuzz", 1, 9, flat, score=0.5),
+            scores_row("broad", "fuzz", 9, 1, flat, score=0.8),
+            scores_row("top", "fuzz", 0, 10, high, score=0.8),
+            scores_row("fine", "fuzz", 0, 10, flat, score=0.9),
+        ]
+    )
+    patterns = pl.DataFrame(
+        {
+            "feature_id": [1],
+            "pattern": ["lexical"],
+            "top_token": ["Paris"],
+            "top_token_coverage": [0.9],
+            "coherence": [0.5],
+            "top_tokens": [["Paris"]],
+        }
+    )
+    table = diagnosis.diagnose(explanations, scores, patterns)
+    causes = dict(table.select("explainer", "cause").iter_rows())
+    assert causes == {
+        "misses": "misses the token pattern",
+        "broad": "too broad",
+        "top": "describes the top activations only",
+        "fine": None,
+    }
+    evidence = dict(table.select("explainer", "cause_evidence").iter_rows())
+    assert "“Paris” is 90 %" in evidence["misses"] and "fuzz 0.5 < 0.7" in evidence["misses"]
+    assert "90 % of non-activating examples" in evidence["broad"]
+    assert "recall 1.0 on the top 3 quantiles, 0.3 on the lowest 3" in evidence["top"]
+    # without activations: no pattern, no token named, and no cause that needs them
+    bare = diagnosis.diagnose(explanations, scores, None)
+    assert bare["pattern"].is_null().all() and bare["names_top_token"].is_null().all()
+    assert "misses the token pattern" not in bare["cause"].to_list()
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory, embedder):
+    corpus = synthesize(
+        tmp_path_factory.mktemp("planted"),
+        SynthOptions(features=1024, explained=200, explainers=3, scorers=2, prompts=1000, seed=7, plant_patterns=True),
+    )
+    config = load_config(corpus.config)
+    Pipeline(config, embedder=embedder).run()
+    return corpus, config
+
+
+@pytest.mark.slow
+def test_the_planted_patterns_and_explanations_that_miss_the_token_are_recovered(planted):
+    corpus, config = planted
+    truth = pl.read_parquet(corpus.ground_truth)
+    found = pl.read_parquet(config.output_dir / layout.ACTIVATION_PATTERNS).join(
+        truth.select("feature_id", planted="pattern"), on="feature_id"
+    )
+    assert set(found["planted"]) == {"lexical", "mixed", "contextual", "diffuse"}
+    assert (found["pattern"] == found["planted"]).mean() >= 0.9
+    kinds = truth.select("feature_id", "explanations").explode("explanations").unnest("explanations")
+    table = pl.read_parquet(config.output_dir / layout.DIAGNOSIS).join(
+        kinds.select("feature_id", "explainer", "kind"), on=["feature_id", "explainer"]
+    )
+    planted_misses, flagged = table["kind"] == "misses the token", table["cause"] == "misses the token pattern"
+    assert planted_misses.sum() >= 20
+    hits = (planted_misses & flagged).sum()
+    assert hits / flagged.sum() >= 0.9 and hits / planted_misses.sum() >= 0.9
+    # a named token is named: every planted "names the token" explanation names its latent's top token
+    assert table.filter(pl.col("kind") == "names the token")["names_top_token"].mean() >= 0.95
+    # and the atlas carries it: a registry column, the feature page's section
+    atlas = Atlas(config.output_dir)
+    latent = int(table.filter(flagged)["feature_id"][0])
+    record = atlas.feature(latent)["diagnosis"]
+    assert record["pattern"]["pattern"] == "lexical"
+    assert "misses the token pattern" in {row["cause"] for row in record["explanations"].values()}
+    assert atlas.features(limit=None)["names_top_tokens"].drop_nulls().len() > 0
+
+
+@pytest.mark.slow
+def test_without_activations_the_activation_columns_are_null_and_the_run_says_why(small_corpus, embedder, tmp_path):
+    config = load_config(small_corpus.config)
+    config = config.model_copy(update={"activations": None, "output_dir": tmp_path / "out"})
+    report = Pipeline(config, embedder=embedder).run()
+    stage = next(outcome for outcome in report.outcomes if outcome.name == "diagnosis")
+    assert stage.status == "ran" and any("no activations" in note for note in stage.notes)
+    table = pl.read_parquet(config.output_dir / layout.DIAGNOSIS)
+    assert table["pattern"].is_null().all() and table["names_top_tokens"].is_null().all()
+    assert table["false_positive_rate"].drop_nulls().len() == table.height - table["fuzz"].null_count()
+    note = Atlas(config.output_dir).feature(int(table["feature_id"][0]))["diagnosis"]["note"]
+    assert "no activations" in note
