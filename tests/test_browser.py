@@ -137,10 +137,11 @@ def test_filter_by_explainer_and_score_then_sort(page, base_url):
     assert "fuzz_min=0.7" in page.url
     explainers = page.locator("#features tbody tr td:nth-child(2)").all_inner_texts()
     assert explainers and set(explainers) == {chosen}
-    assert min(numbers(page, "#features tbody tr td:nth-child(4)")) >= 0.7
+    # columns: feature, explainer, explanation, label, then the metrics (fuzz, detection, …)
+    assert min(numbers(page, "#features tbody tr td:nth-child(5)")) >= 0.7
     with page.expect_navigation():
         page.click("#features thead a:has-text('detection')")
-    detection = numbers(page, "#features tbody tr td:nth-child(5)")
+    detection = numbers(page, "#features tbody tr td:nth-child(6)")
     assert detection == sorted(detection, reverse=True) and "sort=detection" in page.url
     assert set(page.locator("#features tbody tr td:nth-child(2)").all_inner_texts()) == {chosen}  # filters kept
     screenshot(page, "index-filtered")
@@ -177,8 +178,13 @@ def test_feature_page_shows_explanations_scores_neighbours_and_highlighted_token
         assert "rgba(234, 88, 12" in token.get_attribute("style")
     assert page.locator(".example .tokens > .tok.peak").count() == page.locator("li.example").count()
     assert page.locator("h3", has_text=re.compile(r"^Quantile \d")).count() >= 1
+    # the diagnosis: the latent's pattern with its rule, a row per explainer with a cause or none
+    diagnosis = page.locator("section#diagnosis")
+    assert re.match(r"^(lexical|mixed|contextual|diffuse)", diagnosis.locator("p.pattern strong").inner_text())
+    assert diagnosis.locator("table.diagnosis tbody tr").count() == page.locator("article.explanation").count()
     assert fits_the_viewport(page)
     screenshot(page, "feature")
+    diagnosis.screenshot(path=str(ARTIFACTS / "feature-diagnosis.png"))
     with page.expect_navigation():
         page.locator("#neighbours a.row-link").first.click()
     assert re.search(r"/features/\d+$", page.url)
@@ -249,8 +255,13 @@ def test_compare_page_draws_intervals_differences_and_agreement(page, base_url, 
     unlabelled = page.evaluate("""() => Array.from(document.querySelectorAll('input:not([type=hidden])'))
         .filter(element => !(element.labels && element.labels.length)).map(element => element.name)""")
     assert unlabelled == []
+    # why explanations fail, by explainer: a row per explainer in both tables, the unit said
+    reasons = page.locator("section.diagnosis")
+    assert reasons.locator("table").first.locator("tbody tr").count() == explainers
+    assert "Unit of resampling: latents" in reasons.inner_text()
     assert fits_the_viewport(page)
     screenshot(page, "compare")
+    reasons.screenshot(path=str(ARTIFACTS / "compare-diagnosis.png"))
 
     # choose one metric and fewer resamples: the page and its URL follow
     for box in page.locator("input[name=metric]").all():

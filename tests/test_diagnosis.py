@@ -4,12 +4,16 @@ worked out) and against what synth plants (pattern kinds, explanations that miss
 
 from __future__ import annotations
 
+import numpy as np
 import polars as pl
 import pytest
+from scipy import stats
 
 from sae_atlas import Atlas, layout
 from sae_atlas.config import load_config
 from sae_atlas.pipeline import Pipeline
+from sae_atlas.query import diagnosis_rates
+from sae_atlas.query.resampling import Resamples
 from sae_atlas.stages import activation_patterns, diagnosis
 from sae_atlas.synth import SynthOptions, synthesize
 
@@ -178,11 +182,23 @@ def test_each_cause_holds_by_its_rule_and_cites_its_numbers():
     assert "misses the token pattern" not in bare["cause"].to_list()
 
 
+PLANTED_QUALITY = (0.95, 0.75, 0.45)  # each explainer's hit rate: the rates must rank them so
+
+
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory, embedder):
     corpus = synthesize(
         tmp_path_factory.mktemp("planted"),
-        SynthOptions(features=1024, explained=200, explainers=3, scorers=2, prompts=1000, seed=7, plant_patterns=True),
+        SynthOptions(
+            features=1024,
+            explained=200,
+            explainers=3,
+            scorers=2,
+            prompts=1000,
+            seed=7,
+            plant_patterns=True,
+            explainer_quality=PLANTED_QUALITY,
+        ),
     )
     config = load_config(corpus.config)
     Pipeline(config, embedder=embedder).run()
@@ -229,3 +245,88 @@ def test_without_activations_the_activation_columns_are_null_and_the_run_says_wh
     assert table["false_positive_rate"].drop_nulls().len() == table.height - table["fuzz"].null_count()
     note = Atlas(config.output_dir).feature(int(table["feature_id"][0]))["diagnosis"]["note"]
     assert "no activations" in note
+
+
+def test_explainer_rates_are_means_over_latents_with_their_intervals_by_hand():
+    # two explainers over four latents; latent 4 has no explanation by "b"
+    table = pl.DataFrame(
+        {
+            "feature_id": [1, 1, 2, 2, 3, 3, 4],
+            "explainer": ["a", "b", "a", "b", "a", "b", "a"],
+            "pattern": ["lexical", "lexical", "lexical", "lexical", "contextual", "contextual", "contextual"],
+            "names_top_token": [True, False, True, True, None, None, None],
+            "fuzz": [0.9, 0.5, 0.8, 0.7, 0.6, 0.6, 0.4],
+            "false_positive_rate": [0.1] * 7,
+            "cause": [None, "misses the token pattern", None, None, "too broad", None, None],
+        }
+    )
+    resamples = Resamples(400, 0)
+    rates = diagnosis_rates.explainer_rates(table, ["a", "b"], resamples=resamples, confidence=0.9)
+    value = {(row["quantity"], row["explainer"], row["kind"]): row for row in rates["rates"]}
+    misses = value["cause", "b", "misses the token pattern"]
+    assert (misses["mean"], misses["n"]) == (pytest.approx(1 / 3), 3)  # latents 1, 2, 3; latent 4 has no b
+    assert value["cause", "a", "too broad"]["mean"] == pytest.approx(1 / 4)
+    assert value["names", "a", "lexical"]["mean"] == 1.0 and value["names", "b", "lexical"]["mean"] == 0.5
+    fuzz = value["fuzz", "a", "lexical"]
+    half = stats.t.ppf(0.95, 1) * np.std([0.9, 0.8], ddof=1) / np.sqrt(2)  # two latents: Student-t
+    assert (fuzz["mean"], fuzz["ci_low"], fuzz["ci_high"], fuzz["interval"]) == (
+        pytest.approx(0.85),
+        pytest.approx(0.85 - half),
+        pytest.approx(0.85 + half),
+        "t",
+    )
+    # the gap lexical − contextual: the point by hand; two latents a side: Welch's interval by hand
+    [gap_a, gap_b] = rates["gaps"]
+    assert gap_a["gap"] == pytest.approx(0.85 - 0.5) and gap_b["gap"] == pytest.approx(0.6 - 0.6)
+    a, b = np.var([0.9, 0.8], ddof=1) / 2, np.var([0.6, 0.4], ddof=1) / 2
+    freedom = (a + b) ** 2 / (a**2 + b**2)
+    half = stats.t.isf(0.05, freedom) * np.sqrt(a + b)
+    assert (gap_a["ci_low"], gap_a["ci_high"]) == pytest.approx((0.35 - half, 0.35 + half))
+    assert gap_b["ci_low"] is None  # one contextual latent of b: no interval
+    assert rates["patterns"] == {"lexical": 2, "contextual": 2}
+    [lexical_best, contextual_best] = rates["best"]
+    assert (lexical_best["kind"], lexical_best["explainer"]) == ("lexical", "a")
+    assert contextual_best["kind"] == "contextual"
+
+
+def test_the_gap_between_kinds_is_bootstrapped_over_latents_when_both_kinds_are_many():
+    rng = np.random.default_rng(1)
+    n = 240  # 120 of each kind: the bootstrap, not Welch
+    kinds = np.array(["lexical", "contextual"] * (n // 2))
+    fuzz = np.where(kinds == "lexical", 0.8, 0.6) + rng.normal(0, 0.1, n)
+    table = pl.DataFrame(
+        {
+            "feature_id": np.arange(n),
+            "explainer": ["a"] * n,
+            "pattern": kinds,
+            "names_top_token": [True] * n,
+            "fuzz": fuzz,
+            "false_positive_rate": [0.1] * n,
+            "cause": [None] * n,
+        },
+        schema_overrides={"cause": pl.String},
+    )
+    resamples = Resamples(300, 4)
+    [gap] = diagnosis_rates.explainer_rates(table, ["a"], resamples=resamples, confidence=0.9)["gaps"]
+    counts = resamples.counts(n).astype(np.float64)
+    lexical = kinds == "lexical"
+    means = [(counts[:, mask] @ fuzz[mask]) / counts[:, mask].sum(axis=1) for mask in (lexical, ~lexical)]
+    expected = np.percentile(means[0] - means[1], [5, 95])
+    assert gap["gap"] == pytest.approx(fuzz[lexical].mean() - fuzz[~lexical].mean())
+    assert (gap["ci_low"], gap["ci_high"]) == pytest.approx(tuple(expected), abs=1e-4)
+
+
+@pytest.mark.slow
+def test_the_comparison_ranks_the_planted_explainers_by_their_misses(planted):
+    _, config = planted
+    atlas = Atlas(config.output_dir)
+    from sae_atlas.serve.pages import with_people
+
+    rates = with_people(atlas, {}, {"resamples": 500})["diagnosis"]
+    by = {(row["quantity"], row["explainer"], row["kind"]): row["mean"] for row in rates["rates"]}
+    explainers = atlas.explainers  # in the order of PLANTED_QUALITY
+    misses = [by["cause", explainer, "misses the token pattern"] for explainer in explainers]
+    names = [by["names", explainer, "lexical"] for explainer in explainers]
+    assert misses == sorted(misses) and misses[0] < misses[-1]  # the best explainer misses least
+    assert names == sorted(names, reverse=True) and names[0] > names[-1]
+    assert rates["sentences"] and all("latents" in sentence for sentence in rates["sentences"])

@@ -669,7 +669,24 @@ def compare(
             highlight=False,
             soft_wrap=True,
         )
+    _print_diagnosis_rates(data.get("diagnosis"))
     _print_people(data.get("people"))
+
+
+def _print_diagnosis_rates(rates: dict | None) -> None:
+    """Which explainer is best on which kind of latent, and each explainer's causes."""
+    if not rates:
+        return
+    for sentence in rates["sentences"]:
+        console.print(escape(sentence), highlight=False, soft_wrap=True)
+    for row in rates["rates"]:
+        if row["quantity"] != "fuzz" and row["mean"]:
+            what = "names the top token of lexical latents" if row["quantity"] == "names" else row["kind"]
+            console.print(
+                f"  {_short(row['explainer'])}: {what} {_n(row['mean'])} [{_n(row['ci_low'])}, {_n(row['ci_high'])}]",
+                highlight=False,
+                soft_wrap=True,
+            )
 
 
 def _print_people(people: dict | None) -> None:

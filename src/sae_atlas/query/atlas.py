@@ -92,7 +92,7 @@ class Atlas:
                 if name not in ("feature_id", "sae_id")
             }
         self._explanations_by_feature = self._index_explanations()
-        self._diagnosis = Diagnosis(self.output_dir)
+        self.diagnosis = Diagnosis(self.output_dir)
         self._table = self._flat_table()
         self._examples = ExampleIndex(self.output_dir)
         self._quantiles = QuantileScores(self.output_dir)
@@ -155,7 +155,7 @@ class Atlas:
             table = table.join(coherence, on="feature_id", how="left", maintain_order="left")
         else:
             table = table.with_columns(activation_similarity=pl.lit(None, pl.Float64))
-        table = self._diagnosis.joined(table)
+        table = self.diagnosis.joined(table)
         return table.with_columns(_order=pl.int_range(pl.len())).select(*COLUMNS, "_order")
 
     # -- look-ups ---------------------------------------------------------------------------------
@@ -198,7 +198,7 @@ class Atlas:
             "decoder_neighbours": neighbours or [],
             "activation_similarity": similarity,
             "activation_examples": examples,
-            "diagnosis": self._diagnosis.of_feature(feature_id),
+            "diagnosis": self.diagnosis.of_feature(feature_id),
         }
 
     def evidence(self, feature_id: int, *, method: str | None = None, show: str = "all") -> dict:

@@ -427,6 +427,47 @@ class Comparability(BaseModel):
     comparable: bool = Field(description="no setting differs and no data check fired")
 
 
+class DiagnosisRate(BaseModel):
+    quantity: Literal["cause", "names", "fuzz"] = Field(
+        description="cause: the share of explanations with that cause; names: the share naming the top token "
+        "of lexical latents; fuzz: the mean fuzz on latents of that kind"
+    )
+    explainer: str
+    kind: str = Field(description="the cause, or the kind of latent")
+    mean: float | None
+    ci_low: float | None
+    ci_high: float | None
+    interval: Interval
+    n: int = Field(description="latents with a value")
+
+
+class DiagnosisGap(BaseModel):
+    explainer: str
+    gap: float | None = Field(description="mean fuzz on lexical latents minus on contextual ones")
+    ci_low: float | None
+    ci_high: float | None
+
+
+class BestOnKind(BaseModel):
+    kind: str
+    explainer: str
+    fuzz: float
+    latents: int
+    runner_up: str | None
+    clear: bool = Field(description="its interval lies above the runner-up's")
+
+
+class DiagnosisRates(BaseModel):
+    latents: int
+    unit: str = Field(description="the unit of resampling")
+    family: str = Field(description="the multiple-testing family (none: descriptive intervals)")
+    patterns: dict[str, int] = Field(description="latents of each kind")
+    rates: list[DiagnosisRate]
+    gaps: list[DiagnosisGap]
+    best: list[BestOnKind]
+    sentences: list[str]
+
+
 class Comparison(BaseModel):
     settings: ComparisonSettings
     explainers: list[str]
@@ -453,6 +494,9 @@ class Comparison(BaseModel):
     small_samples: list[SmallSample] = Field(description="the intervals that are Student-t because n is small")
     people: AgainstPeople | None = Field(
         None, description="the scorers and explainers against people's current labels (none: nothing labelled)"
+    )
+    diagnosis: DiagnosisRates | None = Field(
+        None, description="each explainer's causes, named tokens and scores by kind of latent (none: no diagnosis)"
     )
 
 

@@ -29,7 +29,10 @@ from sae_atlas.label_store import VERDICTS
 from sae_atlas.query import results
 from sae_atlas.query.against_people import for_atlas as people_against
 from sae_atlas.query.atlas import Atlas
+from sae_atlas.query.diagnosis_rates import explainer_rates
+from sae_atlas.query.diagnosis_rates import sentences as diagnosis_sentences
 from sae_atlas.query.labelling import LABELLED, as_table, labelled_rows, labelling_of, with_labels
+from sae_atlas.query.resampling import Resamples
 from sae_atlas.query.triage import UNBIASED
 from sae_atlas.query.triage import ordered as triage_queue
 from sae_atlas.serve.parameters import (
@@ -258,13 +261,19 @@ def compare(atlas: Atlas, query: CompareQuery) -> dict:
 
 
 def with_people(atlas: Atlas, comparison: dict, arguments: dict) -> dict:
-    """``comparison`` with ``people``: the scorers against the current labels, with its settings."""
+    """``comparison`` with ``people`` (the scorers against the current labels) and ``diagnosis``
+    (each explainer's causes and kinds of latent), with its settings."""
     current = labelling_of(atlas).current()
     resamples, seed = arguments.get("resamples", 2000), arguments.get("seed", 0)
-    _, people = people_against(
-        atlas, current, resamples=resamples, seed=seed, confidence=arguments.get("confidence", 0.95)
-    )
-    return {**comparison, "people": people}
+    confidence = arguments.get("confidence", 0.95)
+    _, people = people_against(atlas, current, resamples=resamples, seed=seed, confidence=confidence)
+    table = atlas.diagnosis.explanations.get()
+    rates = None
+    if table is not None:
+        rates = explainer_rates(table, atlas.explainers, resamples=Resamples(resamples, seed), confidence=confidence)
+        if rates is not None:
+            rates["sentences"] = diagnosis_sentences(rates)
+    return {**comparison, "people": people, "diagnosis": rates}
 
 
 def stats(atlas: Atlas, query: None = None) -> dict:
