@@ -55,62 +55,84 @@ CAUSES = (
     "no coherent pattern",
 )
 CLASSIFIERS = ("fuzz", "detection")
-_MARKS = r"[\s\x{2581}\x{0120}]"
-_WORD = r"[\p{L}\p{N}]"
+
+
+def _words(column: pl.Expr) -> pl.Expr:
+    """The words of a text, lower case: runs of letters and digits."""
+    return column.str.to_lowercase().str.extract_all(r"[\p{L}\p{N}]+")
 
 
 def named_tokens(explanations: pl.DataFrame, patterns: pl.DataFrame) -> pl.DataFrame:
     """(feature_id, explainer, names_top_token, names_top_tokens) for every explanation whose
     latent has top tokens. ``explanations``: feature_id, explainer, explanation_text;
-    ``patterns``: feature_id, top_tokens (most frequent first)."""
+    ``patterns``: feature_id, top_tokens (most frequent first). A token is named when each of its
+    words is a word of the explanation (one join of words, no pattern per explanation)."""
     tokens = (
         patterns.select("feature_id", "top_tokens")
         .explode("top_tokens")
-        .with_columns(rank=pl.int_range(pl.len()).over("feature_id"))
-        .select("feature_id", "rank", token=pl.col("top_tokens").str.replace_all(_MARKS, " ").str.strip_chars())
-        .filter(pl.col("token").str.contains(_WORD))  # a token of punctuation alone is not a word to name
+        .with_columns(rank=pl.int_range(pl.len()).over("feature_id"), words=_words(pl.col("top_tokens")))
+        .filter(pl.col("words").list.len() > 0)  # a token of punctuation alone is not a word to name
+        .with_columns(size=pl.col("words").list.len())
     )
-    pairs = explanations.select("feature_id", "explainer", text=pl.col("explanation_text").fill_null("")).join(
-        tokens, on="feature_id", how="inner"
+    written = (
+        explanations.select("feature_id", "explainer", word=_words(pl.col("explanation_text").fill_null("")))
+        .explode("word")
+        .drop_nulls("word")
+        .unique()
     )
-    pattern = pl.lit("(?i)(?:^|[^\\p{L}\\p{N}])") + pl.col("token").str.escape_regex() + pl.lit("(?:[^\\p{L}\\p{N}]|$)")
-    named = pairs.with_columns(named=pl.col("text").str.contains(pattern))
+    matched = (
+        tokens.select("feature_id", "rank", word="words")
+        .explode("word")
+        .unique()
+        .join(written, on=["feature_id", "word"], how="inner")
+        .group_by("feature_id", "explainer", "rank")
+        .agg(found=pl.len())
+    )
+    pairs = explanations.select("feature_id", "explainer").join(
+        tokens.select("feature_id", "rank", "size"), on="feature_id", how="inner"
+    )
+    named = pairs.join(matched, on=["feature_id", "explainer", "rank"], how="left").with_columns(
+        named=pl.col("found").fill_null(0) >= pl.col("size")
+    )
     return named.group_by("feature_id", "explainer").agg(
         names_top_token=pl.col("named").filter(pl.col("rank") == 0).first().fill_null(False),
         names_top_tokens=pl.col("named").mean(),
     )
 
 
+SCORE_COLUMNS = ["feature_id", "llm_explainer", "method", "score", "false_positives", "true_negatives", "by_quantile"]
+
+
+def _recall(by_quantile: pl.Expr, keep) -> pl.Expr:
+    """The mean recall of one score row over the quantiles ``keep(quantile, lowest)`` selects."""
+    quantile, score = pl.element().struct.field("quantile"), pl.element().struct.field("score")
+    lowest = quantile.max()
+    return by_quantile.list.eval(score.filter(keep(quantile, lowest) & score.is_not_null())).list.mean()
+
+
 def classifier_evidence(scores: pl.DataFrame) -> pl.DataFrame:
     """(feature_id, explainer, false_positive_rate, top_quantile_recall, low_quantile_recall) from
-    the fuzz and detection rows of ``scores`` (the scores stage's columns)."""
-    rows = scores.filter(pl.col("method").cast(pl.String).is_in(CLASSIFIERS)).with_columns(
-        pl.col("feature_id").cast(pl.Int64), explainer=pl.col("llm_explainer").cast(pl.String)
+    the fuzz and detection rows of ``scores`` (the scores stage's columns): false positives pooled
+    over scorers; recall per score row over its top three quantiles and its lowest three (never
+    the same ones), then the mean over scorers and the two methods. Quantile lists are read in
+    place, not unnested: at 131k latents that would be tens of millions of rows."""
+    rows = scores.filter(pl.col("method").cast(pl.String).is_in(CLASSIFIERS)).select(
+        pl.col("feature_id").cast(pl.Int64),
+        explainer=pl.col("llm_explainer").cast(pl.String),
+        false_positives="false_positives",
+        true_negatives="true_negatives",
+        top=_recall(pl.col("by_quantile"), lambda quantile, lowest: quantile < TOP_QUANTILES),
+        low=_recall(
+            pl.col("by_quantile"),
+            lambda quantile, lowest: (quantile > lowest - TOP_QUANTILES) & (quantile >= TOP_QUANTILES),
+        ),
     )
-    rates = rows.group_by("feature_id", "explainer").agg(
+    return rows.group_by("feature_id", "explainer").agg(
         false_positive_rate=pl.col("false_positives").sum()
-        / (pl.col("false_positives").sum() + pl.col("true_negatives").sum())
+        / (pl.col("false_positives").sum() + pl.col("true_negatives").sum()),
+        top_quantile_recall=pl.col("top").mean(),
+        low_quantile_recall=pl.col("low").mean(),
     )
-    quantiles = (
-        rows.select("feature_id", "explainer", "by_quantile")
-        .explode("by_quantile")
-        .unnest("by_quantile")
-        .drop_nulls("score")
-    )
-    lowest = quantiles.group_by("feature_id", "explainer").agg(last=pl.col("quantile").max())
-    recall = (
-        quantiles.join(lowest, on=["feature_id", "explainer"])
-        .with_columns(
-            top=pl.col("quantile") < TOP_QUANTILES,
-            low=(pl.col("quantile") > pl.col("last") - TOP_QUANTILES) & (pl.col("quantile") >= TOP_QUANTILES),
-        )
-        .group_by("feature_id", "explainer")
-        .agg(
-            top_quantile_recall=pl.col("score").filter(pl.col("top")).mean(),
-            low_quantile_recall=pl.col("score").filter(pl.col("low")).mean(),
-        )
-    )
-    return rates.join(recall, on=["feature_id", "explainer"], how="full", coalesce=True)
 
 
 def _percent(value: pl.Expr) -> pl.Expr:
@@ -239,7 +261,13 @@ def plan(context: StageContext) -> Plan:
         features = context.read(
             "features", ["feature_id", "llm_explainer", "explanation_text", "explanation_ok", "semantic_similarity"]
         )
-        scores = context.read("scores")
+        # only the classifiers' rows and the columns used: the scores of 131k latents are millions of rows
+        scores = (
+            pl.scan_parquet(context.path(layout.SCORES))
+            .filter(pl.col("method").cast(pl.String).is_in(CLASSIFIERS))
+            .select(SCORE_COLUMNS)
+            .collect()
+        )
         patterns = context.read("activation_patterns") if context.has("activation_patterns") else None
         table = diagnose(explanation_rows(features), scores, patterns)
         statistics = {"explanations": table.height} | {
