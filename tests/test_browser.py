@@ -181,7 +181,9 @@ def test_feature_page_shows_explanations_scores_neighbours_and_highlighted_token
     # the diagnosis: the latent's pattern with its rule, a row per explainer with a cause or none
     diagnosis = page.locator("section#diagnosis")
     assert re.match(r"^(lexical|mixed|contextual|diffuse)", diagnosis.locator("p.pattern strong").inner_text())
-    assert diagnosis.locator("table.diagnosis tbody tr").count() == page.locator("article.explanation").count()
+    rows = diagnosis.locator("table.diagnosis tbody tr:not(.claims)")
+    assert rows.count() == page.locator("article.explanation").count()
+    assert diagnosis.locator("span.claim").count() >= 1  # each explanation's claims, corroborated ones marked
     assert fits_the_viewport(page)
     screenshot(page, "feature")
     diagnosis.screenshot(path=str(ARTIFACTS / "feature-diagnosis.png"))

@@ -14,7 +14,7 @@ from sae_atlas.config import load_config
 from sae_atlas.pipeline import Pipeline
 from sae_atlas.query import diagnosis_rates
 from sae_atlas.query.resampling import Resamples
-from sae_atlas.stages import activation_patterns, diagnosis
+from sae_atlas.stages import activation_patterns, claims, diagnosis
 from sae_atlas.synth import SynthOptions, synthesize
 
 # Two prompts of six tokens, SentencePiece-style word marks.
@@ -222,6 +222,12 @@ def test_the_planted_patterns_and_explanations_that_miss_the_token_are_recovered
     assert planted_misses.sum() >= 20
     hits = (planted_misses & flagged).sum()
     assert hits / flagged.sum() >= 0.9 and hits / planted_misses.sum() >= 0.9
+    # claims: those of explanations that describe the latent's concept are corroborated, the others not
+    aligned = pl.read_parquet(config.output_dir / layout.CLAIMS).join(
+        kinds.select("feature_id", "explainer", "kind"), on=["feature_id", "explainer"]
+    )
+    share = dict(aligned.group_by("kind").agg(pl.col("corroborated").mean()).iter_rows())
+    assert share["hit"] >= 0.3 and share["other concept"] <= 0.05 and share["vague"] <= 0.05
     # a named token is named: every planted "names the token" explanation names its latent's top token
     assert table.filter(pl.col("kind") == "names the token")["names_top_token"].mean() >= 0.95
     # and the atlas carries it: a registry column, the feature page's section
@@ -330,3 +336,56 @@ def test_the_comparison_ranks_the_planted_explainers_by_their_misses(planted):
     assert misses == sorted(misses) and misses[0] < misses[-1]  # the best explainer misses least
     assert names == sorted(names, reverse=True) and names[0] > names[-1]
     assert rates["sentences"] and all("latents" in sentence for sentence in rates["sentences"])
+
+
+def test_an_explanation_is_split_into_clauses_list_items_and_quoted_examples():
+    explanations = pl.DataFrame(
+        {
+            "feature_id": [1, 1],
+            "explainer": ["a", "b"],
+            "explanation_ok": [True, True],
+            "explanation_text": [
+                'Names of plants such as oak or rose, often in sentences about trees and flowers; "tulip" and "iris"',
+                "Tokens referring to calendar months (e.g. “May”, “June”), and sometimes seasons",
+            ],
+        }
+    )
+    split = claims.split_claims(explanations)
+    assert split.filter(pl.col("explainer") == "a").select("text", "quoted").rows() == [
+        ("Names of plants", False),
+        ("oak or rose", False),
+        ("in sentences about trees and flowers", False),
+        ("tulip", True),
+        ("iris", True),  # the "and" between the two quotes is no claim
+    ]
+    assert split.filter(pl.col("explainer") == "b")["text"].to_list() == [
+        "Tokens referring to calendar months",
+        "sometimes seasons",
+        "May",
+        "June",
+    ]
+    assert split["claim"].to_list() == [0, 1, 2, 3, 4, 0, 1, 2, 3]
+
+
+def test_a_claim_is_corroborated_by_the_closest_claim_of_another_explainer_of_the_same_latent():
+    table = pl.DataFrame(
+        {
+            "feature_id": [1, 1, 1, 2, 2],
+            "explainer": ["a", "a", "b", "a", "b"],
+            "claim": [0, 1, 0, 0, 0],
+            "text": ["x", "y", "z", "u", "v"],
+            "quoted": [False] * 5,
+        }
+    )
+    angle = np.deg2rad([0, 10, 40, 0, 70])  # unit vectors in a plane: cosine = cos(angle difference)
+    vectors = np.column_stack([np.cos(angle), np.sin(angle)]).astype(np.float32)
+    rows = claims.corroborate(table, vectors).select("closest_explainer", "closest_cosine", "corroborated").rows()
+    # a0's own other claim (10°) is closer but the same explainer's: its match is b's, 40° away
+    assert rows[0][0] == "b" and rows[0][1] == pytest.approx(np.cos(np.deg2rad(40))) and rows[0][2] is True
+    assert rows[2][0] == "a" and rows[2][1] == pytest.approx(np.cos(np.deg2rad(30)))  # b0's best: a1
+    # latent 2: 70° apart, cosine 0.34 < 0.6; a latent's claims never meet another latent's
+    assert rows[3][1] == pytest.approx(np.cos(np.deg2rad(70))) and rows[3][2] is False
+    left, right = claims._pairs(np.array([1, 1, 1, 2, 2]))
+    assert sorted(zip(left.tolist(), right.tolist(), strict=True)) == [
+        (0, 1), (0, 2), (1, 0), (1, 2), (2, 0), (2, 1), (3, 4), (4, 3)
+    ]  # fmt: skip

@@ -681,7 +681,9 @@ def _print_diagnosis_rates(rates: dict | None) -> None:
         console.print(escape(sentence), highlight=False, soft_wrap=True)
     for row in rates["rates"]:
         if row["quantity"] != "fuzz" and row["mean"]:
-            what = "names the top token of lexical latents" if row["quantity"] == "names" else row["kind"]
+            what = {"names": "names the top token of lexical latents", "corroborated": "claims corroborated"}.get(
+                row["quantity"], row["kind"]
+            )
             console.print(
                 f"  {_short(row['explainer'])}: {what} {_n(row['mean'])} [{_n(row['ci_low'])}, {_n(row['ci_high'])}]",
                 highlight=False,

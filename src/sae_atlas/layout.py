@@ -19,6 +19,7 @@ never leaves a half-written file, and a reader never sees one.
       stages/firing.parquet                  FIRING
       stages/activation_patterns.parquet     ACTIVATION_PATTERNS
       stages/diagnosis.parquet               DIAGNOSIS
+      stages/claims.parquet                  CLAIMS
       <file>.metadata.json                   sidecars
       run_report.json                        RUN_REPORT
       .cache/embeddings/                     EMBEDDING_CACHE
@@ -53,6 +54,7 @@ SCORE_EXAMPLES = "stages/score_examples.parquet"
 FIRING = "stages/firing.parquet"
 ACTIVATION_PATTERNS = "stages/activation_patterns.parquet"
 DIAGNOSIS = "stages/diagnosis.parquet"
+CLAIMS = "stages/claims.parquet"
 RUN_REPORT = "run_report.json"
 EMBEDDING_CACHE = ".cache/embeddings"
 SCORE_CACHE = ".cache/scores"

@@ -217,6 +217,8 @@ STAGE_DIAGNOSIS = pl.Schema(
         "names_top_token": pl.Boolean,
         "names_top_tokens": pl.Float32,  # share of the latent's five top tokens the explanation names
         "agreement": pl.Float32,  # mean cosine to the other explainers' texts
+        "claims": pl.UInt16,  # from stages/claims.parquet
+        "corroborated_share": pl.Float32,  # of its claims, those another explainer also makes
         "fuzz": pl.Float32,
         "false_positive_rate": pl.Float32,
         "top_quantile_recall": pl.Float32,
@@ -224,6 +226,20 @@ STAGE_DIAGNOSIS = pl.Schema(
         "quantile_drop": pl.Float32,
         "cause": pl.String,
         "cause_evidence": pl.String,
+    }
+)
+
+# What each explanation claims (stages/claims.py): one row per claim.
+STAGE_CLAIMS = pl.Schema(
+    {
+        "feature_id": pl.UInt32,
+        "explainer": pl.String,
+        "claim": pl.UInt16,  # its index in the explanation
+        "text": pl.String,
+        "quoted": pl.Boolean,  # a quoted example
+        "closest_explainer": pl.String,  # whose claim about the same latent is closest
+        "closest_cosine": pl.Float32,
+        "corroborated": pl.Boolean,
     }
 )
 
@@ -237,6 +253,7 @@ STAGE_SCHEMAS: dict[str, pl.Schema] = {
     layout.FIRING: STAGE_FIRING,
     layout.ACTIVATION_PATTERNS: STAGE_ACTIVATION_PATTERNS,
     layout.DIAGNOSIS: STAGE_DIAGNOSIS,
+    layout.CLAIMS: STAGE_CLAIMS,
 }
 
 

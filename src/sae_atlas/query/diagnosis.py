@@ -14,6 +14,8 @@ from sae_atlas.query.lazy import Lazy
 
 # per explanation, what the feature page shows of its diagnosis
 EXPLANATION_FIELDS = (
+    "claims",
+    "corroborated_share",
     "names_top_token",
     "names_top_tokens",
     "false_positive_rate",
@@ -23,6 +25,7 @@ EXPLANATION_FIELDS = (
     "cause",
     "cause_evidence",
 )
+CLAIM_FIELDS = ("claim", "text", "quoted", "corroborated", "closest_explainer", "closest_cosine")
 PATTERN_FIELDS = (
     "pattern",
     "examples",
@@ -51,6 +54,7 @@ class Diagnosis:
         self.output_dir = Path(output_dir)
         self.patterns = Lazy(lambda: _read(self.output_dir / layout.ACTIVATION_PATTERNS), name="patterns")
         self.explanations = Lazy(lambda: _read(self.output_dir / layout.DIAGNOSIS), name="diagnosis")
+        self.claims = Lazy(lambda: _read(self.output_dir / layout.CLAIMS), name="claims")
 
     def joined(self, table: pl.DataFrame) -> pl.DataFrame:
         """``table`` (one row per feature_id × explainer) with ``names_top_tokens``, null where
@@ -75,8 +79,12 @@ class Diagnosis:
             pattern = {name: rows[0][name] for name in PATTERN_FIELDS} if rows else None
         by_explainer = {}
         if diagnosis is not None:
-            by_explainer = {row["explainer"]: {name: row[name] for name in EXPLANATION_FIELDS}
+            by_explainer = {row["explainer"]: {name: row.get(name) for name in EXPLANATION_FIELDS} | {"claim_list": []}
                             for row in _rows_of(diagnosis, feature_id)}  # fmt: skip
+        claims = self.claims.get()
+        for row in _rows_of(claims, feature_id) if claims is not None else []:
+            if row["explainer"] in by_explainer:
+                by_explainer[row["explainer"]]["claim_list"].append({name: row[name] for name in CLAIM_FIELDS})
         note = None
         if diagnosis is None:
             note = "this output has no diagnosis: run `sae-atlas run` again to compute it"

@@ -41,6 +41,8 @@ def _columns(table: pl.DataFrame, explainers: list[str]) -> tuple[np.ndarray, li
             add("cause", explainer, cause, (pl.col("cause") == cause).fill_null(False).cast(pl.Float64))
         lexical = pl.col("pattern") == "lexical"
         add("names", explainer, "lexical", pl.when(lexical).then(pl.col("names_top_token").cast(pl.Float64)))
+        if "corroborated_share" in table.columns:
+            add("corroborated", explainer, "claims", pl.col("corroborated_share"))
         for kind in PATTERNS:
             add("fuzz", explainer, kind, pl.when(pl.col("pattern") == kind).then(pl.col("fuzz")))
     values = np.column_stack(columns) if columns else np.zeros((len(latents), 0))

@@ -103,8 +103,23 @@ class ActivationPattern(BaseModel):
     coherence: float | None = Field(description="mean pairwise similarity of the examples' windows")
 
 
+class Claim(BaseModel):
+    """One claim of an explanation (stages/claims.py)."""
+
+    claim: int = Field(description="its index in the explanation")
+    text: str
+    quoted: bool = Field(description="a quoted example")
+    corroborated: bool = Field(description="another explainer of the latent makes a claim within the cosine")
+    closest_explainer: str | None
+    closest_cosine: float | None
+
+
 class ExplanationDiagnosis(BaseModel):
     """What an explanation claims against what its latent does, and its cause (stages/diagnosis.py)."""
+
+    claims: int | None = Field(description="how many claims it makes")
+    corroborated_share: float | None = Field(description="of its claims, those another explainer also makes")
+    claim_list: list[Claim]
 
     names_top_token: bool | None
     names_top_tokens: float | None = Field(description="share of the latent's five top tokens it names")
@@ -428,9 +443,10 @@ class Comparability(BaseModel):
 
 
 class DiagnosisRate(BaseModel):
-    quantity: Literal["cause", "names", "fuzz"] = Field(
+    quantity: Literal["cause", "names", "corroborated", "fuzz"] = Field(
         description="cause: the share of explanations with that cause; names: the share naming the top token "
-        "of lexical latents; fuzz: the mean fuzz on latents of that kind"
+        "of lexical latents; corroborated: the mean share of an explanation's claims another explainer makes; "
+        "fuzz: the mean fuzz on latents of that kind"
     )
     explainer: str
     kind: str = Field(description="the cause, or the kind of latent")

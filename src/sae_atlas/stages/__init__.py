@@ -10,6 +10,7 @@ from sae_atlas.stages import (
     activation_examples,
     activation_patterns,
     activation_similarity,
+    claims,
     decoder_similarity,
     diagnosis,
     explanation_embeddings,
@@ -26,5 +27,6 @@ REGISTERED = (
     activation_embeddings.STAGE,
     activation_similarity.STAGE,
     activation_patterns.STAGE,
+    claims.STAGE,
     diagnosis.STAGE,
 )

@@ -14,6 +14,8 @@ Per (feature, explainer), from the explanation text (``features.parquet``), its 
   top three activation quantiles and of the lowest three (fuzz and detection, mean over scorers),
   and ``quantile_drop``, the first minus the second: an explanation of the top activations only
   holds at the top.
+- ``claims`` and ``corroborated_share``: how many claims the explanation makes and the share of
+  them another explainer of the latent also makes (:mod:`sae_atlas.stages.claims`).
 - ``cause``: the first rule below that holds, with ``cause_evidence``, a sentence citing the
   numbers that triggered it; null when none holds (or the explanation failed to parse).
 
@@ -212,13 +214,25 @@ def causes(too_broad: float) -> tuple[pl.Expr, pl.Expr]:
     return cause.otherwise(None), evidence.otherwise(None)
 
 
-def diagnose(explanations: pl.DataFrame, scores: pl.DataFrame, patterns: pl.DataFrame | None) -> pl.DataFrame:
+def diagnose(
+    explanations: pl.DataFrame,
+    scores: pl.DataFrame,
+    patterns: pl.DataFrame | None,
+    claims: pl.DataFrame | None = None,
+) -> pl.DataFrame:
     """One row per (feature, explainer) of ``explanations`` (:data:`STAGE_DIAGNOSIS`).
     ``explanations``: feature_id, explainer, explanation_text, explanation_ok, agreement (mean cosine
     to the other explainers' texts); ``scores``: the scores stage; ``patterns``: the activation
-    patterns stage, or None."""
+    patterns stage, or None; ``claims``: the claims stage, or None."""
     keys = ["feature_id", "explainer"]
     table = explanations.with_columns(pl.col("feature_id").cast(pl.Int64))
+    if claims is not None:
+        shares = claims.group_by(pl.col("feature_id").cast(pl.Int64), "explainer").agg(
+            claims=pl.len(), corroborated_share=pl.col("corroborated").mean()
+        )
+        table = table.join(shares, on=keys, how="left")
+    else:
+        table = table.with_columns(claims=pl.lit(None, pl.UInt32), corroborated_share=pl.lit(None, pl.Float64))
     fuzz = (
         scores.filter(pl.col("method").cast(pl.String) == "fuzz")
         .group_by(pl.col("feature_id").cast(pl.Int64), explainer=pl.col("llm_explainer").cast(pl.String))
@@ -269,7 +283,8 @@ def plan(context: StageContext) -> Plan:
             .collect()
         )
         patterns = context.read("activation_patterns") if context.has("activation_patterns") else None
-        table = diagnose(explanation_rows(features), scores, patterns)
+        claims = context.read("claims") if context.has("claims") else None
+        table = diagnose(explanation_rows(features), scores, patterns, claims)
         statistics = {"explanations": table.height} | {
             str(cause): int(count) for cause, count in table["cause"].value_counts().iter_rows() if cause is not None
         }
@@ -292,6 +307,6 @@ STAGE = Stage(
     version=1,
     plan=plan,
     reads=("features", "scores"),
-    optional_reads=("activation_patterns",),
+    optional_reads=("activation_patterns", "claims"),
     description="why each explanation fails: the tokens it names, its error anatomy, a cause by rules",
 )
