@@ -121,6 +121,13 @@ METRICS: tuple[Metric, ...] = (
         (0.0, 1.0),
         headline=False,
     ),
+    Metric(
+        "corroborated_share",
+        "corroborated",
+        "share of the explanation's claims another explainer of the latent also makes (stages/claims.py)",
+        (0.0, 1.0),
+        headline=False,
+    ),
 )
 
 for _method in ("fuzz", "detection"):

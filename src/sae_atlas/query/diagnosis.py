@@ -12,6 +12,8 @@ import polars as pl
 from sae_atlas import layout
 from sae_atlas.query.lazy import Lazy
 
+# the diagnosis's metrics of the registry: columns of the feature table
+TABLE_COLUMNS = ("names_top_tokens", "corroborated_share")
 # per explanation, what the feature page shows of its diagnosis
 EXPLANATION_FIELDS = (
     "claims",
@@ -57,15 +59,15 @@ class Diagnosis:
         self.claims = Lazy(lambda: _read(self.output_dir / layout.CLAIMS), name="claims")
 
     def joined(self, table: pl.DataFrame) -> pl.DataFrame:
-        """``table`` (one row per feature_id × explainer) with ``names_top_tokens``, null where
-        there is no diagnosis."""
+        """``table`` (one row per feature_id × explainer) with the registry's diagnosis metrics
+        (:data:`TABLE_COLUMNS`), null where there is no diagnosis."""
         diagnosis = self.explanations.get()
         if diagnosis is None:
-            return table.with_columns(names_top_tokens=pl.lit(None, pl.Float64))
+            return table.with_columns(pl.lit(None, pl.Float64).alias(name) for name in TABLE_COLUMNS)
         names = diagnosis.select(
             pl.col("feature_id").cast(table.schema["feature_id"]),
             "explainer",
-            pl.col("names_top_tokens").cast(pl.Float64),
+            *(pl.col(name).cast(pl.Float64) for name in TABLE_COLUMNS),
         )
         return table.join(names, on=["feature_id", "explainer"], how="left", maintain_order="left")
 

@@ -26,7 +26,7 @@ from sae_atlas.stage import EmbedFunction, Plan, Product, Stage, StageContext
 
 CORROBORATED = 0.6
 MIN_LETTERS = 3
-PAIRS_PER_BLOCK = 1 << 20
+PAIRS_PER_BLOCK = 1 << 16  # two gathered [block, dimensions] float32 arrays: 200 MB at 384 dimensions
 _QUOTED = r"[\"“”'‘’]([^\"“”'‘’]{1,80})[\"“”'‘’]"
 _BREAKS = r"[.;:!?()]|,|\s(?:such as|e\.g\.|including|like|often|especially)\s"
 _CUT = "\x1f"
