@@ -167,11 +167,19 @@ def test_activation_input_that_gives_nothing_skips_its_stages_and_every_other_st
         "features": "ran",
         "activation_embeddings": "skipped",
         "activation_similarity": "skipped",
+        "activation_patterns": "skipped",
+        "claims": "ran",
+        "diagnosis": "ran",
     }
     examples = stage(corpus, "activation_examples")
     assert "no usable activation records" in examples["reason"] and examples["problems"]["count"] >= 1
     # the previous run's activation outputs are not served as if they were current
-    for name in (layout.ACTIVATION_EXAMPLES, layout.ACTIVATION_EMBEDDINGS, layout.ACTIVATION_SIMILARITY):
+    for name in (
+        layout.ACTIVATION_EXAMPLES,
+        layout.ACTIVATION_EMBEDDINGS,
+        layout.ACTIVATION_SIMILARITY,
+        layout.ACTIVATION_PATTERNS,
+    ):
         assert not (corpus / "master" / name).exists(), name
     assert validate(corpus / "master").ok
 

@@ -90,6 +90,9 @@ def test_unchanged_stages_are_skipped_and_changes_rerun_what_depends_on_them(cor
         "features": "ran",
         "activation_embeddings": "unchanged",
         "activation_similarity": "unchanged",
+        "activation_patterns": "unchanged",
+        "claims": "ran",
+        "diagnosis": "ran",
     }
 
     assert set(statuses(Pipeline(config, force=True, embedder=embedder).run()).values()) == {"ran"}

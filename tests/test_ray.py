@@ -21,7 +21,7 @@ from polars.testing import assert_frame_equal
 from sae_atlas.config import load_config
 from sae_atlas.layout import read_sidecar
 from sae_atlas.pipeline import Pipeline
-from sae_atlas.stages import activation_embeddings
+from sae_atlas.stages import REGISTERED, activation_embeddings
 from sae_atlas.synth import SynthOptions, synthesize
 
 pytestmark = pytest.mark.ray
@@ -76,7 +76,7 @@ def test_ray_without_an_address_starts_its_own_instance_and_matches_local(corpus
 
     config = ray_config(corpus, "ray-own")
     report = Pipeline(config).run()
-    assert [outcome.status for outcome in report.outcomes] == ["ran"] * 7
+    assert [outcome.status for outcome in report.outcomes] == ["ran"] * len(REGISTERED)
     assert not ray.is_initialized()  # the instance it started is gone
     assert_same_outputs(local_output, config.output_dir)
 
@@ -221,7 +221,7 @@ def test_a_two_node_cluster_gives_the_local_outputs(corpus, local_output, cluste
 
     config = ray_config(corpus, "ray-cluster", address=cluster.address, embedding_actors=2)
     report = Pipeline(config).run()
-    assert [outcome.status for outcome in report.outcomes] == ["ran"] * 7
+    assert [outcome.status for outcome in report.outcomes] == ["ran"] * len(REGISTERED)
     assert not ray.is_initialized()
     assert_same_outputs(local_output, config.output_dir)
     assert all(process.is_running() for process in cluster.processes)  # joining left the cluster up
@@ -256,7 +256,7 @@ def test_killing_an_embedding_actor_mid_stage_changes_nothing(corpus, local_outp
     runner.join()
     assert killed, "no embedding actor was seen to kill"
     assert "error" not in outcome, outcome.get("error")
-    assert [item.status for item in outcome["report"].outcomes] == ["ran"] * 7
+    assert [item.status for item in outcome["report"].outcomes] == ["ran"] * len(REGISTERED)
     assert_same_outputs(local_output, config.output_dir)
 
 

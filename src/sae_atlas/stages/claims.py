@@ -26,6 +26,7 @@ from sae_atlas.stage import EmbedFunction, Plan, Product, Stage, StageContext
 
 CORROBORATED = 0.6
 MIN_LETTERS = 3
+DECIMALS = 4
 PAIRS_PER_BLOCK = 1 << 16  # two gathered [block, dimensions] float32 arrays: 200 MB at 384 dimensions
 _QUOTED = r"[\"“”'‘’]([^\"“”'‘’]{1,80})[\"“”'‘’]"
 _BREAKS = r"[.;:!?()]|,|\s(?:such as|e\.g\.|including|like|often|especially)\s"
@@ -101,12 +102,18 @@ def corroborate(claims: pl.DataFrame, vectors: np.ndarray) -> pl.DataFrame:
         better = chosen_cosine > best[chosen_i]
         best[chosen_i[better]] = chosen_cosine[better]
         best_row[chosen_i[better]] = chosen_j[better]
-    found = best_row >= 0
-    explainers = claims["explainer"].to_numpy()
+    # Cosines kept to 4 decimals, and judged so: a text's vector differs in its last bits with the
+    # batch it was first encoded in (padding), and the embedding cache keeps whichever came first;
+    # an engine or a cache must not change a claim's numbers.
+    best = np.round(best, DECIMALS)
+    found = pl.Series(best_row >= 0)
+    # gathered in Polars: a NumPy array of strings and None is an object array, which an empty
+    # table cannot cast
+    closest = claims["explainer"].gather(pl.Series(np.maximum(best_row, 0), dtype=pl.Int64))
     return claims.with_columns(
-        closest_explainer=pl.Series(np.where(found, explainers[np.maximum(best_row, 0)], None), dtype=pl.String),
-        closest_cosine=pl.Series(np.where(found, best, np.nan), dtype=pl.Float32).fill_nan(None),
-        corroborated=pl.Series(found & (best >= CORROBORATED)),
+        closest_explainer=pl.when(found).then(closest),
+        closest_cosine=pl.when(found).then(pl.Series(best, dtype=pl.Float32)),
+        corroborated=found & pl.Series(best >= CORROBORATED),
     )
 
 
