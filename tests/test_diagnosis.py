@@ -326,9 +326,9 @@ def test_the_gap_between_kinds_is_bootstrapped_over_latents_when_both_kinds_are_
 def test_the_comparison_ranks_the_planted_explainers_by_their_misses(planted):
     _, config = planted
     atlas = Atlas(config.output_dir)
-    from sae_atlas.serve.pages import with_people
+    from sae_atlas.serve.pages import with_people_and_diagnosis
 
-    rates = with_people(atlas, {}, {"resamples": 500})["diagnosis"]
+    rates = with_people_and_diagnosis(atlas, {}, {"resamples": 500})["diagnosis"]
     by = {(row["quantity"], row["explainer"], row["kind"]): row["mean"] for row in rates["rates"]}
     explainers = atlas.explainers  # in the order of PLANTED_QUALITY
     misses = [by["cause", explainer, "misses the token pattern"] for explainer in explainers]

@@ -644,11 +644,11 @@ def compare(
     """Which explainer explains better and how far each scorer can be trusted: the answer first
     (ranking, differences with clustered-bootstrap intervals, Holm over a fixed family), then
     comparability, means, per-scorer differences and scorer agreement."""
-    from sae_atlas.serve.pages import with_people
+    from sae_atlas.serve.pages import with_people_and_diagnosis
 
     settings = _compare_settings(metric, resamples, seed, confidence, latents, exclude_identical)
     atlas = _open_atlas(output_dir)
-    data = with_people(atlas, atlas.compare(**settings), settings)
+    data = with_people_and_diagnosis(atlas, atlas.compare(**settings), settings)
     if as_json:
         _print_json(data)
         return
@@ -822,7 +822,7 @@ def report(
     """Write the comparison as one self-contained HTML file (inline SVG and CSS, no network) or as
     Markdown tables, with the score distributions and the run's provenance."""
     from sae_atlas.exports.report import FORMATS, write_report
-    from sae_atlas.serve.pages import with_people
+    from sae_atlas.serve.pages import with_people_and_diagnosis
 
     layout.refuse_output_files(output)
     suffixes = {".md": "md", ".markdown": "md", ".html": "html", ".htm": "html"}
@@ -836,7 +836,7 @@ def report(
         raise CommandError(f"unknown report format {chosen!r}; formats are {', '.join(FORMATS)}")
     settings = _compare_settings(metric, resamples, seed, 0.95, latents, exclude_identical)
     atlas = _open_atlas(output_dir)
-    write_report(atlas, with_people(atlas, atlas.compare(**settings), settings), output, chosen)
+    write_report(atlas, with_people_and_diagnosis(atlas, atlas.compare(**settings), settings), output, chosen)
     console.print(f"wrote {output} ({chosen})", highlight=False)
 
 

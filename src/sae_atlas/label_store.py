@@ -163,13 +163,6 @@ class LabelStore:
                     self._writer.execute("ROLLBACK")
                 raise
 
-    def close(self) -> None:
-        """Close the write connection (reads open their own)."""
-        with self._writer_lock:
-            if self._writer is not None:
-                self._writer.close()
-                self._writer = None
-
     def exists(self) -> bool:
         return self.path.exists()
 
@@ -312,39 +305,21 @@ class LabelStore:
         finally:
             connection.close()
 
-    def current(self, texts: dict | pl.DataFrame | None = None) -> pl.DataFrame:
+    def current(self, texts: dict | None = None) -> pl.DataFrame:
         """The current label of every (sae_id, feature_id, explainer): the newest label row not
-        taken back; ``stale`` where ``texts`` gives another text than the one judged, ``explainer``
-        null for a label of the latent itself. ``texts``: (feature_id, explainer) → text, or the
-        hashes already taken (:func:`text_hashes`)."""
+        taken back; ``stale`` where ``texts`` ((feature_id, explainer) → text) gives another text
+        than the one judged, ``explainer`` null for a label of the latent itself. Only the labelled
+        texts are hashed: a read costs the labels, not the explanations."""
         history = self.history()
         retracted = history.filter(pl.col("action") == "retract")["retracts"]
         labels = history.filter((pl.col("action") == "label") & ~pl.col("label_id").is_in(retracted.to_list()))
         current = labels.sort("row").unique(["sae_id", "feature_id", "explainer"], keep="last", maintain_order=True)
         current = current.sort("feature_id", "explainer", "row")
-        if texts is None:
-            stale = pl.lit(False)
-        else:
-            hashes = texts if isinstance(texts, pl.DataFrame) else text_hashes(texts)
-            current = current.join(
-                hashes.rename({"text_hash": "_now"}), on=["feature_id", "explainer"], how="left", maintain_order="left"
-            )
-            # a label of an explanation is stale when the text is another now, or gone
-            stale = (pl.col("explainer") != "") & (pl.col("_now").is_null() | (pl.col("_now") != pl.col("text_hash")))
+        stale = [
+            bool(explainer) and texts is not None and text_hash(texts.get((feature, explainer))) != judged
+            for feature, explainer, judged in current.select("feature_id", "explainer", "text_hash").iter_rows()
+        ]
         return current.with_columns(
-            stale=stale.fill_null(True),
+            stale=pl.Series(stale, dtype=pl.Boolean),
             explainer=pl.when(pl.col("explainer") == "").then(None).otherwise(pl.col("explainer")),
-        ).drop("action", "retracts", "_now", strict=False)
-
-
-def text_hashes(texts: dict) -> pl.DataFrame:
-    """(feature_id, explainer, text_hash) of every text of ``texts`` ((feature_id, explainer) → text)."""
-    keys = list(texts)
-    return pl.DataFrame(
-        {
-            "feature_id": [feature for feature, _ in keys],
-            "explainer": [explainer for _, explainer in keys],
-            "text_hash": [text_hash(texts[key]) for key in keys],
-        },
-        schema={"feature_id": COLUMNS["feature_id"], "explainer": pl.String, "text_hash": pl.String},
-    )
+        ).drop("action", "retracts")

@@ -50,7 +50,12 @@ def _columns(table: pl.DataFrame, explainers: list[str]) -> tuple[np.ndarray, li
 
 
 def _gaps(values: np.ndarray, pairs: list[tuple[int, int]], resamples: Resamples, confidence: float):
-    """Bootstrap intervals of mean(column a) − mean(column b) for each pair, latents resampled."""
+    """Bootstrap intervals of mean(column a) − mean(column b) for each pair, latents resampled
+    (only the paired columns are resampled)."""
+    columns = sorted({column for pair in pairs for column in pair})
+    position = {column: index for index, column in enumerate(columns)}
+    values = values[:, columns]
+    pairs = [(position[a], position[b]) for a, b in pairs]
     present = ~np.isnan(values)
     stacked = np.concatenate([np.where(present, values, 0.0), present], axis=1).astype(np.float32)
     totals = np.concatenate([(block @ stacked).astype(np.float64) for block in resamples.blocks(len(values))])
@@ -118,6 +123,7 @@ def explainer_rates(
         for name, (point, gap_low, gap_high) in zip(explainers, intervals, strict=True)
     ]  # fmt: skip
     patterns = scored.unique("feature_id").group_by("pattern").len()
+    best = best_by_kind(rows)
     return {
         "latents": len(values),
         "unit": UNIT,
@@ -125,7 +131,8 @@ def explainer_rates(
         "patterns": {str(kind): int(count) for kind, count in patterns.iter_rows() if kind is not None},
         "rates": rows,
         "gaps": gaps,
-        "best": best_by_kind(rows),
+        "best": best,
+        "sentences": sentences(best),
     }
 
 
@@ -148,10 +155,10 @@ def best_by_kind(rows: list[dict]) -> list[dict]:
     return best
 
 
-def sentences(rates: dict) -> list[str]:
-    """One sentence per kind of latent: which explainer is best on it."""
+def sentences(best: list[dict]) -> list[str]:
+    """One sentence per kind of latent: which explainer is best on it (:func:`best_by_kind`)."""
     said = []
-    for row in rates["best"]:
+    for row in best:
         runner_up = short_name(row["runner_up"] or "")
         verdict = "ahead, intervals apart" if row["clear"] else f"not clearly ahead of {runner_up}"
         said.append(

@@ -12,7 +12,7 @@ import orjson
 import polars as pl
 
 from sae_atlas import layout
-from sae_atlas.label_store import VERDICTS, LabelError, LabelIn, LabelStore, text_hash
+from sae_atlas.label_store import VERDICTS, LabelError, LabelIn, LabelStore
 from sae_atlas.query.atlas import Atlas
 
 FILTERS = ("feature_id", "explainer", "verdict", "author")
@@ -39,11 +39,6 @@ class Labelling:
         """(feature_id, explainer) → the explanation text a label of it judges."""
         rows = self.atlas.features(limit=None).select("feature_id", "explainer", "explanation_text")
         return {(feature, explainer): text for feature, explainer, text in rows.iter_rows() if text is not None}
-
-    @cached_property
-    def hashes(self) -> dict[tuple[int, str], str]:
-        """(feature_id, explainer) → the hash of its text: taken once, not per read."""
-        return {key: text_hash(text) for key, text in self.texts.items()}
 
     @cached_property
     def latents(self) -> np.ndarray:
@@ -73,16 +68,9 @@ class Labelling:
         :data:`FILTERS` (``explainer=""``: labels of latents themselves)."""
         version = self.store.version()
         with self._lock:
-            hashes = self.hashes
             if self._current is None or self._current[0] != version:
                 # read and derived once per state of the store: a page's reads cost one query
-                frame = self.store.current().filter(pl.col("sae_id") == (self.atlas.sae_id or ""))
-                # stale: judged another text than the explanation's now (a look-up per label)
-                stale = [
-                    explainer is not None and hashes.get((feature, explainer)) != judged
-                    for feature, explainer, judged in frame.select("feature_id", "explainer", "text_hash").iter_rows()
-                ]
-                frame = frame.with_columns(stale=pl.Series(stale, dtype=pl.Boolean))
+                frame = self.store.current(self.texts).filter(pl.col("sae_id") == (self.atlas.sae_id or ""))
                 self._current = (version, frame)
             frame = self._current[1]
         return _filtered(frame, filters)

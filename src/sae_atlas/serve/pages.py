@@ -30,7 +30,6 @@ from sae_atlas.query import results
 from sae_atlas.query.against_people import for_atlas as people_against
 from sae_atlas.query.atlas import Atlas
 from sae_atlas.query.diagnosis_rates import explainer_rates
-from sae_atlas.query.diagnosis_rates import sentences as diagnosis_sentences
 from sae_atlas.query.labelling import LABELLED, as_table, labelled_rows, labelling_of, with_labels
 from sae_atlas.query.resampling import Resamples
 from sae_atlas.query.triage import UNBIASED
@@ -257,10 +256,10 @@ def compare(atlas: Atlas, query: CompareQuery) -> dict:
     """Explainers and scorers compared, with their uncertainty (:meth:`Atlas.compare`), and the
     scorers against people's labels as they are now (never cached: labels change)."""
     arguments = query.arguments()
-    return with_people(atlas, atlas.compare(**arguments), arguments)
+    return with_people_and_diagnosis(atlas, atlas.compare(**arguments), arguments)
 
 
-def with_people(atlas: Atlas, comparison: dict, arguments: dict) -> dict:
+def with_people_and_diagnosis(atlas: Atlas, comparison: dict, arguments: dict) -> dict:
     """``comparison`` with ``people`` (the scorers against the current labels) and ``diagnosis``
     (each explainer's causes and kinds of latent), with its settings."""
     current = labelling_of(atlas).current()
@@ -271,8 +270,6 @@ def with_people(atlas: Atlas, comparison: dict, arguments: dict) -> dict:
     rates = None
     if table is not None:
         rates = explainer_rates(table, atlas.explainers, resamples=Resamples(resamples, seed), confidence=confidence)
-        if rates is not None:
-            rates["sentences"] = diagnosis_sentences(rates)
     return {**comparison, "people": people, "diagnosis": rates}
 
 
