@@ -122,6 +122,17 @@ class LabelsConfig(_Section):
     causes: list[Annotated[str, Field(min_length=1, max_length=200)]] = []
 
 
+class FamiliesConfig(_Section):
+    """Feature families and the map of latents, from the decoder-neighbour graph."""
+
+    # Leiden's resolution (RB configuration model): higher gives more, smaller families.
+    resolution: Annotated[float, Field(gt=0, le=100)] = 1.0
+    # Families larger than this are split again into subfamilies no larger, so each stays readable.
+    max_family: Annotated[int, Field(ge=2, le=1_000_000)] = 100
+    seed: Annotated[int, Field(ge=0, le=2**31 - 1)] = 0
+    map_epochs: Annotated[int, Field(ge=10, le=2000)] = 200
+
+
 class AtlasConfig(_Section):
     """A whole ``sae-atlas.toml``."""
 
@@ -135,6 +146,7 @@ class AtlasConfig(_Section):
     output: OutputConfig = OutputConfig()
     execution: ExecutionConfig = ExecutionConfig()
     labels: LabelsConfig = LabelsConfig()
+    families: FamiliesConfig = FamiliesConfig()
 
     @field_validator("sources")
     @classmethod

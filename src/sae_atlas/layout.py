@@ -20,6 +20,9 @@ never leaves a half-written file, and a reader never sees one.
       stages/activation_patterns.parquet     ACTIVATION_PATTERNS
       stages/diagnosis.parquet               DIAGNOSIS
       stages/claims.parquet                  CLAIMS
+      stages/latent_map.parquet              LATENT_MAP
+      stages/families.parquet                FAMILIES
+      stages/family_pairs.parquet            FAMILY_PAIRS
       <file>.metadata.json                   sidecars
       run_report.json                        RUN_REPORT
       .cache/embeddings/                     EMBEDDING_CACHE
@@ -55,6 +58,9 @@ FIRING = "stages/firing.parquet"
 ACTIVATION_PATTERNS = "stages/activation_patterns.parquet"
 DIAGNOSIS = "stages/diagnosis.parquet"
 CLAIMS = "stages/claims.parquet"
+LATENT_MAP = "stages/latent_map.parquet"
+FAMILIES = "stages/families.parquet"
+FAMILY_PAIRS = "stages/family_pairs.parquet"
 RUN_REPORT = "run_report.json"
 EMBEDDING_CACHE = ".cache/embeddings"
 SCORE_CACHE = ".cache/scores"

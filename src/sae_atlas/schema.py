@@ -243,6 +243,41 @@ STAGE_CLAIMS = pl.Schema(
     }
 )
 
+# Every latent's place on the map (stages/latent_map.py).
+STAGE_LATENT_MAP = pl.Schema({"feature_id": pl.UInt32, "x": pl.Float32, "y": pl.Float32})
+
+# Every latent's family and subfamily, named, with its map coordinates (stages/families.py).
+STAGE_FAMILIES = pl.Schema(
+    {
+        "feature_id": pl.UInt32,
+        "family_id": pl.UInt32,  # 0 = the largest family
+        "family_size": pl.UInt32,
+        "family_name": pl.String,  # null: no latent of the family is explained
+        "subfamily_id": pl.UInt32,  # numbered across the study; nested in the family
+        "subfamily_size": pl.UInt32,
+        "subfamily_name": pl.String,
+        "x": pl.Float32,
+        "y": pl.Float32,
+    }
+)
+
+# Pairs of decoder neighbours worth a look (stages/family_pairs.py): one row per pair and kind
+# (per explainer for "same words").
+STAGE_FAMILY_PAIRS = pl.Schema(
+    {
+        "feature_id": pl.UInt32,  # the lower id of the two
+        "neighbour_id": pl.UInt32,
+        "kind": pl.String,  # same words, split candidate, near-duplicate decoders
+        "explainer": pl.String,  # same words: whose explanations; otherwise null
+        "decoder_cosine": pl.Float32,
+        "explanation_cosine": pl.Float32,  # same words: that explainer's; split: the highest over explainers
+        "narrower_id": pl.UInt32,  # split candidates: the narrower latent of the two
+        "same_family": pl.Boolean,
+        "family_id": pl.UInt32,  # feature_id's family
+        "evidence": pl.String,
+    }
+)
+
 STAGE_SCHEMAS: dict[str, pl.Schema] = {
     layout.SCORES: STAGE_SCORES,
     layout.DECODER_SIMILARITY: STAGE_DECODER_SIMILARITY,
@@ -254,6 +289,9 @@ STAGE_SCHEMAS: dict[str, pl.Schema] = {
     layout.ACTIVATION_PATTERNS: STAGE_ACTIVATION_PATTERNS,
     layout.DIAGNOSIS: STAGE_DIAGNOSIS,
     layout.CLAIMS: STAGE_CLAIMS,
+    layout.LATENT_MAP: STAGE_LATENT_MAP,
+    layout.FAMILIES: STAGE_FAMILIES,
+    layout.FAMILY_PAIRS: STAGE_FAMILY_PAIRS,
 }
 
 

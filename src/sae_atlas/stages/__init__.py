@@ -14,7 +14,10 @@ from sae_atlas.stages import (
     decoder_similarity,
     diagnosis,
     explanation_embeddings,
+    families,
+    family_pairs,
     features,
+    latent_map,
     scores,
 )
 
@@ -29,4 +32,7 @@ REGISTERED = (
     activation_patterns.STAGE,
     claims.STAGE,
     diagnosis.STAGE,
+    latent_map.STAGE,
+    families.STAGE,
+    family_pairs.STAGE,
 )

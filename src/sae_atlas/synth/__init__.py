@@ -30,6 +30,7 @@ import polars as pl
 from sae_atlas.config import DEFAULT_MODEL
 from sae_atlas.synth import delphi_runs, formats
 from sae_atlas.synth.latents import activation_blocks, assign_latents, concept_count, decoder_weights
+from sae_atlas.synth.pairs import plant_pairs
 from sae_atlas.synth.text import build_prompts
 
 LAYER = 30
@@ -70,6 +71,8 @@ class SynthOptions:
     # plant a pattern per latent (lexical, mixed, contextual, diffuse: synth/latents.py) and, on
     # lexical latents, explanations that name or miss the token; off, the corpus is unchanged
     plant_patterns: bool = False
+    # plant decoder twins and same-words pairs of latents (synth/pairs.py); off, the corpus is unchanged
+    plant_families: bool = False
 
     def check(self) -> None:
         if self.features < 8:
@@ -194,10 +197,15 @@ def synthesize(
 
     say(f"decoder weights: {options.features:,} × {options.d_model} ({options.decoder_format})")
     label = width_label(options.features)
+    weights = decoder_weights(latents, options.d_model, rng)
+    planted = None
+    if options.plant_families:
+        primary = np.array([concepts[0] for concepts in latents.concepts])
+        planted = plant_pairs(primary, weights, np.random.default_rng([options.seed, 1]))
     decoder_path = formats.write_decoder(
         raw / "sae",
         options.decoder_format,
-        decoder_weights(latents, options.d_model, rng),
+        weights,
         layer=LAYER,
         width_label=label,
         rng=rng,
@@ -216,6 +224,8 @@ def synthesize(
     )
     if options.identical_texts:
         explanations = delphi_runs.copy_first_explainer(explanations, options.identical_texts, rng)
+    if planted is not None:
+        explanations = planted.copy_explanations(explanations, explained)
     by_latent = {(item.feature_id, item.explainer.short): item for item in explanations}
     unexplained = {key for key in by_latent if rng.random() < UNEXPLAINED_RATE}
     hookpoint = f"layer_{LAYER}/width_{label}/average_l0_120"
@@ -228,7 +238,7 @@ def synthesize(
     if jsonl and delphi:
         _write_config(root, sources, "delphi", decoder_path, sae_id, file_name="sae-atlas-delphi.toml")
     ground_truth = root / "ground_truth.parquet"
-    _write_ground_truth(ground_truth, latents, explained, explanations, unexplained)
+    _write_ground_truth(ground_truth, latents, explained, explanations, unexplained, planted)
     say(f"wrote {root}")
     return SynthResult(root, config, ground_truth, [name for name, _, _ in sources], n_records, n_pairs)
 
@@ -330,7 +340,7 @@ def _write_scores(raw: Path, runs, explained, by_latent, unexplained, corpus, la
                 formats.write_json(directory / method / f"{FILE_HOOK}_latent{latent}.txt", method_records)
 
 
-def _write_ground_truth(path: Path, latents, explained: np.ndarray, explanations, unexplained: set) -> None:
+def _write_ground_truth(path: Path, latents, explained: np.ndarray, explanations, unexplained: set, planted) -> None:
     rows: dict[int, list[dict]] = {}
     for item in explanations:
         missing = (item.feature_id, item.explainer.short) in unexplained
@@ -354,6 +364,7 @@ def _write_ground_truth(path: Path, latents, explained: np.ndarray, explanations
             "explanations": [rows.get(latent, []) for latent in range(n_features)],
             "pattern": [latents.pattern_of(latent) for latent in range(n_features)],
             "word": latents.word if latents.word is not None else [None] * n_features,
+            **(planted.partner_columns(n_features, explained) if planted is not None else {}),
         },
         schema={
             "feature_id": pl.UInt32,
@@ -373,6 +384,7 @@ def _write_ground_truth(path: Path, latents, explained: np.ndarray, explanations
             ),
             "pattern": pl.String,
             "word": pl.String,
+            **({"decoder_twin_of": pl.UInt32, "same_words_as": pl.UInt32} if planted is not None else {}),
         },
     )
     frame.write_parquet(path)
