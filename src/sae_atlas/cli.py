@@ -186,6 +186,16 @@ def run_pipeline(
     return report
 
 
+def _numbers(option: str, text: str | None) -> tuple[float, ...] | None:
+    """A comma-separated option's numbers (None when not given)."""
+    if not text:
+        return None
+    try:
+        return tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise CommandError(f"{option} {text!r} is not a list of numbers") from None
+
+
 @app.command()
 @_fail_cleanly
 def synth(
@@ -223,22 +233,19 @@ def synth(
             help="Plant lexical, mixed, contextual and diffuse latents, and explanations that name or miss the token.",
         ),
     ] = False,
+    plant_families: Annotated[
+        bool,
+        typer.Option(
+            "--plant-families",
+            help="Plant near-duplicate decoders and pairs of distinct latents explained in the same words.",
+        ),
+    ] = False,
 ) -> None:
     """Write a synthetic corpus in the real raw formats, with a ground truth and a ready config."""
     from sae_atlas.synth import SynthOptions, synthesize
 
-    quality = None
-    if explainer_quality:
-        try:
-            quality = tuple(float(part) for part in explainer_quality.split(","))
-        except ValueError:
-            raise CommandError(f"--explainer-quality {explainer_quality!r} is not a list of numbers") from None
-    reliability = None
-    if scorer_reliability:
-        try:
-            reliability = tuple(float(part) for part in scorer_reliability.split(","))
-        except ValueError:
-            raise CommandError(f"--scorer-reliability {scorer_reliability!r} is not a list of numbers") from None
+    quality = _numbers("--explainer-quality", explainer_quality)
+    reliability = _numbers("--scorer-reliability", scorer_reliability)
     options = SynthOptions(
         features,
         explained,
@@ -254,6 +261,7 @@ def synth(
         identical_texts=identical_texts,
         scorer_reliability=reliability,
         plant_patterns=plant_patterns,
+        plant_families=plant_families,
     )
     started = time.perf_counter()
     result = synthesize(out, options, progress=lambda message: console.print(message, style="dim", markup=False))
@@ -497,12 +505,27 @@ def show(
         )
         console.print(f"activation windows: {similarity['num_examples_sampled']} sampled; pairwise cosine {numbers}")
     _print_diagnosis(record["diagnosis"])
+    _print_family(record.get("family"))
     for example in record["activation_examples"][:examples]:
         console.print(
             f"[dim]prompt {example['prompt_id']} · quantile {example['quantile']} · "
             f"max {example['max_activation']:.2f}[/dim]"
         )
         console.print(_highlighted(example))
+
+
+def _print_family(family: dict | None) -> None:
+    """The latent's family and its pairs worth a look, as the feature page shows them."""
+    if not family:
+        return
+    name = f" “{family['family_name']}”" if family["family_name"] else ""
+    line = f"family {family['family_id']}{name}: {family['family_size']:,} latents"
+    if family["subfamily_size"] != family["family_size"]:
+        line += f"; subfamily {family['subfamily_id']} of {family['subfamily_size']:,}"
+    console.print(escape(line), highlight=False, soft_wrap=True)
+    for pair in family["pairs"]:
+        console.print(f"  {escape(pair['kind'])} with {pair['neighbour_id']}: {escape(pair['evidence'])}",
+                      highlight=False, soft_wrap=True)  # fmt: skip
 
 
 def _print_diagnosis(diagnosis: dict) -> None:
@@ -670,6 +693,7 @@ def compare(
             soft_wrap=True,
         )
     _print_diagnosis_rates(data.get("diagnosis"))
+    _print_same_words(data.get("same_words"))
     _print_people(data.get("people"))
 
 
@@ -689,6 +713,23 @@ def _print_diagnosis_rates(rates: dict | None) -> None:
                 highlight=False,
                 soft_wrap=True,
             )
+
+
+def _print_same_words(rates: dict | None) -> None:
+    """How often each explainer explains distinct decoder neighbours in the same words."""
+    if not rates:
+        return
+    console.print(
+        f"decoder neighbours explained in the same words (cosine ≥ {rates['threshold']}; lower is better):",
+        highlight=False,
+    )
+    for row in rates["explainers"]:
+        console.print(
+            f"  {_short(row['explainer'])}: {_n(row['rate'])} [{_n(row['low'])}, {_n(row['high'])}] "
+            f"of {row['pairs']:,} pairs",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 def _print_people(people: dict | None) -> None:

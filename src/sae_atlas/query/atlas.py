@@ -30,10 +30,11 @@ from sae_atlas.query.diagnosis import Diagnosis
 from sae_atlas.query.errors import FeatureNotFound, QueryError
 from sae_atlas.query.evidence import DECISION_METHODS, SHOWS, ScoreEvidence
 from sae_atlas.query.examples import ExampleIndex
+from sae_atlas.query.families import Families
 from sae_atlas.query.lazy import Lazy
 from sae_atlas.query.scores import SCORE_NAMES, QuantileScores, read_run_scores, read_scores, run_settings
 from sae_atlas.query.search import SearchIndex, UnknownExplainer
-from sae_atlas.query.summary import mean_scores, mean_semantic_similarity
+from sae_atlas.query.summary import histogram_of, mean_scores, mean_semantic_similarity
 
 # The names of the per-(feature, explainer) metrics that can be filtered, sorted and plotted.
 METRICS = metrics.NAMES
@@ -93,6 +94,7 @@ class Atlas:
             }
         self._explanations_by_feature = self._index_explanations()
         self.diagnosis = Diagnosis(self.output_dir)
+        self.families = Families(self.output_dir)
         self._table = self._flat_table()
         self._examples = ExampleIndex(self.output_dir)
         self._quantiles = QuantileScores(self.output_dir)
@@ -199,6 +201,7 @@ class Atlas:
             "activation_similarity": similarity,
             "activation_examples": examples,
             "diagnosis": self.diagnosis.of_feature(feature_id),
+            "family": self.families.of_feature(feature_id),
         }
 
     def evidence(self, feature_id: int, *, method: str | None = None, show: str = "all") -> dict:
@@ -270,6 +273,7 @@ class Atlas:
         scorer: str | None = None,
         filters: dict[str, tuple[float | None, float | None]] | None = None,
         contains: str | None = None,
+        latents: pl.Series | None = None,
         sort: str = "feature_id",
         descending: bool = False,
         limit: int | None = 100,
@@ -297,6 +301,8 @@ class Atlas:
                 table = table.filter(pl.col(metric) <= high)
         if contains:
             table = table.filter(pl.col("explanation_text").str.contains(contains, literal=True))
+        if latents is not None:
+            table = table.filter(pl.col("feature_id").is_in(latents.implode()))
         total = table.height
         table = table.sort([sort, "_order"], descending=[descending, False], nulls_last=True)
         page = table.slice(offset, limit) if limit is not None else table.slice(offset)
@@ -307,7 +313,8 @@ class Atlas:
 
         Keywords: ``explainer``, ``scorer`` (score columns from that scorer only; otherwise the mean
         over scorers), ``filters`` ({metric: (low, high)}, either bound None), ``contains`` (text in
-        the explanation), ``sort`` (any column), ``descending``, ``limit``, ``offset``.
+        the explanation), ``latents`` (feature ids to keep), ``sort`` (any column), ``descending``,
+        ``limit``, ``offset``.
         """
         return self.query_features(**query)[0]
 
@@ -317,22 +324,7 @@ class Atlas:
         """Counts of ``metric`` over equal-width bins (rows where it is null are counted apart)."""
         if metric not in METRICS:
             raise QueryError(f"unknown metric {metric!r}; metrics are {', '.join(METRICS)}")
-        table, _ = self.query_features(explainer=explainer, scorer=scorer, limit=None)
-        values = table[metric].drop_nulls().to_numpy()
-        values = values[np.isfinite(values)]
-        if len(values):
-            low, high = float(values.min()), float(values.max())
-            counts, edges = np.histogram(values, bins=bins, range=(low, high) if high > low else (low - 0.5, low + 0.5))
-        else:
-            counts, edges = np.zeros(bins, dtype=np.int64), np.linspace(0.0, 1.0, bins + 1)
-        return {
-            "metric": metric,
-            "description": metrics.BY_NAME[metric].description,
-            "edges": edges.tolist(),
-            "counts": counts.tolist(),
-            "count": len(values),
-            "missing": table.height - len(values),
-        }
+        return histogram_of(self.query_features(explainer=explainer, scorer=scorer, limit=None)[0], metric, bins)
 
     def stats(self) -> dict:
         """What the directory holds, and its headline numbers (computed once: the files never change

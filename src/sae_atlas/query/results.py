@@ -137,6 +137,31 @@ class FeatureDiagnosis(BaseModel):
     note: str | None = Field(description="why parts are missing")
 
 
+class FamilyPair(BaseModel):
+    feature_id: int
+    neighbour_id: int
+    kind: str = Field(description="same words, split candidate or near-duplicate decoders")
+    explainer: str | None = Field(description="same words: whose explanations")
+    decoder_cosine: float
+    explanation_cosine: float | None
+    narrower_id: int | None = Field(description="split candidates: the narrower latent")
+    same_family: bool | None
+    evidence: str = Field(description="the numbers behind the pair")
+
+
+class FeatureFamily(BaseModel):
+    family_id: int
+    family_name: str | None = Field(description="the words of its explanations that most set it apart")
+    family_size: int
+    subfamily_id: int
+    subfamily_name: str | None
+    subfamily_size: int
+    members: list[int] = Field(description="latents of its subfamily (the first few)")
+    x: float | None
+    y: float | None
+    pairs: list[FamilyPair] = Field(description="the pairs worth a look this latent is in")
+
+
 class Feature(BaseModel):
     feature_id: int
     sae_id: str | None
@@ -145,6 +170,7 @@ class Feature(BaseModel):
     activation_similarity: ActivationSimilarity | None
     activation_examples: list[ActivationExample]
     diagnosis: FeatureDiagnosis
+    family: FeatureFamily | None = Field(None, description="its family and pairs (none: no decoder weights)")
 
 
 # One row of the feature table: a column per metric of the registry.
@@ -484,6 +510,47 @@ class DiagnosisRates(BaseModel):
     sentences: list[str]
 
 
+class SameWordsRate(BaseModel):
+    explainer: str
+    pairs: int = Field(description="decoder-neighbour pairs it explained both latents of")
+    same_words: int = Field(description="of them, those it explained in near-identical words")
+    rate: float | None = Field(description="same_words / pairs: lower is better")
+    low: float | None
+    high: float | None
+
+
+class SameWordsRates(BaseModel):
+    threshold: float = Field(description="explanation-embedding cosine at which two explanations are the same words")
+    unit: str = Field(description="the unit of resampling")
+    family: str = Field(description="the multiple-testing family (none: descriptive intervals)")
+    confidence: float
+    explainers: list[SameWordsRate]
+
+
+class MapPoints(BaseModel):
+    colour: str = Field(description="what the points are coloured by")
+    total: int
+    categories: list[str] | None = Field(description="a category colour's names, by code; none: numbers")
+    x_range: list[float | None]
+    y_range: list[float | None]
+    feature_id: list[int]
+    x: list[float]
+    y: list[float]
+    family_id: list[int]
+    family_names: list[str | None] = Field(description="each family's name, by family id")
+    family_sizes: list[int] = Field(description="each family's size, by family id")
+    value: list[float | int | None] = Field(description="each point's colour value (a category's code)")
+    colours: list[str] = Field(description="what the points can be coloured by")
+    explainer: str | None
+    note: str | None = Field(None, description="why the map is empty")
+
+
+class MapExplanations(BaseModel):
+    feature_id: int
+    family_name: str | None
+    explanations: list[dict[str, str | None]]
+
+
 class Comparison(BaseModel):
     settings: ComparisonSettings
     explainers: list[str]
@@ -513,6 +580,9 @@ class Comparison(BaseModel):
     )
     diagnosis: DiagnosisRates | None = Field(
         None, description="each explainer's causes, named tokens and scores by kind of latent (none: no diagnosis)"
+    )
+    same_words: SameWordsRates | None = Field(
+        None, description="how often each explainer explains distinct decoder neighbours in the same words"
     )
 
 

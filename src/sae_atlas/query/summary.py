@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 
@@ -53,3 +54,23 @@ def mean_semantic_similarity(features: pl.DataFrame) -> pl.DataFrame:
         .agg(mean_cosine=pl.col("cosine").mean(), pairs=pl.col("cosine").count())
         .sort(["explainer", "other"])
     )
+
+
+def histogram_of(table: pl.DataFrame, metric: str, bins: int) -> dict:
+    """Counts of ``table``'s column ``metric`` over ``bins`` equal-width bins between its finite
+    extremes (rows where it is null or not finite are counted as missing)."""
+    values = table[metric].drop_nulls().to_numpy()
+    values = values[np.isfinite(values)]
+    if len(values):
+        low, high = float(values.min()), float(values.max())
+        counts, edges = np.histogram(values, bins=bins, range=(low, high) if high > low else (low - 0.5, low + 0.5))
+    else:
+        counts, edges = np.zeros(bins, dtype=np.int64), np.linspace(0.0, 1.0, bins + 1)
+    return {
+        "metric": metric,
+        "description": metrics.BY_NAME[metric].description,
+        "edges": edges.tolist(),
+        "counts": counts.tolist(),
+        "count": len(values),
+        "missing": table.height - len(values),
+    }

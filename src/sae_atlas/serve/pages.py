@@ -30,20 +30,27 @@ from sae_atlas.query import results
 from sae_atlas.query.against_people import for_atlas as people_against
 from sae_atlas.query.atlas import Atlas
 from sae_atlas.query.diagnosis_rates import explainer_rates
+from sae_atlas.query.errors import QueryError
+from sae_atlas.query.families import KINDS as PAIR_KINDS
+from sae_atlas.query.families import map_points
 from sae_atlas.query.labelling import LABELLED, as_table, labelled_rows, labelling_of, with_labels
 from sae_atlas.query.resampling import Resamples
 from sae_atlas.query.triage import UNBIASED
 from sae_atlas.query.triage import ordered as triage_queue
 from sae_atlas.serve.parameters import (
+    MAP_COLOURS,
     CompareQuery,
     EvidenceQuery,
     FeatureQuery,
     LabelsQuery,
+    MapPointQuery,
+    MapQuery,
     PlotQuery,
     TriageQuery,
     compare_query_model,
     feature_query_model,
     histogram_query_model,
+    map_query_model,
     plot_query_model,
     search_query_model,
 )
@@ -124,7 +131,7 @@ def form_paths() -> tuple[str, ...]:
 def feature_table(atlas: Atlas, query: FeatureQuery) -> dict:
     """One page of the (feature, explainer) table with people's labels; with ``q``, the closest
     explanations too."""
-    rows, total = labelled_table(atlas, query.table_arguments(), query.labelled)
+    rows, total = labelled_table(atlas, with_latents(atlas, query, query.table_arguments()), query.labelled)
     data = {"total": total, "limit": query.limit, "offset": query.offset, "rows": rows.to_dicts()}
     if query.q and query.q.strip():
         data["hits"] = atlas.search(query.q, SEARCH_HITS, explainer=query.explainer).to_dicts()
@@ -133,7 +140,19 @@ def feature_table(atlas: Atlas, query: FeatureQuery) -> dict:
 
 def feature_export(atlas: Atlas, query: FeatureQuery):
     """The rows of the feature table a download holds (every matching row unless limited)."""
-    return as_table(labelled_table(atlas, query.export_arguments(), query.labelled)[0], query.format)
+    arguments = with_latents(atlas, query, query.export_arguments())
+    return as_table(labelled_table(atlas, arguments, query.labelled)[0], query.format)
+
+
+def with_latents(atlas: Atlas, query: FeatureQuery, arguments: dict) -> dict:
+    """``arguments`` keeping only the latents the query's family, pair kind and map box select."""
+    if query.family is None and query.pair is None and not query.box:
+        return arguments
+    try:
+        latents = atlas.families.latents_in(family=query.family, pair=query.pair, box=query.box_bounds())
+    except LookupError as error:
+        raise QueryError(str(error)) from None
+    return {**arguments, "latents": latents}
 
 
 def labelled_table(atlas: Atlas, arguments: dict, labelled: str) -> tuple[pl.DataFrame, int]:
@@ -260,8 +279,9 @@ def compare(atlas: Atlas, query: CompareQuery) -> dict:
 
 
 def with_people_and_diagnosis(atlas: Atlas, comparison: dict, arguments: dict) -> dict:
-    """``comparison`` with ``people`` (the scorers against the current labels) and ``diagnosis``
-    (each explainer's causes and kinds of latent), with its settings."""
+    """``comparison`` with ``people`` (the scorers against the current labels), ``diagnosis``
+    (each explainer's causes and kinds of latent) and ``same_words`` (how often each explainer
+    explains distinct decoder neighbours alike), with its settings."""
     current = labelling_of(atlas).current()
     resamples, seed = arguments.get("resamples", 2000), arguments.get("seed", 0)
     confidence = arguments.get("confidence", 0.95)
@@ -270,7 +290,58 @@ def with_people_and_diagnosis(atlas: Atlas, comparison: dict, arguments: dict) -
     rates = None
     if table is not None:
         rates = explainer_rates(table, atlas.explainers, resamples=Resamples(resamples, seed), confidence=confidence)
-    return {**comparison, "people": people, "diagnosis": rates}
+    explained = atlas.features(limit=None).filter(pl.col("explanation_ok")).select("feature_id", "explainer")
+    same_words = atlas.families.same_words_rates(
+        explained, atlas.explainers, resamples=Resamples(resamples, seed), confidence=confidence
+    )
+    return {**comparison, "people": people, "diagnosis": rates, "same_words": same_words}
+
+
+def latent_map(atlas: Atlas, query: MapQuery) -> dict:
+    """Every latent's place on the map with one colour value each: its family or subfamily, its
+    activation pattern, its latest verdict, or a metric of the registry (``explainer``'s, else the
+    mean over explainers)."""
+    settings = {"colours": list(MAP_COLOURS), "explainer": query.explainer}
+    families = atlas.families.table.get()
+    if families is None:
+        note = "this output has no map: it needs decoder weights ([decoder] in the config) and `sae-atlas run`"
+        empty = {"colour": query.colour, "total": 0, "categories": None, "x_range": [None, None],
+                 "y_range": [None, None], "feature_id": [], "x": [], "y": [], "family_id": [], "value": [],
+                 "family_names": [], "family_sizes": []}  # fmt: skip
+        return empty | settings | {"note": note}
+    colour = None
+    if query.colour == "subfamily":
+        colour = families.select("feature_id", value="subfamily_id")
+    elif query.colour == "pattern":
+        patterns = atlas.diagnosis.patterns.get()
+        colour = None if patterns is None else patterns.select(pl.col("feature_id").cast(pl.UInt32), value="pattern")
+    elif query.colour == "label":
+        current = labelling_of(atlas, read_only=True).current().filter(~pl.col("stale"))
+        if query.explainer is not None:
+            current = current.filter(pl.col("explainer") == query.explainer)
+        colour = current.sort("created_at").group_by("feature_id").agg(value=pl.col("verdict").last())
+        colour = colour.with_columns(pl.col("feature_id").cast(pl.UInt32), pl.col("value").cast(pl.String))
+    elif query.colour != "family":
+        rows = atlas.features(explainer=query.explainer, limit=None)
+        colour = rows.group_by(pl.col("feature_id").cast(pl.UInt32)).agg(value=pl.col(query.colour).mean())
+    data = map_points(families, colour, query.colour)
+    if query.colour == "pattern" and colour is None:
+        data["note"] = "no activation patterns in this output: the points keep one colour"
+    return data | settings
+
+
+def map_explanations(atlas: Atlas, query: MapPointQuery) -> dict:
+    """A latent's explanations and family name: what the map shows under the pointer."""
+    feature_id = query.feature_id
+    rows = atlas.features(limit=None)
+    start, stop = np.searchsorted(rows["feature_id"].to_numpy(), [feature_id, feature_id + 1])
+    mine = rows.slice(int(start), int(stop - start)).select("explainer", text="explanation_text")
+    family = atlas.families.of_feature(feature_id) if atlas.families.available() else None
+    return {
+        "feature_id": feature_id,
+        "family_name": family["family_name"] if family else None,
+        "explanations": mine.to_dicts(),
+    }
 
 
 def stats(atlas: Atlas, query: None = None) -> dict:
@@ -320,6 +391,10 @@ def index_context(atlas: Atlas, query: FeatureQuery, data: dict, request) -> dic
         "contains": query.contains or "",
         "labelled": query.labelled,
         "labelled_choices": LABELLED,
+        "pair_choices": ("any", *PAIR_KINDS),
+        "pair": query.pair,
+        "family": query.family,
+        "box": query.box,
         "query": query.q or "",
         "hits": data.get("hits", []),
         "params": params,
@@ -332,7 +407,14 @@ def index_context(atlas: Atlas, query: FeatureQuery, data: dict, request) -> dic
         "shown": shown,
         "filtered": list(query.filters()),
         "filtering": bool(
-            query.explainer or query.scorer or query.contains or query.filters() or query.labelled != "any"
+            query.explainer
+            or query.scorer
+            or query.contains
+            or query.filters()
+            or query.labelled != "any"
+            or query.family is not None
+            or query.pair
+            or query.box
         ),
     }
 
@@ -496,6 +578,32 @@ register(
         nav="Labels",
         runs_on="own",
         tags=("labels",),
+    )
+)
+register(
+    Page(
+        "map",
+        "/api/map",
+        latent_map,
+        results.MapPoints,
+        "Every latent on a 2-D map of its decoder neighbours (UMAP), coloured by family, pattern, label or a metric.",
+        query=lambda atlas: map_query_model(atlas.explainers),
+        path="/map",
+        template="map.html",
+        nav="Map",
+        context=lambda atlas, query, data, request: {"query": query, "explainers": atlas.explainers},
+        tags=("families",),
+    )
+)
+register(
+    Page(
+        "map-explanations",
+        "/api/map/explanations",
+        map_explanations,
+        results.MapExplanations,
+        "A latent's explanations and family name: what the map shows under the pointer.",
+        query=lambda atlas: MapPointQuery,
+        tags=("families",),
     )
 )
 register(Page("stats", "/api/stats", stats, results.Stats, "What the output directory holds.", tags=("features",)))

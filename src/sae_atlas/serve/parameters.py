@@ -16,11 +16,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from sae_atlas import metrics
 from sae_atlas.exports import tables
 from sae_atlas.query.atlas import COLUMNS, QueryError
+from sae_atlas.query.families import KINDS as PAIR_KINDS
 from sae_atlas.query.labelling import LABELLED
 
 MAX_TEXT = 500
+_NUMBER = r"-?\d{1,12}(?:\.\d{1,12})?"
+BOX = rf"^{_NUMBER},{_NUMBER},{_NUMBER},{_NUMBER}$"
 MAX_LIMIT = 1000
 MAX_OFFSET = 10_000_000
+
+
+MAP_COLOURS = ("family", "subfamily", "pattern", "label", *metrics.NAMES)
 
 
 def names_type(values: list[str]):
@@ -40,6 +46,9 @@ class FeatureQuery(_Query):
     contains: str | None = None
     q: str | None = None
     labelled: str = "any"
+    family: int | None = None
+    pair: str | None = None
+    box: str | None = None
     sort: str = "feature_id"
     order: Literal["asc", "desc"] = "asc"
     limit: int = 100
@@ -50,6 +59,10 @@ class FeatureQuery(_Query):
         """``{metric: (low, high)}`` for every metric with a bound."""
         bounds = {name: (getattr(self, f"{name}_min"), getattr(self, f"{name}_max")) for name in metrics.NAMES}
         return {name: bound for name, bound in bounds.items() if bound != (None, None)}
+
+    def box_bounds(self) -> tuple[float, float, float, float] | None:
+        """``box`` ("x0,y0,x1,y1") as four numbers."""
+        return None if not self.box else tuple(float(part) for part in self.box.split(","))  # type: ignore[return-value]
 
     def table_arguments(self) -> dict:
         """The keyword arguments of :meth:`Atlas.query_features`."""
@@ -104,6 +117,15 @@ def feature_query_model(explainers: list[str], scorers: list[str]) -> type[Featu
         labelled=(
             Literal[LABELLED],  # type: ignore[valid-type]
             Field("any", description="by people's labels: yes, no (none or stale), stale, or one verdict"),
+        ),
+        family=(int | None, Field(None, ge=0, le=2**32 - 1, description="only the latents of this family")),
+        pair=(
+            Literal[("any", *PAIR_KINDS)] | None,  # type: ignore[valid-type]
+            Field(None, description="only latents in a pair worth a look of this kind"),
+        ),
+        box=(
+            str | None,
+            Field(None, pattern=BOX, max_length=200, description="only latents within x0,y0,x1,y1 on the map"),
         ),
         sort=(Literal[COLUMNS], Field("feature_id", description="column to sort by")),  # type: ignore[valid-type]
         limit=(int, Field(100, ge=1, le=MAX_LIMIT)),
@@ -180,6 +202,35 @@ class EvidenceQuery(_Query):
     show: Literal["all", "disagree", "all_miss", "failed"] = Field(
         "all", description="all examples, those scorers disagree on, those every run misses, or failed ones"
     )
+
+
+class MapQuery(_Query):
+    """Query parameters of the map (``/map``)."""
+
+    colour: str = "family"
+    explainer: str | None = None
+
+
+def map_query_model(explainers: list[str]) -> type[MapQuery]:
+    """The map's query of an atlas with these explainers."""
+    return create_model(
+        "MapQuery",
+        __base__=MapQuery,
+        colour=(
+            Literal[MAP_COLOURS],  # type: ignore[valid-type]
+            Field("family", description="colour the points by a family, the pattern, the label or a metric"),
+        ),
+        explainer=(
+            names_type(explainers) | None,
+            Field(None, description="a metric's or label's explainer (none: the mean over explainers / any)"),
+        ),
+    )
+
+
+class MapPointQuery(_Query):
+    """The latent under the pointer on the map (``/api/map/explanations``)."""
+
+    feature_id: int = Field(ge=0, le=2**32 - 1)
 
 
 class TriageQuery(_Query):

@@ -14,10 +14,12 @@ whose query models are built per atlas inside :func:`mount_browser`.)
 
 from collections.abc import Callable
 
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
+from markupsafe import Markup
 
 from sae_atlas import metrics
 from sae_atlas.query.atlas import Atlas, FeatureNotFound, QueryError
@@ -44,6 +46,7 @@ def templates_for(atlas: Atlas, navigation: list[tuple[str, str]]) -> Jinja2Temp
     """The templates with the helpers and registries every page may use."""
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     templates.env.filters["groupby_pair"] = groupby_pair
+    templates.env.filters["json_script"] = json_script
     templates.env.globals.update(
         short_name=short_name,
         brief=brief,
@@ -53,6 +56,7 @@ def templates_for(atlas: Atlas, navigation: list[tuple[str, str]]) -> Jinja2Temp
         display_tokens=display_tokens,
         metric_range=metric_range,
         METRICS=metrics.METRICS,
+        metric_names=metrics.NAMES,
         HEADLINE=metrics.HEADLINE,
         SCORE_METRICS=metrics.SCORE_METRICS,
         HEADLINE_SCORE_METRICS=metrics.HEADLINE_SCORE_METRICS,
@@ -63,6 +67,12 @@ def templates_for(atlas: Atlas, navigation: list[tuple[str, str]]) -> Jinja2Temp
         navigation=navigation,
     )
     return templates
+
+
+def json_script(value) -> Markup:
+    """``value`` as JSON to embed in a ``<script type="application/json">``: every "<" escaped, so
+    no text can close the element."""
+    return Markup(orjson.dumps(value).decode().replace("<", "\\u003c"))
 
 
 def mount_browser(app: FastAPI, atlas: Atlas, runners: dict[str, Callable]) -> None:
