@@ -10,17 +10,13 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
-import threading
-import time
 from pathlib import Path
 
-import httpx
 import pytest
-import uvicorn
 
 from sae_atlas import Atlas
 from sae_atlas.serve.app import create_app
+from tests.serving import serving
 
 pytestmark = pytest.mark.browser
 
@@ -51,23 +47,8 @@ def chromium_path() -> str:
 @pytest.fixture(scope="module")
 def base_url(small_run, embedder):
     config, _ = small_run
-    app = create_app(Atlas(config.output_dir, embedder=embedder))
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(100):
-        try:
-            if httpx.get(url + "/health").status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    yield url
-    server.should_exit = True
-    thread.join(timeout=10)
+    with serving(create_app(Atlas(config.output_dir, embedder=embedder))) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

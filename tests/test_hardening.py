@@ -170,6 +170,9 @@ def test_activation_input_that_gives_nothing_skips_its_stages_and_every_other_st
         "activation_patterns": "skipped",
         "claims": "ran",
         "diagnosis": "ran",
+        "latent_map": "ran",
+        "families": "ran",
+        "family_pairs": "ran",
     }
     examples = stage(corpus, "activation_examples")
     assert "no usable activation records" in examples["reason"] and examples["problems"]["count"] >= 1

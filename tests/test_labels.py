@@ -7,7 +7,6 @@ import multiprocessing
 import os
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -27,6 +26,7 @@ from sae_atlas.query.atlas import Atlas
 from sae_atlas.query.labelling import Labelling
 from sae_atlas.serve.app import create_app
 from sae_atlas.serve.label_routes import MAX_BODY, WriteSettings
+from tests.serving import free_port, serving
 
 BASE = "http://127.0.0.1:8000"
 
@@ -332,12 +332,6 @@ def test_run_force_keeps_every_label(tmp_path, embedder):
 # -- many writers, and a server killed while they write ----------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def start_server(output: Path, port: int, log: Path) -> subprocess.Popen:
     handle = log.open("a")
     server = subprocess.Popen(
@@ -452,78 +446,61 @@ def test_the_uncertainty_order_waits_for_labels_of_each_verdict_then_is_reproduc
 
 @pytest.mark.browser
 def test_five_features_labelled_from_the_keyboard_stay_labelled(atlas, output):
-    import threading
-
-    import uvicorn
     from playwright.sync_api import sync_playwright
 
     from tests.test_browser import CHROMIUM_FLAGS, VIEWPORT, chromium_path, screenshot
 
     port = free_port()
     app = create_app(atlas, prepare=False, writes=WriteSettings(host="127.0.0.1", port=port))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(100):
-        try:
-            if httpx.get(base + "/health").status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    try:
-        with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=chromium_path(), headless=True, args=CHROMIUM_FLAGS)
-            page = browser.new_page(viewport=VIEWPORT)
-            page.goto(base + "/triage?order=random")
-            screenshot(page, "triage")
-            judged = []
-            for key in ("1", "3", "2", "1", "4"):
-                section = page.locator("#triage")
-                judged.append((int(section.get_attribute("data-feature")), section.get_attribute("data-explainer")))
-                if key == "3":  # a cause and a note, from the keyboard too
-                    page.keyboard.press("c")
-                    page.keyboard.press("Space")
-                    page.keyboard.press("n")
-                    page.keyboard.type("fires on <b>numbers</b> too")
-                    page.keyboard.press("Escape")
-                with page.expect_navigation():
-                    page.keyboard.press(key)
-            page.reload()
-            screenshot(page, "triage-after-five")
-            stored = {
-                (row["feature_id"], row["explainer"]): row for row in httpx.get(base + "/api/labels").json()["labels"]
-            }
-            assert set(judged) <= set(stored) and len(stored) == 5
-            verdicts = [stored[key]["verdict"] for key in judged]
-            assert verdicts == ["good", "bad", "partial", "good", "unsure"]
-            noted = stored[judged[1]]
-            assert noted["causes"] == ["misses the token pattern"] and noted["note"] == "fires on <b>numbers</b> too"
-            assert {row["origin"] for row in stored.values()} == {"triage:random"}
-            # the page shows the next unlabelled explanation, and the total went down by five
-            assert (
-                int(page.locator("#triage").get_attribute("data-feature")),
-                page.locator("#triage").get_attribute("data-explainer"),
-            ) not in stored
-            # the labels page: progress per explainer, and the scorers against these five verdicts
-            page.goto(f"{base}/labels?resamples=200")
-            assert page.locator("h1").inner_text() == "Labels"
-            labelled = sum(
-                int(cell.split()[0])
-                for cell in page.locator("table.labels").first.locator("tbody tr td:nth-child(3)").all_inner_texts()
-            )
-            assert labelled == 5
-            assert "Every label used was taken in the random order." in page.content()
-            screenshot(page, "labels")
-            # the index, labelled rows only: the five, each with its verdict
-            page.goto(f"{base}/?labelled=yes")
-            cells = page.locator("#features tbody td.verdict").all_inner_texts()
-            assert sorted(cells) == sorted(verdicts)
-            screenshot(page, "index-labelled")
-            browser.close()
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+    with serving(app, port) as base, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium_path(), headless=True, args=CHROMIUM_FLAGS)
+        page = browser.new_page(viewport=VIEWPORT)
+        page.goto(base + "/triage?order=random")
+        screenshot(page, "triage")
+        judged = []
+        for key in ("1", "3", "2", "1", "4"):
+            section = page.locator("#triage")
+            judged.append((int(section.get_attribute("data-feature")), section.get_attribute("data-explainer")))
+            if key == "3":  # a cause and a note, from the keyboard too
+                page.keyboard.press("c")
+                page.keyboard.press("Space")
+                page.keyboard.press("n")
+                page.keyboard.type("fires on <b>numbers</b> too")
+                page.keyboard.press("Escape")
+            with page.expect_navigation():
+                page.keyboard.press(key)
+        page.reload()
+        screenshot(page, "triage-after-five")
+        stored = {
+            (row["feature_id"], row["explainer"]): row for row in httpx.get(base + "/api/labels").json()["labels"]
+        }
+        assert set(judged) <= set(stored) and len(stored) == 5
+        verdicts = [stored[key]["verdict"] for key in judged]
+        assert verdicts == ["good", "bad", "partial", "good", "unsure"]
+        noted = stored[judged[1]]
+        assert noted["causes"] == ["misses the token pattern"] and noted["note"] == "fires on <b>numbers</b> too"
+        assert {row["origin"] for row in stored.values()} == {"triage:random"}
+        # the page shows the next unlabelled explanation, and the total went down by five
+        assert (
+            int(page.locator("#triage").get_attribute("data-feature")),
+            page.locator("#triage").get_attribute("data-explainer"),
+        ) not in stored
+        # the labels page: progress per explainer, and the scorers against these five verdicts
+        page.goto(f"{base}/labels?resamples=200")
+        assert page.locator("h1").inner_text() == "Labels"
+        labelled = sum(
+            int(cell.split()[0])
+            for cell in page.locator("table.labels").first.locator("tbody tr td:nth-child(3)").all_inner_texts()
+        )
+        assert labelled == 5
+        assert "Every label used was taken in the random order." in page.content()
+        screenshot(page, "labels")
+        # the index, labelled rows only: the five, each with its verdict
+        page.goto(f"{base}/?labelled=yes")
+        cells = page.locator("#features tbody td.verdict").all_inner_texts()
+        assert sorted(cells) == sorted(verdicts)
+        screenshot(page, "index-labelled")
+        browser.close()
 
 
 @pytest.mark.slow

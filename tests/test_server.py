@@ -52,6 +52,9 @@ def test_health_and_docs(client):
         "/api/labels/summary",
         "/api/labels",  # people's labels: the only writes
         "/api/labels/last",
+        "/map",  # every latent on the map, its twin, and what the map shows under the pointer
+        "/api/map",
+        "/api/map/explanations",
     }
     writes = {path: set(operations) - {"get"} for path, operations in paths.items() if set(operations) - {"get"}}
     assert writes == {"/api/labels": {"post"}, "/api/labels/last": {"delete"}}
@@ -154,7 +157,7 @@ def test_api_conforms_to_its_schema_and_never_fails(app):
             conformance(operation, mode, checks)()
             checked.append((operation.label, mode.value))
     # /health, /api/stats and POST /api/labels (a body, no parameter) are checked with valid data only
-    assert len(checked) == 39, checked
+    assert len(checked) == 45, checked
 
 
 def test_the_same_metric_on_both_axes_is_a_plot_not_a_server_error(client):

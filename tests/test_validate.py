@@ -23,7 +23,7 @@ def rewrite(path, transform):
 
 def test_valid_output_passes(output):
     result = validate(output)
-    assert result.ok and len(result.checked) == 5 + 10  # the master files and the stage outputs
+    assert result.ok and len(result.checked) == 5 + 13  # the master files and the stage outputs
 
 
 def test_stage_outputs_are_checked_like_the_master_files(output):
