@@ -29,34 +29,46 @@ _GPT_SPECIAL = r"^<\|[^|>]+\|>$"  # <|endoftext|>, <|im_start|>, ...
 _BYTE_RUN = re.compile(r"(?:<0x[0-9A-Fa-f]{2}>)+")
 
 
+def assign_bins(frame: pl.DataFrame, value: str, quantiles: int) -> tuple[pl.DataFrame, list[str]]:
+    """``frame`` (``feature_id`` and the Float64 column ``value``) with each row's sampling bin,
+    ``quantile`` (UInt8, 0 = the lowest), and its feature's ``_count``, ``_low``, ``_high`` and bin
+    edges (the ``quantiles - 1`` inner quantiles of ``value``, linear interpolation; a row on an
+    edge falls in the lower bin); returns the edge columns' names. The one binning rule: stage 4
+    samples by it, the Neuronpedia export reports its bins."""
+    levels = [step / quantiles for step in range(1, quantiles)]
+    edges = [f"_q{index}" for index in range(len(levels))]
+    bounds = frame.group_by("feature_id").agg(
+        _count=pl.len(),
+        _low=pl.col(value).min(),
+        _high=pl.col(value).max(),
+        **{
+            edge: pl.col(value).quantile(level, interpolation="linear")
+            for edge, level in zip(edges, levels, strict=True)
+        },
+    )
+    quantile = (
+        pl.sum_horizontal([(pl.col(value) > pl.col(edge)).cast(pl.UInt8) for edge in edges])
+        if edges
+        else pl.lit(0, pl.UInt8)
+    )
+    return frame.join(bounds, on="feature_id").with_columns(quantile=quantile.cast(pl.UInt8)), edges
+
+
 def sample_examples(examples: pl.DataFrame, *, quantiles: int, per_quantile: int) -> pl.DataFrame:
     """The sampled rows of ``examples`` (``feature_id``, ``prompt_id``, ``max_activation``, …).
 
-    Adds ``quantile`` (0 = the lowest bin) and returns the rows ordered by feature, then
-    ``max_activation`` descending, then prompt id, so a feature's first row is its top example.
+    Adds ``quantile`` (0 = the lowest bin, :func:`assign_bins`) and returns the rows ordered by
+    feature, then ``max_activation`` descending, then prompt id, so a feature's first row is its top
+    example.
     """
-    value = pl.col("max_activation").cast(pl.Float64)
-    frame = examples.with_columns(_value=value)
-    levels = [step / quantiles for step in range(1, quantiles)]
-    bounds = frame.group_by("feature_id").agg(
-        _count=pl.len(),
-        **{
-            f"_q{index}": pl.col("_value").quantile(level, interpolation="linear") for index, level in enumerate(levels)
-        },
+    frame, edges = assign_bins(
+        examples.with_columns(_value=pl.col("max_activation").cast(pl.Float64)), "_value", quantiles
     )
-    frame = frame.join(bounds, on="feature_id")
-    quantile = (
-        pl.sum_horizontal([(pl.col("_value") > pl.col(f"_q{index}")).cast(pl.UInt8) for index in range(len(levels))])
-        if levels
-        else pl.lit(0, pl.UInt8)
-    )
-    frame = frame.with_columns(quantile=quantile.cast(pl.UInt8)).sort(
-        ["feature_id", "quantile", "_value", "prompt_id"], descending=[False, False, True, False]
-    )
+    frame = frame.sort(["feature_id", "quantile", "_value", "prompt_id"], descending=[False, False, True, False])
     rank = pl.int_range(pl.len()).over(["feature_id", "quantile"])
     kept = frame.filter((rank < per_quantile) | (pl.col("_count") < quantiles))
     return kept.sort(["feature_id", "_value", "prompt_id"], descending=[False, True, False]).drop(
-        "_value", "_count", *[f"_q{index}" for index in range(len(levels))]
+        "_value", "_count", "_low", "_high", *edges
     )
 
 

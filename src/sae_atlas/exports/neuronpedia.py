@@ -53,6 +53,7 @@ import polars as pl
 from sae_atlas import __version__, layout
 from sae_atlas.config import SamplingConfig
 from sae_atlas.query.atlas import Atlas
+from sae_atlas.sampling import assign_bins
 
 BATCH_FEATURES = 1024
 DEFAULT_CREATOR_ID = "clkht01d40000jv08hvalcvly"  # the user Neuronpedia's seed creates ("bot")
@@ -380,27 +381,21 @@ def activation_groups(output_dir: Path, latents: np.ndarray, quantiles: int) -> 
         .select("feature_id", value=pl.col("max_activation").cast(pl.Float64))
         .collect()
     )
-    levels = [step / quantiles for step in range(1, quantiles)]
-    bounds = values.group_by("feature_id").agg(
-        total=pl.len(),
-        low=pl.col("value").min(),
-        high=pl.col("value").max(),
-        **{f"q{index}": pl.col("value").quantile(level, interpolation="linear") for index, level in enumerate(levels)},
-    )
-    binned = values.join(bounds, on="feature_id").with_columns(
-        bin=pl.sum_horizontal([(pl.col("value") > pl.col(f"q{index}")).cast(pl.Int32) for index in range(len(levels))])
-        if levels
-        else pl.lit(0, pl.Int32)
-    )
-    counts = binned.group_by("feature_id", "bin").agg(count=pl.len())
-    edges = [pl.col("low"), *(pl.col(f"q{index}") for index in range(len(levels))), pl.col("high")]
+    binned, inner = assign_bins(values, "value", quantiles)
+    bounds = binned.select("feature_id", "_count", "_low", "_high", *inner).unique("feature_id")
+    counts = binned.group_by("feature_id", "quantile").agg(count=pl.len())
+    edges = [pl.col("_low"), *(pl.col(edge) for edge in inner), pl.col("_high")]
     table = counts.join(bounds, on="feature_id").with_columns(
-        lower=pl.coalesce([pl.when(pl.col("bin") == position).then(edge) for position, edge in enumerate(edges[:-1])]),
-        upper=pl.coalesce([pl.when(pl.col("bin") == position).then(edge) for position, edge in enumerate(edges[1:])]),
+        lower=pl.coalesce(
+            [pl.when(pl.col("quantile") == position).then(edge) for position, edge in enumerate(edges[:-1])]
+        ),
+        upper=pl.coalesce(
+            [pl.when(pl.col("quantile") == position).then(edge) for position, edge in enumerate(edges[1:])]
+        ),
     )
     groups = {}
     for latent, position, count, total, high, lower, upper in table.select(
-        "feature_id", "bin", "count", "total", "high", "lower", "upper"
+        "feature_id", "quantile", "count", "_count", "_high", "lower", "upper"
     ).iter_rows():
         if position == quantiles - 1:
             groups[latent, position] = (-1.0, round(high, 3), -1.0)

@@ -24,10 +24,9 @@ import numpy as np
 import polars as pl
 from scipy.stats import rankdata
 
-from sae_atlas import metrics
+from sae_atlas.query.headline import present_headline_metrics
 
 ORDINAL = {"bad": 0, "partial": 1, "good": 2}
-HEADLINE_ORDER = tuple(metric.name for metric in metrics.HEADLINE_SCORE_METRICS)
 UNBIASED_ORIGIN = "triage:random"
 
 
@@ -131,10 +130,10 @@ def _scorer_row(scorer: str, values: np.ndarray, ordinal: np.ndarray, draws: lis
 
 
 def for_atlas(atlas, labels: pl.DataFrame, *, resamples: int = 2000, seed: int = 0, confidence: float = 0.95):
-    """(metric, :func:`against_people` of ``atlas``'s scorers on their headline score) — (metric,
+    """(metric, :func:`against_people` of ``atlas``'s scorers on their first headline score with values) — (metric,
     None) when nothing is labelled or no headline score exists. ``labels``: the current labels."""
     rows = atlas.features(limit=None).filter(pl.col("explanation_ok"))
-    metric = next((name for name in HEADLINE_ORDER if name in rows.columns), None)
+    metric = next(iter(present_headline_metrics(rows)), None)
     judged = labels.filter(pl.col("explainer").is_not_null() & ~pl.col("stale"))
     if metric is None or not judged.height:
         return metric, None

@@ -24,15 +24,11 @@ import polars as pl
 
 from sae_atlas import metrics
 from sae_atlas.query.atlas import Atlas
+from sae_atlas.query.headline import present_headline_metrics
 
 ORDERS = ("uncertainty", "scorer_disagreement", "explainer_disagreement", "random")
 MIN_PER_VERDICT = 3
 UNBIASED = "random"
-
-
-def headline_metric(frame: pl.DataFrame) -> str | None:
-    """The first headline score the output has (fuzz, then detection, …)."""
-    return next((metric.name for metric in metrics.HEADLINE_SCORE_METRICS if metric.name in frame.columns), None)
 
 
 def scorer_spread(atlas: Atlas, metric: str) -> pl.DataFrame:
@@ -98,7 +94,7 @@ def _every_explanation(
     if explainer is not None:
         rows = rows.filter(pl.col("explainer") == explainer)
     pending = rows
-    metric = headline_metric(rows)
+    metric = next(iter(present_headline_metrics(rows)), None)
     note = ""
     used = order
     if order == "uncertainty":
