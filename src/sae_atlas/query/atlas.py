@@ -211,6 +211,10 @@ class Atlas:
             raise QueryError(f"show must be one of {', '.join(SHOWS)}; method one of {', '.join(DECISION_METHODS)}")
         return self._evidence.of_feature(int(feature_id), run_settings(self.output_dir)[1], method=method, show=show)
 
+    def explanations_of(self, feature_id: int) -> list[dict]:
+        """A latent's explanations (explainer, text, ok) without its scores: a dictionary look-up."""
+        return self._explanations_by_feature.get(int(feature_id), [])
+
     def latents_with_neighbours(self) -> np.ndarray:
         """Every latent the decoder table has neighbours for (all of the SAE's, when there is one)."""
         return self._decoder_ids

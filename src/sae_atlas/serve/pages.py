@@ -333,14 +333,13 @@ def latent_map(atlas: Atlas, query: MapQuery) -> dict:
 def map_explanations(atlas: Atlas, query: MapPointQuery) -> dict:
     """A latent's explanations and family name: what the map shows under the pointer."""
     feature_id = query.feature_id
-    rows = atlas.features(limit=None)
-    start, stop = np.searchsorted(rows["feature_id"].to_numpy(), [feature_id, feature_id + 1])
-    mine = rows.slice(int(start), int(stop - start)).select("explainer", text="explanation_text")
     family = atlas.families.of_feature(feature_id) if atlas.families.available() else None
     return {
         "feature_id": feature_id,
         "family_name": family["family_name"] if family else None,
-        "explanations": mine.to_dicts(),
+        "explanations": [
+            {"explainer": item["explainer"], "text": item["text"]} for item in atlas.explanations_of(feature_id)
+        ],
     }
 
 
