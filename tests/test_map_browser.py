@@ -15,7 +15,7 @@ from sae_atlas.pipeline import Pipeline
 from sae_atlas.serve.app import create_app
 from sae_atlas.synth import SynthOptions, synthesize
 from tests.serving import serving
-from tests.test_browser import CHROMIUM_FLAGS, VIEWPORT, chromium_path, screenshot
+from tests.test_browser import ARTIFACTS, CHROMIUM_FLAGS, VIEWPORT, chromium_path, screenshot
 
 pytestmark = pytest.mark.browser
 
@@ -98,6 +98,8 @@ def test_the_map_draws_every_latent_and_hover_and_click_work(page, base_url):
         page.mouse.click(x, y)
     assert page.url.endswith(f"/features/{hovered}") and hovered in (feature, *data["feature_id"])
     assert page.locator("#family h2").inner_text() == "Family"
+    page.locator("#family").scroll_into_view_if_needed()
+    page.screenshot(path=str(ARTIFACTS / "feature-family.png"))
 
 
 def test_a_box_selection_opens_the_table_with_exactly_its_latents(page, base_url):

@@ -57,6 +57,8 @@ class Families:
         self.table = Lazy(lambda: _read(self.output_dir / layout.FAMILIES), name="families")
         self.pairs = Lazy(self._read_pairs, name="family-pairs")
         self.by_family = Lazy(lambda: self._table().sort("family_id", "subfamily_id", "feature_id"), name="by-family")
+        # every pair of decoder neighbours once: the same-words rate's denominator, read once
+        self.edges = Lazy(self._read_edges, name="neighbour-edges")
 
     def _table(self) -> pl.DataFrame:
         table = self.table.get()
@@ -71,6 +73,10 @@ class Families:
         # every pair under both its latents: a latent's pairs are one slice
         flipped = pairs.with_columns(feature_id="neighbour_id", neighbour_id="feature_id")
         return pl.concat([pairs, flipped]).sort("feature_id", "neighbour_id")
+
+    def _read_edges(self) -> pl.DataFrame | None:
+        path = self.output_dir / layout.DECODER_SIMILARITY
+        return neighbour_edges(pl.read_parquet(path)).select("source", "target") if path.exists() else None
 
     def available(self) -> bool:
         return self.table.get() is not None
@@ -129,11 +135,9 @@ class Families:
         """Per explainer, the share of explained decoder-neighbour pairs given the same words
         (module docstring), with its interval; ``explained``: feature_id, explainer of the usable
         explanations. None without families."""
-        pairs = self.pairs.get()
-        decoder = self.output_dir / layout.DECODER_SIMILARITY
-        if pairs is None or not decoder.exists():
+        pairs, edges = self.pairs.get(), self.edges.get()
+        if pairs is None or edges is None:
             return None
-        edges = neighbour_edges(pl.read_parquet(decoder)).select("source", "target")
         explained = explained.select(pl.col("feature_id").cast(pl.UInt32), "explainer").unique()
         both = edges.join(explained.rename({"feature_id": "source"}), on="source").join(
             explained.rename({"feature_id": "target"}), on=["target", "explainer"]
