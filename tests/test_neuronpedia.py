@@ -195,39 +195,6 @@ def test_every_latent_gets_its_firing_frequency_and_neuronpedias_bins(atlas, sma
             assert row["binContains"] == pytest.approx(share[position])
 
 
-def test_the_map_and_families_travel_as_neuronpedias_umap_fields(atlas, small_run, tmp_path):
-    names = registered(atlas)
-    root, _ = exported(atlas, tmp_path, explainer_names=names)
-    db = database(names.values())
-    import_source(db, root)
-    source = next(iter(db.rows["Source"].values()))
-    assert source["hasUmap"] and source["hasUmapClusters"] and source["hasUmapLogSparsity"]
-    assert next(iter(db.rows["SourceSet"].values()))["showUmap"]
-    families = pl.read_parquet(small_run[0].output_dir / layout.FAMILIES)
-    firing = dict(
-        pl.read_parquet(small_run[0].output_dir / layout.FIRING)
-        .unique("feature_id", keep="first", maintain_order=True)
-        .select("feature_id", "firing_frequency")
-        .iter_rows()
-    )
-    neurons = {int(row["index"]): row for row in db.rows["Neuron"].values()}
-    for latent, x, y, family in families.select("feature_id", "x", "y", "family_id").head(50).iter_rows():
-        row = neurons[latent]
-        assert (row["umap_x"], row["umap_y"], row["umap_cluster"]) == (
-            pytest.approx(x, abs=1e-4),
-            pytest.approx(y, abs=1e-4),
-            family,
-        )
-        rate = firing.get(latent)
-        assert row["umap_log_feature_sparsity"] == (pytest.approx(np.log10(rate), abs=1e-4) if rate else None)
-    # Neuronpedia's UMAP pane draws explanations: each carries its latent's place
-    for row in db.rows["Explanation"].values():
-        assert (row["umap_x"], row["umap_y"]) == (
-            neurons[int(row["index"])]["umap_x"],
-            neurons[int(row["index"])]["umap_y"],
-        )
-
-
 def test_the_export_reads_back_as_an_explainer_source(atlas, small_run, tmp_path, embedder):
     names = registered(atlas)
     root, _ = exported(atlas, tmp_path / "export", explainer_names=names)

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -191,7 +190,7 @@ def model_row(target: Target, created_at: str) -> dict:
     }
 
 
-def source_set_row(target: Target, sae_id: str | None, created_at: str, *, has_map: bool = False) -> dict:
+def source_set_row(target: Target, sae_id: str | None, created_at: str) -> dict:
     """db_models/source_set.py's ``SourceSet``, field for field."""
     return {
         "modelId": target.model_id,
@@ -211,17 +210,13 @@ def source_set_row(target: Target, sae_id: str | None, created_at: str, *, has_m
         "showDfa": False,
         "showCorrelated": False,
         "showHeadAttribution": False,
-        "showUmap": has_map,
+        "showUmap": False,
         "createdAt": created_at,
     }
 
 
-def source_row(
-    atlas: Atlas, target: Target, created_at: str, *, has_map: bool = False, has_sparsity: bool = False
-) -> dict:
-    """db_models/source.py's ``Source``, field for field; ``has_map``: the features carry
-    sae-atlas's map as their UMAP fields (its families as the clusters), ``has_sparsity`` with
-    their log firing frequency."""
+def source_row(atlas: Atlas, target: Target, created_at: str) -> dict:
+    """db_models/source.py's ``Source``, field for field."""
     prompts = layout.read_prompt_tokens(atlas.output_dir) if (atlas.output_dir / layout.PROMPTS).exists() else None
     repository, _, folder = (atlas.sae_id or "").partition("/")
     repository_name, _, folder = folder.partition("/")
@@ -240,9 +235,9 @@ def source_row(
         "hfFolderId": folder or None,
         "visibility": "PUBLIC",
         "defaultOfModelId": None,
-        "hasUmap": has_map,
-        "hasUmapLogSparsity": has_sparsity,
-        "hasUmapClusters": has_map,
+        "hasUmap": False,
+        "hasUmapLogSparsity": False,
+        "hasUmapClusters": False,
         "num_prompts": len(prompts) if prompts is not None else None,
         "num_tokens_in_prompt": int(prompts.list.len().max()) if prompts is not None and len(prompts) else None,
         "dataset": None,
@@ -253,10 +248,9 @@ def source_row(
 
 def feature_row(
     index: int, neighbours: tuple[list, list], target: Target, created_at: str, *, max_activation: float,
-    frequency: float | None, place: dict | None = None,
+    frequency: float | None,
 ) -> dict:  # fmt: skip
-    """db_models/feature.py's ``Feature`` (the Neuron table), field for field; ``place``: its
-    :func:`map_places` entry."""
+    """db_models/feature.py's ``Feature`` (the Neuron table), field for field."""
     return {
         "modelId": target.model_id,
         "layer": target.source,
@@ -291,7 +285,6 @@ def feature_row(
         "logits_hist_data_bar_values": [],
         "decoder_weights_dist": [],
         "sourceSetName": target.set_name,
-        **(place or NO_PLACE),
     }
 
 
@@ -330,11 +323,8 @@ def activation_row(
     }
 
 
-def explanation_row(
-    index: int, name: str, text: str, target: Target, created_at: str, place: dict | None = None
-) -> dict:
-    """db_models/explanation.py's ``Explanation``, with the column ``triggeredByUserId``; ``place``:
-    its latent's :func:`map_places` entry (Neuronpedia's UMAP pane draws explanations)."""
+def explanation_row(index: int, name: str, text: str, target: Target, created_at: str) -> dict:
+    """db_models/explanation.py's ``Explanation``, with the column ``triggeredByUserId``."""
     return {
         "id": record_id(target.model_id, target.source, index, name, text),
         "modelId": target.model_id,
@@ -348,36 +338,7 @@ def explanation_row(
         "explanationModelName": name,
         "notes": None,
         "createdAt": created_at,
-        **(place or NO_PLACE),
     }
-
-
-NO_PLACE = {"umap_x": None, "umap_y": None, "umap_cluster": None, "umap_log_feature_sparsity": None}
-
-
-def map_places(output_dir: Path, members: np.ndarray, frequency: dict) -> dict[int, dict]:
-    """Each of ``members``' place on sae-atlas's map (stages/latent_map.py, UMAP over the decoder
-    neighbours) as Neuronpedia's UMAP fields: x, y, its family as the cluster, and log10 of its
-    firing frequency (null when it never fired or none was logged); empty without families."""
-    path = output_dir / layout.FAMILIES
-    if not path.exists() or not len(members):
-        return {}
-    table = (
-        pl.scan_parquet(path)
-        .filter(pl.col("feature_id").is_in(pl.Series(members.astype(np.uint32)).implode()))
-        .select("feature_id", "x", "y", "family_id")
-        .collect()
-    )
-    places = {}
-    for feature, x, y, family in table.iter_rows():
-        rate = frequency.get(feature)
-        places[feature] = {
-            "umap_x": round(float(x), 4),
-            "umap_y": round(float(y), 4),
-            "umap_cluster": int(family),
-            "umap_log_feature_sparsity": round(math.log10(rate), 4) if rate else None,
-        }
-    return places
 
 
 # -- what the rows are made of ----------------------------------------------------------------------
@@ -472,16 +433,14 @@ def export(atlas: Atlas, out: Path, target: Target) -> dict:
     # UTC with its offset: Prisma, which creates the Model, SourceSet and Source rows, reads only
     # ISO-8601 times that carry one (PostgreSQL takes them too, for the batch rows)
     created_at = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
-    frequency = firing_frequencies(atlas.output_dir, features)
-    has_map = (atlas.output_dir / layout.FAMILIES).exists()
-    has_sparsity = has_map and any(rate for rate in frequency.values())
     for name, row in (
         ("model.jsonl", model_row(target, created_at)),
-        ("sourceset.jsonl", source_set_row(target, atlas.sae_id, created_at, has_map=has_map)),
-        ("source.jsonl", source_row(atlas, target, created_at, has_map=has_map, has_sparsity=has_sparsity)),
+        ("sourceset.jsonl", source_set_row(target, atlas.sae_id, created_at)),
+        ("source.jsonl", source_row(atlas, target, created_at)),
     ):
         layout.write_atomic_bytes(root / name, orjson.dumps(row) + b"\n")
 
+    frequency = firing_frequencies(atlas.output_dir, features)
     latents = np.unique(
         np.concatenate(
             [
@@ -498,11 +457,10 @@ def export(atlas: Atlas, out: Path, target: Target) -> dict:
     written: set[Path] = set()
     for batch, members in _batches(latents):
         groups = activation_groups(atlas.output_dir, members, quantiles)
-        places = map_places(atlas.output_dir, members, frequency)
-        feature_rows, activation_rows = _feature_rows(atlas, members, frequency, groups, places, target, created_at)
+        feature_rows, activation_rows = _feature_rows(atlas, members, frequency, groups, target, created_at)
         in_batch = explanations.filter(pl.col("feature_id") // BATCH_FEATURES == batch)
         explanation_rows = [
-            explanation_row(index, names[explainer], text, target, created_at, places.get(index))
+            explanation_row(index, names[explainer], text, target, created_at)
             for index, explainer, text in in_batch.rows()
         ]
         name = f"batch-{batch}.jsonl.gz"
@@ -570,7 +528,7 @@ def delete_statements(target: Target) -> str:
 
 
 def _feature_rows(
-    atlas: Atlas, members: np.ndarray, frequency: dict, groups: dict, places: dict, target: Target, created_at: str
+    atlas: Atlas, members: np.ndarray, frequency: dict, groups: dict, target: Target, created_at: str
 ) -> tuple[list, list]:
     """The feature rows (with decoder neighbours) and activation rows of one batch's latents."""
     features, activations = [], []
@@ -585,7 +543,6 @@ def _feature_rows(
                 created_at,
                 max_activation=max((example["max_activation"] for example in examples), default=0.0),
                 frequency=frequency.get(index),
-                place=places.get(index),
             )
         )
         activations.extend(
