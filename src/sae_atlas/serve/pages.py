@@ -37,6 +37,7 @@ from sae_atlas.query.labelling import LABELLED, as_table, labelled_rows, labelli
 from sae_atlas.query.resampling import Resamples
 from sae_atlas.query.triage import UNBIASED
 from sae_atlas.query.triage import ordered as triage_queue
+from sae_atlas.schema import STAGE_FAMILIES
 from sae_atlas.serve.parameters import (
     MAP_COLOURS,
     CompareQuery,
@@ -305,10 +306,7 @@ def latent_map(atlas: Atlas, query: MapQuery) -> dict:
     families = atlas.families.table.get()
     if families is None:
         note = "this output has no map: it needs decoder weights ([decoder] in the config) and `sae-atlas run`"
-        empty = {"colour": query.colour, "total": 0, "categories": None, "x_range": [None, None],
-                 "y_range": [None, None], "feature_id": [], "x": [], "y": [], "family_id": [], "value": [],
-                 "family_names": [], "family_sizes": []}  # fmt: skip
-        return empty | settings | {"note": note}
+        return map_points(pl.DataFrame(schema=STAGE_FAMILIES), None, query.colour) | settings | {"note": note}
     colour = None
     if query.colour == "subfamily":
         colour = families.select("feature_id", value="subfamily_id")

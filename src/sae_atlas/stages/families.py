@@ -103,9 +103,12 @@ def split_large(
         edge_group = np.where(inner, pieces[a], -1)
         order = np.argsort(edge_group, kind="stable")
         bounds = np.searchsorted(edge_group[order], np.concatenate([large, large + 1]))
+        # each group's vertices as one slice (ascending within it): no scan of every vertex per group
+        by_piece = np.argsort(pieces, kind="stable")
+        spans = np.searchsorted(pieces[by_piece], np.concatenate([large, large + 1]))
         next_piece = pieces.max() + 1
-        for index, group in enumerate(large.tolist()):
-            members = np.flatnonzero(pieces == group)
+        for index in range(len(large)):
+            members = by_piece[spans[index] : spans[len(large) + index]]
             edges = order[bounds[index] : bounds[len(large) + index]]
             local = np.searchsorted(members, np.concatenate([a[edges], b[edges]])).reshape(2, -1)
             found = _split_one(len(members), local[0], local[1], weights[edges], limit=limit, seed=seed)
@@ -116,8 +119,9 @@ def split_large(
 
 
 def _split_one(n: int, a: np.ndarray, b: np.ndarray, weights: np.ndarray, *, limit: int, seed: int) -> np.ndarray:
-    """The pieces of one group of ``n`` vertices: the lowest resolution that splits it (every piece
-    within ``limit`` when one does), else runs of ``limit``."""
+    """The pieces of one group of ``n`` vertices at the lowest resolution that splits it (pieces
+    still above ``limit`` are split again by :func:`split_large`'s next round), else runs of
+    ``limit``."""
     resolution = SPLIT_START
     for _ in range(MAX_ROUNDS):
         found = _leiden(n, a, b, weights, resolution_parameter=resolution, seed=seed)

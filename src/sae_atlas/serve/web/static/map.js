@@ -218,10 +218,6 @@
   resize(); fit(); drawLegend(); draw();
   canvas.dataset.ready = "true";
   status.textContent = `${n.toLocaleString()} latents drawn`;
-  // for tests and bookmarklets: where a latent is on the screen, and the view
-  window.saeAtlasMap = {
-    screenOf: (index) => ({ x: screenX(xs[index]), y: screenY(ys[index]) }),
-    indexOf: (feature) => ids.indexOf(feature),
-    dataOf: (px, py) => ({ x: dataX(px), y: dataY(py) }),
-  };
+  // for tests: where a point is on the screen
+  window.saeAtlasMap = { screenOf: (index) => ({ x: screenX(xs[index]), y: screenY(ys[index]) }) };
 })();
